@@ -1,0 +1,146 @@
+//! Binary content mode: attributes in transport headers, payload as the body.
+//!
+//! Every protocol binding does the same thing with a different prefix
+//! (`ce_` on Kafka, `cloudEvents:` on AMQP, `ce-` on HTTP) and keeps
+//! `datacontenttype` in the protocol's own content-type field. This module
+//! does the mapping once; a transport only moves the header pairs.
+//!
+//! Headers carry strings, so extension values come back as
+//! [`ExtensionValue::String`](crate::ExtensionValue::String); typed accessors
+//! such as [`ExtensionValue::as_i64`](crate::ExtensionValue::as_i64) convert.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use chrono::SecondsFormat;
+
+use crate::error::EventError;
+use crate::event::{Event, ExtensionValue, SPEC_VERSION, validate_extension_name};
+use crate::json::parse_time;
+
+/// How one protocol binding names CloudEvents attributes in its headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Binding {
+    /// Prefix of every attribute header.
+    pub prefix: &'static str,
+}
+
+impl Binding {
+    /// The Kafka protocol binding: `ce_` headers.
+    pub const KAFKA: Binding = Binding { prefix: "ce_" };
+    /// The AMQP protocol binding: `cloudEvents:` application properties.
+    pub const AMQP: Binding = Binding {
+        prefix: "cloudEvents:",
+    };
+    /// The HTTP binding's `ce-` headers, also used for NATS headers.
+    pub const HTTP: Binding = Binding { prefix: "ce-" };
+}
+
+/// An event split for binary mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BinaryParts {
+    /// Attribute headers, prefixed, in a stable order.
+    pub headers: Vec<(String, String)>,
+    /// `datacontenttype`, for the protocol's own content-type field.
+    pub content_type: Option<String>,
+    /// The payload, untouched.
+    pub data: Option<Bytes>,
+}
+
+impl Event {
+    /// Splits the event into binary-mode headers, content type and body.
+    pub fn to_binary(&self, binding: Binding) -> BinaryParts {
+        let p = binding.prefix;
+        let mut headers = Vec::with_capacity(6 + self.extensions.len());
+        headers.push((format!("{p}specversion"), SPEC_VERSION.to_owned()));
+        headers.push((format!("{p}id"), self.id.clone()));
+        headers.push((format!("{p}source"), self.source.clone()));
+        headers.push((format!("{p}type"), self.ty.clone()));
+        if let Some(subject) = &self.subject {
+            headers.push((format!("{p}subject"), subject.clone()));
+        }
+        if let Some(time) = &self.time {
+            headers.push((
+                format!("{p}time"),
+                time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            ));
+        }
+        if let Some(schema) = &self.dataschema {
+            headers.push((format!("{p}dataschema"), schema.clone()));
+        }
+        for (name, value) in &self.extensions {
+            headers.push((format!("{p}{name}"), value.to_string()));
+        }
+        BinaryParts {
+            headers,
+            content_type: self.datacontenttype.clone(),
+            data: self.data.clone(),
+        }
+    }
+
+    /// Rebuilds an event from binary-mode headers. Header names match the
+    /// prefix case-insensitively; headers without the prefix are ignored.
+    ///
+    /// # Errors
+    ///
+    /// [`EventError::MissingAttribute`] / [`EventError::InvalidAttribute`] /
+    /// [`EventError::UnsupportedSpecVersion`], as [`Event::from_json`].
+    pub fn from_binary<K, V>(
+        binding: Binding,
+        headers: impl IntoIterator<Item = (K, V)>,
+        content_type: Option<&str>,
+        data: Option<Bytes>,
+    ) -> Result<Event, EventError>
+    where
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let prefix = binding.prefix.to_ascii_lowercase();
+        let mut attrs: BTreeMap<String, String> = BTreeMap::new();
+        for (k, v) in headers {
+            let k = k.as_ref();
+            if k.len() > prefix.len() && k[..prefix.len()].eq_ignore_ascii_case(&prefix) {
+                attrs.insert(
+                    k[prefix.len()..].to_ascii_lowercase(),
+                    v.as_ref().to_owned(),
+                );
+            }
+        }
+        match attrs.remove("specversion") {
+            None => return Err(EventError::MissingAttribute("specversion")),
+            Some(v) if v != SPEC_VERSION => return Err(EventError::UnsupportedSpecVersion(v)),
+            Some(_) => {}
+        }
+        let mut required = |name: &'static str| match attrs.remove(name) {
+            Some(v) if !v.is_empty() => Ok(v),
+            _ => Err(EventError::MissingAttribute(name)),
+        };
+        let id = required("id")?;
+        let source = required("source")?;
+        let ty = required("type")?;
+        let subject = attrs.remove("subject");
+        let time = attrs
+            .remove("time")
+            .map(|t| parse_time("time", &t))
+            .transpose()?;
+        let dataschema = attrs.remove("dataschema");
+        // Some bindings also mirror the content type as an attribute header.
+        let header_ct = attrs.remove("datacontenttype");
+        let mut extensions = BTreeMap::new();
+        for (name, value) in attrs {
+            validate_extension_name(&name)?;
+            extensions.insert(name, ExtensionValue::String(value));
+        }
+        Ok(Event {
+            id,
+            source,
+            ty,
+            subject,
+            time,
+            datacontenttype: content_type.map(str::to_owned).or(header_ct),
+            dataschema,
+            data,
+            extensions,
+        })
+    }
+}
