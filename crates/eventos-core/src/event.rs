@@ -226,7 +226,9 @@ impl Event {
     /// Whether `datacontenttype` says the payload is JSON. An absent content
     /// type counts as JSON, as the JSON format specifies.
     pub fn is_json(&self) -> bool {
-        self.datacontenttype.as_deref().is_none_or(is_json_content_type)
+        self.datacontenttype
+            .as_deref()
+            .is_none_or(is_json_content_type)
     }
 
     /// The payload size in bytes (0 when there is none).
@@ -238,7 +240,12 @@ impl Event {
 /// Whether a media type is JSON (`application/json`, `text/json` or any
 /// `+json` suffix), ignoring parameters such as `charset`.
 pub fn is_json_content_type(ct: &str) -> bool {
-    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
 }
 

@@ -135,10 +135,7 @@ fn string_attr(
     }
 }
 
-fn required(
-    doc: &BTreeMap<String, &RawValue>,
-    name: &'static str,
-) -> Result<String, EventError> {
+fn required(doc: &BTreeMap<String, &RawValue>, name: &'static str) -> Result<String, EventError> {
     match string_attr(doc, name)? {
         Some(v) if !v.is_empty() => Ok(v),
         Some(_) => Err(invalid(name, "must not be empty")),
@@ -182,8 +179,8 @@ fn decode(doc: &BTreeMap<String, &RawValue>) -> Result<Event, EventError> {
         (Some(d), _) if !is_null(d) => {
             let json_ct = datacontenttype.as_deref().is_none_or(is_json_content_type);
             if !json_ct && d.get().starts_with('"') {
-                let text: String = serde_json::from_str(d.get())
-                    .map_err(|e| invalid("data", e.to_string()))?;
+                let text: String =
+                    serde_json::from_str(d.get()).map_err(|e| invalid("data", e.to_string()))?;
                 Some(Bytes::from(text))
             } else {
                 Some(Bytes::copy_from_slice(d.get().as_bytes()))

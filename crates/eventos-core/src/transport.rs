@@ -398,10 +398,7 @@ pub fn dead_letter_event(event: &Event, info: &DeliveryInfo, dead_letter: &DeadL
     let mut set = |name: &str, value: crate::ExtensionValue| {
         dl.extensions.insert(name.to_owned(), value);
     };
-    set(
-        ext::DEAD_LETTER_REASON,
-        dead_letter.reason.clone().into(),
-    );
+    set(ext::DEAD_LETTER_REASON, dead_letter.reason.clone().into());
     set(ext::DEAD_LETTER_ATTEMPTS, info.attempt.into());
     set(ext::DEAD_LETTER_TOPIC, info.topic.as_ref().into());
     set(ext::DEAD_LETTER_GROUP, info.group.as_ref().into());

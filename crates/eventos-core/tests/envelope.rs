@@ -41,10 +41,7 @@ fn spec_example_decodes() {
     assert_eq!(ev.source(), "/mycontext");
     assert_eq!(ev.ty(), "com.example.someevent");
     assert_eq!(ev.subject(), None);
-    assert_eq!(
-        ev.time().unwrap().to_rfc3339(),
-        "2018-04-05T17:31:00+00:00"
-    );
+    assert_eq!(ev.time().unwrap().to_rfc3339(), "2018-04-05T17:31:00+00:00");
     assert_eq!(ev.extension_str("comexampleextension1"), Some("value"));
     assert_eq!(
         ev.extension("comexampleothervalue"),
@@ -85,12 +82,21 @@ fn encoder_writes_required_attributes_and_specversion() {
 fn decoding_names_the_bad_attribute() {
     let cases: &[(&str, &str)] = &[
         (r#"{"id":"1","source":"/s","type":"t"}"#, "specversion"),
-        (r#"{"specversion":"0.3","id":"1","source":"/s","type":"t"}"#, "0.3"),
+        (
+            r#"{"specversion":"0.3","id":"1","source":"/s","type":"t"}"#,
+            "0.3",
+        ),
         (r#"{"specversion":"1.0","source":"/s","type":"t"}"#, "`id`"),
         (r#"{"specversion":"1.0","id":"1","type":"t"}"#, "`source`"),
         (r#"{"specversion":"1.0","id":"1","source":"/s"}"#, "`type`"),
-        (r#"{"specversion":"1.0","id":"","source":"/s","type":"t"}"#, "`id`"),
-        (r#"{"specversion":"1.0","id":7,"source":"/s","type":"t"}"#, "`id`"),
+        (
+            r#"{"specversion":"1.0","id":"","source":"/s","type":"t"}"#,
+            "`id`",
+        ),
+        (
+            r#"{"specversion":"1.0","id":7,"source":"/s","type":"t"}"#,
+            "`id`",
+        ),
         (
             r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","time":"yesterday"}"#,
             "`time`",
@@ -147,13 +153,7 @@ fn binary_payload_is_written_as_base64() {
 #[test]
 fn batch_round_trips() {
     let events: Vec<Event> = (0..3)
-        .map(|i| {
-            Event::builder("/s", "t")
-                .json(&i)
-                .unwrap()
-                .build()
-                .unwrap()
-        })
+        .map(|i| Event::builder("/s", "t").json(&i).unwrap().build().unwrap())
         .collect();
     let back = Event::batch_from_json(&Event::batch_to_json(&events)).unwrap();
     assert_eq!(back, events);
@@ -198,20 +198,33 @@ fn binary_mode_maps_attributes_to_prefixed_headers() {
         .build()
         .unwrap();
     let parts = ev.to_binary(Binding::KAFKA);
-    assert!(parts.headers.contains(&("ce_specversion".into(), "1.0".into())));
-    assert!(parts.headers.contains(&("ce_correlationid".into(), "c-1".into())));
+    assert!(
+        parts
+            .headers
+            .contains(&("ce_specversion".into(), "1.0".into()))
+    );
+    assert!(
+        parts
+            .headers
+            .contains(&("ce_correlationid".into(), "c-1".into()))
+    );
     assert_eq!(parts.content_type.as_deref(), Some("application/json"));
     // AMQP spells the prefix in mixed case; matching is case-insensitive.
     let amqp = ev.to_binary(Binding::AMQP);
     assert!(amqp.headers[0].0.starts_with("cloudEvents:"));
     let back = Event::from_binary(
         Binding::AMQP,
-        amqp.headers.iter().map(|(k, v)| (k.to_uppercase(), v.clone())),
+        amqp.headers
+            .iter()
+            .map(|(k, v)| (k.to_uppercase(), v.clone())),
         amqp.content_type.as_deref(),
         amqp.data.clone(),
     )
     .unwrap();
-    assert_eq!(back.extension("attempt").and_then(ExtensionValue::as_i64), Some(2));
+    assert_eq!(
+        back.extension("attempt").and_then(ExtensionValue::as_i64),
+        Some(2)
+    );
     assert_eq!(back.id(), ev.id());
     assert_eq!(back.data(), ev.data());
 }

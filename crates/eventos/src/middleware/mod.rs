@@ -1,0 +1,34 @@
+//! The middleware: tower layers around a handler.
+//!
+//! Every layer wraps a `Service<Message, Response = (), Error = HandlerError>`
+//! and is one itself, so they compose with each other and with any tower
+//! layer that does not change the request type. A [`Route`](crate::Route)
+//! assembles the standard stack in this order, outermost first:
+//!
+//! | layer | why it sits there |
+//! |---|---|
+//! | [`MetricsLayer`] | counts the *final* outcome and the whole latency |
+//! | [`TraceLayer`] | one span per delivery; sets the causal [`Context`](crate::Context) for everything inside, hooks included |
+//! | [`DeadLetterLayer`] | sees only failures the retry layer gave up on |
+//! | [`RetryLayer`] | classifies every failure: retry after a delay, or give up with a reason |
+//! | [`TimeoutLayer`] | a slow attempt is a transient failure the retry layer can retry |
+//! | [`CatchPanicLayer`] | a panic becomes a failure before anything else sees it |
+//! | your layers ([`Route::layer`](crate::Route::layer)) | closest to the handler |
+//!
+//! Concurrency is limited by the router itself ([`Route::concurrency`](crate::Route::concurrency)),
+//! before a delivery is taken from the transport, so a busy route never
+//! holds deliveries it cannot start.
+
+mod catch_panic;
+mod dead_letter;
+mod metrics;
+mod retry;
+mod timeout;
+mod trace;
+
+pub use catch_panic::{CatchPanic, CatchPanicLayer, Panicked};
+pub use dead_letter::{DeadLetterHook, DeadLetterLayer, DeadLettered, DeadLettering};
+pub use metrics::{Metrics, MetricsLayer};
+pub use retry::{Retry, RetryLayer, RetryPolicy};
+pub use timeout::{TimedOut, Timeout, TimeoutLayer};
+pub use trace::{Trace, TraceLayer};
