@@ -224,12 +224,14 @@ pub(crate) async fn up(args: UpArgs) -> anyhow::Result<()> {
     let publisher = tokio::spawn(publish(bus.clone(), tally.clone(), args.rate, args.events));
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.tick().await;
+    let mut check = tokio::time::interval(Duration::from_millis(50));
     let shutdown = eventos::shutdown_signal();
     tokio::pin!(shutdown);
     let mut interrupted = false;
     loop {
         tokio::select! {
             () = &mut shutdown => { interrupted = true; break; }
+            _ = check.tick() => {}
             _ = ticker.tick() => {
                 let s = stats.snapshot();
                 println!(
@@ -243,13 +245,12 @@ pub(crate) async fn up(args: UpArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        if let Some(n) = args.events {
-            if publisher.is_finished()
-                && tally.settled() >= n
-                && tally.counted.load(Ordering::Relaxed) >= n
-            {
-                break;
-            }
+        if let Some(n) = args.events
+            && publisher.is_finished()
+            && tally.settled() >= n
+            && tally.counted.load(Ordering::Relaxed) >= n
+        {
+            break;
         }
     }
     publisher.abort();

@@ -251,18 +251,18 @@ impl GroupState {
 
     fn take(&mut self) -> Option<Entry> {
         while let Some(mut entry) = self.ready.pop_front() {
-            if !entry.holds_key {
-                if let Some(key) = entry.event.subject() {
-                    if self.keys_in_flight.contains(key) {
-                        self.blocked
-                            .entry(key.to_owned())
-                            .or_default()
-                            .push_back(entry);
-                        continue;
-                    }
-                    self.keys_in_flight.insert(key.to_owned());
-                    entry.holds_key = true;
+            if !entry.holds_key
+                && let Some(key) = entry.event.subject()
+            {
+                if self.keys_in_flight.contains(key) {
+                    self.blocked
+                        .entry(key.to_owned())
+                        .or_default()
+                        .push_back(entry);
+                    continue;
                 }
+                self.keys_in_flight.insert(key.to_owned());
+                entry.holds_key = true;
             }
             self.in_flight += 1;
             return Some(entry);

@@ -210,7 +210,7 @@ async fn panicking_handler_does_not_kill_the_worker() {
                 typed(move |job: Job, _msg: Message| {
                     let counter = counter.clone();
                     async move {
-                        assert!(job.n % 2 == 0, "odd jobs make this handler panic");
+                        assert!(job.n.is_multiple_of(2), "odd jobs make this handler panic");
                         counter.fetch_add(1, Ordering::SeqCst);
                         Ok(())
                     }
