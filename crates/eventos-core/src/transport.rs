@@ -114,6 +114,9 @@ impl Subscription {
 /// A stream of deliveries. A transient error (broker unreachable) is
 /// yielded and the stream goes on; the stream ends when the subscription is
 /// cancelled or the transport closed.
+///
+/// Polling must be cancel-safe: dropping a pending `next()` future (the
+/// router does, when shutdown wins a `select!`) loses no delivery.
 pub type DeliveryStream = BoxStream<'static, Result<Delivery, TransportError>>;
 
 /// Sends events to topics.
