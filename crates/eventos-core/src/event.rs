@@ -147,6 +147,28 @@ impl Event {
         }
     }
 
+    /// Starts an event with a given `id` and no `time`: for decoders that
+    /// rebuild a stored event attribute by attribute.
+    pub fn builder_with_id(
+        id: impl Into<String>,
+        source: impl Into<String>,
+        ty: impl Into<String>,
+    ) -> EventBuilder {
+        EventBuilder {
+            event: Event {
+                id: id.into(),
+                source: source.into(),
+                ty: ty.into(),
+                subject: None,
+                time: None,
+                datacontenttype: None,
+                dataschema: None,
+                data: None,
+                extensions: BTreeMap::new(),
+            },
+        }
+    }
+
     /// `id`: unique per `source`; eventos generates UUIDv7 (time-ordered).
     pub fn id(&self) -> &str {
         &self.id
@@ -307,6 +329,16 @@ impl EventBuilder {
     /// Sets the payload and its content type.
     pub fn data(mut self, content_type: impl Into<String>, data: impl Into<Bytes>) -> Self {
         self.event.datacontenttype = Some(content_type.into());
+        self.event.data = Some(data.into());
+        self
+    }
+    /// Sets `datacontenttype` without a payload.
+    pub fn datacontenttype(mut self, content_type: impl Into<String>) -> Self {
+        self.event.datacontenttype = Some(content_type.into());
+        self
+    }
+    /// Sets the payload, keeping the content type.
+    pub fn data_bytes(mut self, data: impl Into<Bytes>) -> Self {
         self.event.data = Some(data.into());
         self
     }

@@ -1,0 +1,3 @@
+//! Placeholder until the conformance harness for the log lands.
+
+fn main() {}
