@@ -41,6 +41,7 @@
 
 mod codec;
 mod group;
+pub mod inspect;
 mod record;
 mod recovery;
 pub mod storage;

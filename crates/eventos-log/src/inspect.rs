@@ -1,0 +1,1 @@
+//! Offline inspection of a data directory (`eventos log …`).
