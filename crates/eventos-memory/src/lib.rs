@@ -16,7 +16,8 @@
 //! subject wait behind it until it is acked or dead-lettered, which is what
 //! makes per-key ordering hold with many consumers — a retry keeps the lock,
 //! so a key is never overtaken by its own successor. Streams are pull-based,
-//! so a consumer never holds work it has not asked for, and an acker dropped
+//! so a consumer never holds work it has not asked for (nor more unsettled
+//! deliveries than its prefetch), and an acker dropped
 //! unsettled puts its event back at the front of the queue.
 //!
 //! No feature flags.
@@ -24,7 +25,7 @@
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use eventos_core::{
@@ -343,53 +344,76 @@ impl Subscriber for MemoryTransport {
                     })
                 })
                 .clone();
-            let inner = self.inner.clone();
-            let stream = futures::stream::unfold((inner, group), |(inner, group)| async move {
-                let delivery = next_delivery(&inner, &group).await?;
-                Some((Ok(delivery), (inner, group)))
+            let consumer = Consumer {
+                inner: self.inner.clone(),
+                group,
+                held: Arc::new(AtomicUsize::new(0)),
+                prefetch: subscription.prefetch.max(1),
+            };
+            let stream = futures::stream::unfold(consumer, |consumer| async move {
+                let delivery = consumer.next().await?;
+                Some((Ok(delivery), consumer))
             });
             Ok(Box::pin(stream) as DeliveryStream)
         })
     }
 }
 
-async fn next_delivery(inner: &Arc<Inner>, group: &Arc<Group>) -> Option<Delivery> {
-    loop {
-        let notified = group.notify.notified();
-        tokio::pin!(notified);
-        // Register before looking, so a publish between the look and the
-        // wait still wakes us.
-        notified.as_mut().enable();
-        if inner.closed.load(Ordering::Acquire) {
-            return None;
-        }
-        let next_due = {
-            let mut st = lock(&group.state);
-            st.promote_due(Instant::now());
-            if let Some(entry) = st.take() {
-                let info = DeliveryInfo {
-                    topic: group.topic.clone(),
-                    group: group.name.clone(),
-                    attempt: entry.attempt,
-                };
-                let event = entry.event.clone();
-                let acker = MemoryAcker {
-                    inner: inner.clone(),
-                    group: group.clone(),
-                    entry: Some(entry),
-                };
-                return Some(Delivery::new(event, info, Box::new(acker)));
+/// One subscriber: its group, and how many unsettled deliveries it holds
+/// against its prefetch.
+struct Consumer {
+    inner: Arc<Inner>,
+    group: Arc<Group>,
+    held: Arc<AtomicUsize>,
+    prefetch: usize,
+}
+
+impl Consumer {
+    async fn next(&self) -> Option<Delivery> {
+        let (inner, group) = (&self.inner, &self.group);
+        loop {
+            let notified = group.notify.notified();
+            tokio::pin!(notified);
+            // Register before looking, so a publish or settlement between
+            // the look and the wait still wakes us.
+            notified.as_mut().enable();
+            if inner.closed.load(Ordering::Acquire) {
+                return None;
             }
-            st.delayed.peek().map(|Reverse(d)| d.due)
-        };
-        match next_due {
-            Some(due) => {
-                tokio::select! {
-                    () = &mut notified => {}
-                    () = tokio::time::sleep_until(due) => {}
+            // At the prefetch limit, wait for a settlement (which notifies).
+            let full = self.held.load(Ordering::Acquire) >= self.prefetch;
+            let next_due = if full {
+                None
+            } else {
+                let mut st = lock(&group.state);
+                st.promote_due(Instant::now());
+                if let Some(entry) = st.take() {
+                    let info = DeliveryInfo {
+                        topic: group.topic.clone(),
+                        group: group.name.clone(),
+                        attempt: entry.attempt,
+                    };
+                    let event = entry.event.clone();
+                    self.held.fetch_add(1, Ordering::AcqRel);
+                    let acker = MemoryAcker {
+                        inner: inner.clone(),
+                        group: group.clone(),
+                        held: self.held.clone(),
+                        entry: Some(entry),
+                    };
+                    return Some(Delivery::new(event, info, Box::new(acker)));
                 }
+                st.delayed.peek().map(|Reverse(d)| d.due)
+            };
+            match next_due {
+                Some(due) => {
+                    tokio::select! {
+                        () = &mut notified => {}
+                        () = tokio::time::sleep_until(due) => {}
+                    }
+                }
+                None => notified.await,
             }
-            None => notified.await,
         }
     }
 }
@@ -397,6 +421,8 @@ async fn next_delivery(inner: &Arc<Inner>, group: &Arc<Group>) -> Option<Deliver
 struct MemoryAcker {
     inner: Arc<Inner>,
     group: Arc<Group>,
+    /// The subscriber's count of unsettled deliveries.
+    held: Arc<AtomicUsize>,
     entry: Option<Entry>,
 }
 
@@ -413,6 +439,7 @@ impl Acker for MemoryAcker {
                 "delivery already settled",
             ))));
         };
+        self.held.fetch_sub(1, Ordering::AcqRel);
         let result = match outcome {
             Outcome::Ack => {
                 lock(&self.group.state).release(&entry);
@@ -449,6 +476,7 @@ impl Acker for MemoryAcker {
 impl Drop for MemoryAcker {
     fn drop(&mut self) {
         if let Some(entry) = self.entry.take() {
+            self.held.fetch_sub(1, Ordering::AcqRel);
             lock(&self.group.state).requeue_front(entry);
             self.group.notify.notify_waiters();
         }
