@@ -53,7 +53,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -536,6 +536,8 @@ impl Subscriber for LogTransport {
                 shared: self.shared.clone(),
                 topic,
                 group,
+                held: Arc::new(AtomicUsize::new(0)),
+                prefetch: subscription.prefetch.max(1),
             };
             let stream = futures::stream::unfold(consumer, |consumer| async move {
                 let next = consumer.next().await?;
@@ -550,6 +552,9 @@ struct Consumer {
     shared: Arc<Shared>,
     topic: Arc<TopicLog>,
     group: Arc<Group>,
+    /// Unsettled deliveries this subscriber holds, against its prefetch.
+    held: Arc<AtomicUsize>,
+    prefetch: usize,
 }
 
 enum Step {
@@ -566,6 +571,11 @@ impl Consumer {
             notified.as_mut().enable();
             if self.shared.closed.load(Ordering::Acquire) {
                 return None;
+            }
+            if self.held.load(Ordering::Acquire) >= self.prefetch {
+                // A settlement notifies the group.
+                notified.await;
+                continue;
             }
             let step = {
                 let mut st = lock(&self.group.state);
@@ -690,8 +700,10 @@ impl Consumer {
             group: self.group.clone(),
             offset: entry.offset,
             lease,
+            held: self.held.clone(),
             settled: false,
         };
+        self.held.fetch_add(1, Ordering::AcqRel);
         Delivery::new(entry.event, info, Box::new(acker))
     }
 }
@@ -708,6 +720,7 @@ struct LogAcker {
     group: Arc<Group>,
     offset: u64,
     lease: u64,
+    held: Arc<AtomicUsize>,
     settled: bool,
 }
 
@@ -719,6 +732,7 @@ impl Acker for LogAcker {
         outcome: Outcome,
     ) -> BoxFuture<'static, Result<(), TransportError>> {
         self.settled = true;
+        self.held.fetch_sub(1, Ordering::AcqRel);
         let dead_letter = match &outcome {
             Outcome::DeadLetter(dl) => Some(encode(&dead_letter_event(event, info, dl))),
             _ => None,
@@ -809,6 +823,8 @@ impl Drop for LogAcker {
         if self.settled {
             return;
         }
+        self.held.fetch_sub(1, Ordering::AcqRel);
+        self.group.notify.notify_waiters();
         let mut st = lock(&self.group.state);
         if let Some(entry) = st.release(self.offset, self.lease) {
             st.requeue(entry);
