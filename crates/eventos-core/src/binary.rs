@@ -5,6 +5,9 @@
 //! `datacontenttype` in the protocol's own content-type field. This module
 //! does the mapping once; a transport only moves the header pairs.
 //!
+//! The HTTP binding percent-encodes values outside printable ASCII (and
+//! `"`, `%`); Kafka and AMQP carry UTF-8 as is.
+//!
 //! Headers carry strings, so extension values come back as
 //! [`ExtensionValue::String`](crate::ExtensionValue::String); typed accessors
 //! such as [`ExtensionValue::as_i64`](crate::ExtensionValue::as_i64) convert.
@@ -23,17 +26,81 @@ use crate::json::parse_time;
 pub struct Binding {
     /// Prefix of every attribute header.
     pub prefix: &'static str,
+    /// Whether header values are percent-encoded, as the HTTP binding
+    /// requires for bytes outside printable ASCII and for `"` and `%`
+    /// (header protocols such as HTTP and NATS cannot carry them raw).
+    pub percent_encode: bool,
 }
 
 impl Binding {
-    /// The Kafka protocol binding: `ce_` headers.
-    pub const KAFKA: Binding = Binding { prefix: "ce_" };
-    /// The AMQP protocol binding: `cloudEvents:` application properties.
+    /// The Kafka protocol binding: `ce_` headers, raw UTF-8 values.
+    pub const KAFKA: Binding = Binding {
+        prefix: "ce_",
+        percent_encode: false,
+    };
+    /// The AMQP protocol binding: `cloudEvents:` application properties,
+    /// raw UTF-8 values.
     pub const AMQP: Binding = Binding {
         prefix: "cloudEvents:",
+        percent_encode: false,
     };
-    /// The HTTP binding's `ce-` headers, also used for NATS headers.
-    pub const HTTP: Binding = Binding { prefix: "ce-" };
+    /// The HTTP binding's `ce-` headers with percent-encoded values; NATS
+    /// headers use it too.
+    pub const HTTP: Binding = Binding {
+        prefix: "ce-",
+        percent_encode: true,
+    };
+
+    fn encode(self, value: String) -> String {
+        if !self.percent_encode {
+            return value;
+        }
+        let plain = |b: u8| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%';
+        if value.bytes().all(plain) {
+            return value;
+        }
+        let mut out = String::with_capacity(value.len() + 8);
+        for b in value.bytes() {
+            if plain(b) {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        out
+    }
+
+    fn decode(self, name: &str, value: &str) -> Result<String, EventError> {
+        if !self.percent_encode || !value.contains('%') {
+            return Ok(value.to_owned());
+        }
+        let bytes = value.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                let Some(b) = hex else {
+                    return Err(EventError::InvalidAttribute {
+                        name: name.to_owned(),
+                        reason: "malformed percent-encoding".into(),
+                    });
+                };
+                out.push(b);
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).map_err(|_| EventError::InvalidAttribute {
+            name: name.to_owned(),
+            reason: "percent-encoded bytes are not UTF-8".into(),
+        })
+    }
 }
 
 /// An event split for binary mode.
@@ -51,7 +118,7 @@ impl Event {
     /// Splits the event into binary-mode headers, content type and body.
     pub fn to_binary(&self, binding: Binding) -> BinaryParts {
         let p = binding.prefix;
-        let mut headers = Vec::with_capacity(6 + self.extensions.len());
+        let mut headers: Vec<(String, String)> = Vec::with_capacity(6 + self.extensions.len());
         headers.push((format!("{p}specversion"), SPEC_VERSION.to_owned()));
         headers.push((format!("{p}id"), self.id.clone()));
         headers.push((format!("{p}source"), self.source.clone()));
@@ -71,6 +138,10 @@ impl Event {
         for (name, value) in &self.extensions {
             headers.push((format!("{p}{name}"), value.to_string()));
         }
+        let headers = headers
+            .into_iter()
+            .map(|(k, v)| (k, binding.encode(v)))
+            .collect();
         BinaryParts {
             headers,
             content_type: self.datacontenttype.clone(),
@@ -100,10 +171,9 @@ impl Event {
         for (k, v) in headers {
             let k = k.as_ref();
             if k.len() > prefix.len() && k[..prefix.len()].eq_ignore_ascii_case(&prefix) {
-                attrs.insert(
-                    k[prefix.len()..].to_ascii_lowercase(),
-                    v.as_ref().to_owned(),
-                );
+                let name = k[prefix.len()..].to_ascii_lowercase();
+                let value = binding.decode(&name, v.as_ref())?;
+                attrs.insert(name, value);
             }
         }
         match attrs.remove("specversion") {

@@ -29,7 +29,8 @@ pub struct Capabilities {
     /// Events published while a group has no subscriber wait for it.
     pub buffers_idle_groups: bool,
     /// Within a group, events with the same `subject` are handed out one at
-    /// a time, in publish order, even with several consumers.
+    /// a time, in publish order, even with several consumers. Events
+    /// without a subject are not ordered.
     pub per_key_ordering: bool,
     /// [`Outcome::Retry`] redelivers after the requested delay, not sooner.
     pub delayed_retry: bool,
@@ -38,7 +39,8 @@ pub struct Capabilities {
     /// Subscriptions and publishers resume by themselves after the broker
     /// restarts.
     pub survives_broker_restart: bool,
-    /// The largest payload the transport accepts, in bytes.
+    /// The largest payload (`data`, not the whole encoded event) the
+    /// transport accepts, in bytes.
     pub max_payload_bytes: usize,
 }
 
@@ -141,9 +143,11 @@ pub trait Publisher: Send + Sync + 'static {
 
 /// Receives events from topics.
 pub trait Subscriber: Send + Sync + 'static {
-    /// Joins `subscription.group` on `subscription.topic`. Dropping the
-    /// stream leaves the group; deliveries held but not settled then are
-    /// redelivered to other members.
+    /// Joins `subscription.group` on `subscription.topic`. When the future
+    /// resolves the group exists, so every event published afterwards
+    /// reaches it (a transport whose group join is asynchronous waits for
+    /// the join). Dropping the stream leaves the group; deliveries held but
+    /// not settled then are redelivered to other members.
     ///
     /// # Errors
     ///
@@ -165,7 +169,7 @@ pub trait Transport: Publisher + Subscriber {
 
     /// Ends every open stream, refuses further publishes and subscriptions,
     /// and releases resources. Settling a delivery obtained before still
-    /// works where the transport can do it.
+    /// works where the transport can do it. Closing twice is not an error.
     fn close(&self) -> BoxFuture<'_, Result<(), TransportError>>;
 }
 
@@ -206,8 +210,10 @@ pub struct DeliveryInfo {
     pub topic: Arc<str>,
     /// The group that consumed it.
     pub group: Arc<str>,
-    /// 1 on first delivery, incremented on every redelivery of this event to
-    /// this group (retry, lease expiry, crash).
+    /// 1 on first delivery. Every [`Outcome::Retry`] increments it; other
+    /// redeliveries (lease expiry, a dropped acker, a crash) increment it
+    /// where the transport can count them — brokers that cannot may report
+    /// 1 again.
     pub attempt: u32,
 }
 
@@ -225,8 +231,8 @@ pub struct DeadLetter {
 pub enum Outcome {
     /// Done; never deliver it to this group again.
     Ack,
-    /// Deliver it to this group again, no sooner than `after`, with the
-    /// attempt count incremented.
+    /// Deliver it to this group again, no sooner than `after` counted from
+    /// the call that settles it, with the attempt count incremented.
     Retry {
         /// The minimum delay before redelivery.
         after: Duration,

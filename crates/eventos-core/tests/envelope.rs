@@ -230,6 +230,51 @@ fn binary_mode_maps_attributes_to_prefixed_headers() {
 }
 
 #[test]
+fn http_binding_percent_encodes_values() {
+    let ev = Event::builder("/s", "t")
+        .subject("hello, wörld ☃; a=\"b\" 100%")
+        .build()
+        .unwrap();
+    let parts = ev.to_binary(Binding::HTTP);
+    let subject = &parts
+        .headers
+        .iter()
+        .find(|(k, _)| k == "ce-subject")
+        .unwrap()
+        .1;
+    assert_eq!(
+        subject,
+        "hello,%20w%C3%B6rld%20%E2%98%83;%20a=%22b%22%20100%25"
+    );
+    assert!(
+        parts
+            .headers
+            .iter()
+            .all(|(_, v)| v.bytes().all(|b| (0x21..=0x7e).contains(&b)))
+    );
+    let back = Event::from_binary(Binding::HTTP, parts.headers, None, None).unwrap();
+    assert_eq!(back.subject(), ev.subject());
+    // Kafka keeps UTF-8 as is.
+    let kafka = ev.to_binary(Binding::KAFKA);
+    assert!(kafka.headers.iter().any(|(_, v)| v.contains('☃')));
+    // A malformed escape names the attribute.
+    let err = Event::from_binary(
+        Binding::HTTP,
+        [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "1"),
+            ("ce-source", "/s"),
+            ("ce-type", "t"),
+            ("ce-subject", "%G1"),
+        ],
+        None,
+        None,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("`subject`"), "{err}");
+}
+
+#[test]
 fn binary_mode_requires_specversion() {
     let err = Event::from_binary(
         Binding::KAFKA,
