@@ -1,0 +1,179 @@
+//! The outbox and inbox against a real SQLite file and the memory
+//! transport.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventos_core::{Event, StartFrom, Subscriber, Subscription, Transport};
+use eventos_memory::MemoryTransport;
+use eventos_outbox::{Relay, Store, enqueue, first_delivery};
+use futures::StreamExt as _;
+
+fn event(n: u32) -> Event {
+    Event::builder("/svc", "test.n.v1")
+        .json(&n)
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+async fn store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("svc.db")).await.unwrap();
+    sqlx::query("CREATE TABLE things (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    (dir, store)
+}
+
+async fn received(transport: &MemoryTransport, topic: &str, count: usize) -> Vec<u32> {
+    let mut s = transport
+        .subscribe(Subscription::new(topic, "probe").start(StartFrom::Earliest))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < count {
+        let d = tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .expect("in time")
+            .unwrap()
+            .unwrap();
+        got.push(d.event().decode_data().unwrap());
+        d.ack().await.unwrap();
+    }
+    got
+}
+
+#[tokio::test]
+async fn committed_state_and_events_go_together() {
+    let (_dir, store) = store().await;
+    let transport = MemoryTransport::new();
+    // Subscribe first: the memory transport keeps nothing for groups that do
+    // not exist yet.
+    let probe = {
+        let t = transport.clone();
+        tokio::spawn(async move { received(&t, "things", 3).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for n in 0..3 {
+        let mut tx = store.begin().await.unwrap();
+        sqlx::query("INSERT INTO things (n) VALUES (?)")
+            .bind(n)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        enqueue(&mut tx, "things", &event(n)).await.unwrap();
+        store.commit(tx).await.unwrap();
+    }
+    // A rolled-back transaction leaves neither state nor event.
+    let mut tx = store.begin().await.unwrap();
+    sqlx::query("INSERT INTO things (n) VALUES (99)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    enqueue(&mut tx, "things", &event(99)).await.unwrap();
+    tx.rollback().await.unwrap();
+
+    assert_eq!(store.unsent().await.unwrap(), 3);
+    let relay = Relay::new(store.clone(), Arc::new(transport.clone()));
+    assert_eq!(relay.relay_once().await.unwrap(), 3);
+    assert_eq!(store.unsent().await.unwrap(), 0);
+    assert_eq!(probe.await.unwrap(), vec![0, 1, 2], "in commit order");
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM things")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 3);
+}
+
+#[tokio::test]
+async fn unsent_rows_survive_a_failed_publish_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("svc.db");
+    {
+        let store = Store::open(&path).await.unwrap();
+        let mut tx = store.begin().await.unwrap();
+        enqueue(&mut tx, "a", &event(1)).await.unwrap();
+        enqueue(&mut tx, "b", &event(2)).await.unwrap();
+        enqueue(&mut tx, "a", &event(3)).await.unwrap();
+        store.commit(tx).await.unwrap();
+        // The transport is down: nothing is marked sent.
+        let down = MemoryTransport::new();
+        down.close().await.unwrap();
+        let relay = Relay::new(store.clone(), Arc::new(down));
+        assert!(relay.relay_once().await.is_err());
+        assert_eq!(store.unsent().await.unwrap(), 3);
+        store.pool().close().await;
+    }
+    // After a restart the relay sends everything, in order per topic.
+    let store = Store::open(&path).await.unwrap();
+    let transport = MemoryTransport::new();
+    let a = {
+        let t = transport.clone();
+        tokio::spawn(async move { received(&t, "a", 2).await })
+    };
+    let b = {
+        let t = transport.clone();
+        tokio::spawn(async move { received(&t, "b", 1).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let relay = Relay::new(store.clone(), Arc::new(transport.clone()));
+    let running = tokio::spawn(relay.run(std::future::pending()));
+    assert_eq!(a.await.unwrap(), vec![1, 3]);
+    assert_eq!(b.await.unwrap(), vec![2]);
+    // Rows are marked sent just after their publish returns.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while store.unsent().await.unwrap() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    running.abort();
+    assert_eq!(store.unsent().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn the_relay_wakes_on_commit() {
+    let (_dir, store) = store().await;
+    let transport = MemoryTransport::new();
+    let probe = {
+        let t = transport.clone();
+        tokio::spawn(async move { received(&t, "things", 1).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let relay = Relay::new(store.clone(), Arc::new(transport.clone()));
+    let running = tokio::spawn(relay.run(std::future::pending()));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    let mut tx = store.begin().await.unwrap();
+    enqueue(&mut tx, "things", &event(5)).await.unwrap();
+    store.commit(tx).await.unwrap();
+    assert_eq!(probe.await.unwrap(), vec![5]);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "woken, not polled: {:?}",
+        started.elapsed()
+    );
+    running.abort();
+}
+
+#[tokio::test]
+async fn the_inbox_admits_each_event_once_per_consumer() {
+    let (_dir, store) = store().await;
+    let mut tx = store.begin().await.unwrap();
+    assert!(first_delivery(&mut tx, "billing", "e1").await.unwrap());
+    assert!(!first_delivery(&mut tx, "billing", "e1").await.unwrap());
+    assert!(
+        first_delivery(&mut tx, "metrics", "e1").await.unwrap(),
+        "consumers are independent"
+    );
+    store.commit(tx).await.unwrap();
+
+    // A handler whose transaction rolls back did not handle the event.
+    let mut tx = store.begin().await.unwrap();
+    assert!(first_delivery(&mut tx, "billing", "e2").await.unwrap());
+    tx.rollback().await.unwrap();
+    let mut tx = store.begin().await.unwrap();
+    assert!(first_delivery(&mut tx, "billing", "e2").await.unwrap());
+    assert!(!first_delivery(&mut tx, "billing", "e1").await.unwrap());
+    store.commit(tx).await.unwrap();
+}
