@@ -1,0 +1,407 @@
+//! The contact form: a student's message is accepted at once and mailed to
+//! the school behind the scenes.
+//!
+//! `POST /contact` validates the message, stores it and enqueues an
+//! [`EmailRequested`] for the mailer in **one transaction** (the outbox),
+//! and answers `202 Accepted` — the caller never waits for SMTP. The
+//! service then follows the mail: [`EmailSent`] marks the message `sent`,
+//! [`EmailFailed`] marks it `failed` (the notifier tells the student).
+//! `GET /contact/{id}` shows the status and the timeline of every event that
+//! touched the message.
+//!
+//! The service names no transport: it takes a `Store` for its database and
+//! gives back an HTTP router and event routes; the binary wires them.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use eventos::{Context, Event, HandlerError, Message, ResultExt as _, Route, TypedEvent, typed};
+use eventos_outbox::{Store, enqueue, first_delivery};
+use school_events::{EmailFailed, EmailRequested, EmailSent, MailPurpose, topics};
+use school_http::{FieldError, MAX_BODY_BYTES, Problem, StrictJson, is_email};
+use serde::{Deserialize, Serialize};
+use sqlx::Row as _;
+
+/// The migrations of the contact database.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The CloudEvents `source` of events this service emits.
+pub const SOURCE: &str = "/school/contact";
+
+/// The consumer group of this service.
+pub const GROUP: &str = "contact";
+
+/// Settings of the contact service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactConfig {
+    /// Where contact messages are mailed.
+    pub school_inbox: String,
+}
+
+impl Default for ContactConfig {
+    fn default() -> Self {
+        Self {
+            school_inbox: "admissions@school.example".into(),
+        }
+    }
+}
+
+/// The contact service.
+#[derive(Debug, Clone)]
+pub struct Contact {
+    store: Store,
+    config: Arc<ContactConfig>,
+}
+
+/// The body of `POST /contact`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewMessage {
+    /// Who writes.
+    pub name: String,
+    /// Where to answer.
+    pub email: String,
+    /// About what.
+    pub subject: String,
+    /// The message.
+    pub message: String,
+}
+
+/// The answer to `POST /contact`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Accepted {
+    /// The message's id.
+    pub id: String,
+    /// `queued`.
+    pub status: String,
+}
+
+/// One entry of a message's timeline.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TimelineEntry {
+    /// The CloudEvents type, or `received`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// RFC 3339 time.
+    pub time: String,
+    /// The service that produced it.
+    pub service: String,
+    /// The delivery attempt it came from.
+    pub attempt: u32,
+    /// More about it (an error, a reason).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// The answer to `GET /contact/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MessageView {
+    /// The id.
+    pub id: String,
+    /// `queued`, `sent` or `failed`.
+    pub status: String,
+    /// The subject as written.
+    pub subject: String,
+    /// What happened, oldest first.
+    pub timeline: Vec<TimelineEntry>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn rfc3339(ms: i64) -> String {
+    eventos::core::chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(eventos::core::chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+fn validate(m: &NewMessage) -> Result<(), Problem> {
+    let mut errors = Vec::new();
+    let mut check = |ok: bool, pointer: &str, detail: &str| {
+        if !ok {
+            errors.push(FieldError {
+                pointer: pointer.into(),
+                detail: detail.into(),
+            });
+        }
+    };
+    let len = |s: &str| s.trim().chars().count();
+    check(
+        (1..=200).contains(&len(&m.name)),
+        "/name",
+        "give a name of 1 to 200 characters",
+    );
+    check(
+        is_email(m.email.trim()),
+        "/email",
+        "give a valid e-mail address, like ana@example.com",
+    );
+    check(
+        (1..=200).contains(&len(&m.subject)),
+        "/subject",
+        "give a subject of 1 to 200 characters",
+    );
+    check(
+        (1..=10_000).contains(&len(&m.message)),
+        "/message",
+        "write a message of 1 to 10000 characters",
+    );
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Problem::validation(errors))
+    }
+}
+
+fn unavailable(e: &dyn std::fmt::Display) -> Problem {
+    tracing::error!(error = %e, "contact database unavailable");
+    Problem::unavailable(
+        "the message could not be stored right now; nothing was accepted, try again in a moment",
+    )
+}
+
+/// Builds an event caused by the current handling (or a new operation).
+fn event<T: TypedEvent>(payload: &T) -> Result<Event, eventos::EventError> {
+    let mut event = Event::from_typed(SOURCE, payload)?;
+    Context::current()
+        .unwrap_or_else(Context::root)
+        .apply(&mut event);
+    Ok(event)
+}
+
+async fn timeline(
+    tx: &mut sqlx::SqliteConnection,
+    message_id: &str,
+    kind: &str,
+    service: &str,
+    attempt: u32,
+    detail: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO contact_timeline (message_id, at_ms, event_type, service, attempt, detail) VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(message_id)
+    .bind(now_ms())
+    .bind(kind)
+    .bind(service)
+    .bind(attempt)
+    .bind(detail)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+impl Contact {
+    /// The service on `store` (its migrations are run).
+    ///
+    /// # Errors
+    ///
+    /// If the migrations fail.
+    pub async fn new(
+        store: Store,
+        config: ContactConfig,
+    ) -> Result<Self, eventos_outbox::OutboxError> {
+        store.migrate(&MIGRATOR).await?;
+        Ok(Self {
+            store,
+            config: Arc::new(config),
+        })
+    }
+
+    /// The service's database.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// `POST /contact` and `GET /contact/{id}`.
+    pub fn http(&self) -> axum::Router {
+        axum::Router::new()
+            .route("/contact", post(submit))
+            .route("/contact/{id}", get(show))
+            .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .with_state(self.clone())
+    }
+
+    /// The event routes: follow the mail of each message.
+    pub fn routes(&self) -> Vec<Route> {
+        let sent = {
+            let this = self.clone();
+            typed(move |e: EmailSent, msg: Message| {
+                let this = this.clone();
+                async move { this.on_sent(e, msg).await }
+            })
+        };
+        let failed = {
+            let this = self.clone();
+            typed(move |e: EmailFailed, msg: Message| {
+                let this = this.clone();
+                async move { this.on_failed(e, msg).await }
+            })
+        };
+        vec![
+            Route::new(topics::MAIL_SENT, GROUP, sent),
+            Route::new(topics::MAIL_FAILURES, GROUP, failed),
+        ]
+    }
+
+    async fn accept(&self, m: NewMessage) -> Result<Accepted, Problem> {
+        validate(&m)?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let email = m.email.trim().to_owned();
+        let mail = EmailRequested {
+            mail_id: format!("contact-{id}"),
+            purpose: MailPurpose::ContactMessage,
+            about: id.clone(),
+            to: self.config.school_inbox.clone(),
+            reply_to: Some(email.clone()),
+            requester_email: email.clone(),
+            subject: format!("[contact] {}", m.subject.trim()),
+            body: format!("From: {} <{}>\n\n{}", m.name.trim(), email, m.message),
+        };
+        let ev = event(&mail).map_err(|e| unavailable(&e))?;
+        let now = now_ms();
+        let mut tx = self.store.begin().await.map_err(|e| unavailable(&e))?;
+        sqlx::query(
+            "INSERT INTO contact_messages (id, name, email, subject, message, status, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+        )
+        .bind(&id)
+        .bind(m.name.trim())
+        .bind(&email)
+        .bind(m.subject.trim())
+        .bind(&m.message)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| unavailable(&e))?;
+        timeline(&mut tx, &id, "received", "contact", 1, None)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        enqueue(&mut tx, topics::MAIL_REQUESTS, &ev)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        self.store.commit(tx).await.map_err(|e| unavailable(&e))?;
+        Ok(Accepted {
+            id,
+            status: "queued".into(),
+        })
+    }
+
+    /// The status and timeline of a message.
+    ///
+    /// # Errors
+    ///
+    /// A 404 problem for an unknown id, 503 if the database is unavailable.
+    pub async fn view(&self, id: &str) -> Result<MessageView, Problem> {
+        let row = sqlx::query("SELECT status, subject FROM contact_messages WHERE id = ?")
+            .bind(id)
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(|e| unavailable(&e))?
+            .ok_or_else(|| Problem::not_found(&format!("contact message {id}")))?;
+        let entries = sqlx::query(
+            "SELECT at_ms, event_type, service, attempt, detail FROM contact_timeline WHERE message_id = ? ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(|e| unavailable(&e))?;
+        let timeline = entries
+            .iter()
+            .map(|r| TimelineEntry {
+                kind: r.get("event_type"),
+                time: rfc3339(r.get("at_ms")),
+                service: r.get("service"),
+                attempt: u32::try_from(r.get::<i64, _>("attempt")).unwrap_or(0),
+                detail: r.get("detail"),
+            })
+            .collect();
+        Ok(MessageView {
+            id: id.to_owned(),
+            status: row.get("status"),
+            subject: row.get("subject"),
+            timeline,
+        })
+    }
+
+    /// Applies a mail outcome to its message, once per event.
+    async fn record(
+        &self,
+        msg: &Message,
+        about: &str,
+        status: &str,
+        attempt: u32,
+        detail: Option<&str>,
+    ) -> Result<(), HandlerError> {
+        let mut tx = self.store.begin().await.transient()?;
+        if !first_delivery(&mut tx, GROUP, msg.event().id())
+            .await
+            .transient()?
+        {
+            return Ok(());
+        }
+        let updated =
+            sqlx::query("UPDATE contact_messages SET status = ?, updated_ms = ? WHERE id = ?")
+                .bind(status)
+                .bind(now_ms())
+                .bind(about)
+                .execute(&mut *tx)
+                .await
+                .transient()?;
+        // Mail about other things (student notices) is not ours to track.
+        if updated.rows_affected() == 1 {
+            let service = msg
+                .event()
+                .source()
+                .rsplit('/')
+                .next()
+                .unwrap_or("mailer")
+                .to_owned();
+            timeline(&mut tx, about, msg.event().ty(), &service, attempt, detail)
+                .await
+                .transient()?;
+        }
+        self.store.commit(tx).await.transient()?;
+        Ok(())
+    }
+
+    async fn on_sent(&self, e: EmailSent, msg: Message) -> Result<(), HandlerError> {
+        self.record(&msg, &e.about, "sent", e.attempt, None).await
+    }
+
+    async fn on_failed(&self, e: EmailFailed, msg: Message) -> Result<(), HandlerError> {
+        if e.purpose != MailPurpose::ContactMessage {
+            return Ok(());
+        }
+        let detail = format!("{} after {} attempts", e.reason, e.attempts);
+        self.record(&msg, &e.about, "failed", e.attempts, Some(&detail))
+            .await
+    }
+}
+
+async fn submit(
+    State(contact): State<Contact>,
+    body: Result<StrictJson<NewMessage>, Problem>,
+) -> Result<impl IntoResponse, Problem> {
+    let StrictJson(m) = body?;
+    let accepted = contact.accept(m).await?;
+    let mut headers = HeaderMap::new();
+    if let Ok(location) = HeaderValue::from_str(&format!("/contact/{}", accepted.id)) {
+        headers.insert(header::LOCATION, location);
+    }
+    Ok((StatusCode::ACCEPTED, headers, axum::Json(accepted)))
+}
+
+async fn show(
+    State(contact): State<Contact>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<MessageView>, Problem> {
+    contact.view(&id).await.map(axum::Json)
+}

@@ -1,0 +1,242 @@
+//! The contact service over HTTP and events (SQLite in a temp dir, the
+//! memory transport).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use eventos::{Bus, Router, StartFrom, Subscriber, Subscription};
+use eventos_memory::MemoryTransport;
+use eventos_outbox::{Relay, Store};
+use futures::StreamExt as _;
+use school_contact::{Accepted, Contact, ContactConfig, MessageView};
+use school_events::{EmailFailed, EmailRequested, EmailSent, MailPurpose, topics};
+use tower::ServiceExt as _;
+
+async fn service() -> (tempfile::TempDir, Contact) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("contact.db")).await.unwrap();
+    let contact = Contact::new(store, ContactConfig::default()).await.unwrap();
+    (dir, contact)
+}
+
+async fn call(
+    contact: &Contact,
+    req: Request<Body>,
+) -> (StatusCode, Option<String>, String, serde_json::Value) {
+    let response = contact.http().oneshot(req).await.unwrap();
+    let status = response.status();
+    let ct = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_owned());
+    let location = response
+        .headers()
+        .get(header::LOCATION)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, ct, location, json)
+}
+
+fn post(body: impl Into<Body>, content_type: Option<&str>) -> Request<Body> {
+    let mut b = Request::post("/contact");
+    if let Some(ct) = content_type {
+        b = b.header(header::CONTENT_TYPE, ct);
+    }
+    b.body(body.into()).unwrap()
+}
+
+const GOOD: &str = r#"{"name":"Ana","email":"ana@example.com","subject":"Visit","message":"Can I visit on Friday?"}"#;
+
+#[tokio::test]
+async fn malformed_input_gets_its_documented_problem() {
+    let (_dir, contact) = service().await;
+    let big = format!(
+        r#"{{"name":"Ana","email":"ana@example.com","subject":"s","message":"{}"}}"#,
+        "x".repeat(70 * 1024)
+    );
+    let cases: Vec<(&str, String, Option<&str>, StatusCode, &str)> = vec![
+        (
+            "bad json",
+            "{".into(),
+            Some("application/json"),
+            StatusCode::BAD_REQUEST,
+            "malformed-json",
+        ),
+        (
+            "wrong type",
+            r#"{"name":1,"email":"a@b.co","subject":"s","message":"m"}"#.into(),
+            Some("application/json"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+        ),
+        (
+            "missing field",
+            r#"{"name":"A","email":"a@b.co","subject":"s"}"#.into(),
+            Some("application/json"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+        ),
+        (
+            "unknown field",
+            r#"{"name":"A","email":"a@b.co","subject":"s","message":"m","x":1}"#.into(),
+            Some("application/json"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+        ),
+        (
+            "bad e-mail",
+            r#"{"name":"A","email":"not-an-email","subject":"s","message":"m"}"#.into(),
+            Some("application/json"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+        ),
+        (
+            "empty message",
+            r#"{"name":"A","email":"a@b.co","subject":"s","message":"  "}"#.into(),
+            Some("application/json"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+        ),
+        (
+            "wrong content type",
+            GOOD.into(),
+            Some("text/plain"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+        ),
+        (
+            "no content type",
+            GOOD.into(),
+            None,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+        ),
+        (
+            "oversize body",
+            big,
+            Some("application/json"),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+        ),
+    ];
+    for (name, body, ct, status, kind) in cases {
+        let (got, content_type, _, json) = call(&contact, post(body, ct)).await;
+        assert_eq!(got, status, "{name}: {json}");
+        assert_eq!(
+            content_type.as_deref(),
+            Some("application/problem+json"),
+            "{name}"
+        );
+        assert_eq!(
+            json["type"],
+            format!("https://eventos.dev/problems/{kind}"),
+            "{name}: {json}"
+        );
+        assert!(!json["detail"].as_str().unwrap().is_empty(), "{name}");
+    }
+    let (status, _, _, json) = call(
+        &contact,
+        Request::get("/contact/nope").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{json}");
+}
+
+#[tokio::test]
+async fn a_message_is_accepted_at_once_and_follows_its_mail() {
+    let (_dir, contact) = service().await;
+    let transport = Arc::new(MemoryTransport::new());
+    let mut requests = transport
+        .subscribe(Subscription::new(topics::MAIL_REQUESTS, "probe").start(StartFrom::Earliest))
+        .await
+        .unwrap();
+    let (status, _, location, json) = call(&contact, post(GOOD, Some("application/json"))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+    let accepted: Accepted = serde_json::from_value(json).unwrap();
+    assert_eq!(accepted.status, "queued");
+    assert_eq!(location, format!("/contact/{}", accepted.id));
+
+    // The outbox relay publishes the mail request.
+    let relay = Relay::new(contact.store().clone(), transport.clone());
+    assert_eq!(relay.relay_once().await.unwrap(), 1);
+    let d = tokio::time::timeout(Duration::from_secs(5), requests.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let mail: EmailRequested = d.event().decode().unwrap();
+    assert_eq!(mail.about, accepted.id);
+    assert_eq!(mail.reply_to.as_deref(), Some("ana@example.com"));
+    assert_eq!(mail.to, "admissions@school.example");
+    assert!(mail.body.contains("Can I visit on Friday?"));
+    d.ack().await.unwrap();
+
+    // The mail's outcome reaches the message, once however often delivered.
+    let running = contact
+        .routes()
+        .into_iter()
+        .fold(Router::new(transport.clone()), Router::route)
+        .start()
+        .await
+        .unwrap();
+    let bus = Bus::new(transport.clone(), "/school/mailer");
+    let sent = EmailSent {
+        mail_id: mail.mail_id.clone(),
+        about: accepted.id.clone(),
+        attempt: 2,
+    };
+    let ev = bus.event(&sent).unwrap();
+    bus.publish(topics::MAIL_SENT, vec![ev.clone(), ev])
+        .await
+        .unwrap();
+    let view = wait_for(&contact, &accepted.id, "sent").await;
+    assert_eq!(
+        view.timeline
+            .iter()
+            .map(|t| t.kind.as_str())
+            .collect::<Vec<_>>(),
+        vec!["received", "school.mail.email_sent.v1"],
+        "a redelivered event changes nothing twice"
+    );
+    assert_eq!(view.timeline[1].attempt, 2);
+    assert_eq!(view.timeline[1].service, "mailer");
+
+    // A failure for another message id is ignored; ours marks it failed.
+    let failed = EmailFailed {
+        mail_id: mail.mail_id,
+        purpose: MailPurpose::ContactMessage,
+        about: accepted.id.clone(),
+        requester_email: "ana@example.com".into(),
+        subject: mail.subject,
+        reason: "permanent error on attempt 1".into(),
+        attempts: 1,
+    };
+    bus.emit(topics::MAIL_FAILURES, &failed).await.unwrap();
+    let view = wait_for(&contact, &accepted.id, "failed").await;
+    assert!(
+        view.timeline[2]
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("permanent error")
+    );
+    running.shutdown().await.unwrap();
+}
+
+async fn wait_for(contact: &Contact, id: &str, status: &str) -> MessageView {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let view = contact.view(id).await.unwrap();
+        if view.status == status || std::time::Instant::now() > deadline {
+            assert_eq!(view.status, status, "{view:?}");
+            return view;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
