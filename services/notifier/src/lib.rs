@@ -1,0 +1,312 @@
+//! The notifier: when mail fails, the person concerned is told.
+//!
+//! On [`EmailFailed`] for a contact message it records a notification the
+//! student can read (`GET /notifications?email=…`, or live with
+//! `GET /notifications/stream?email=…` as server-sent events) and, in the
+//! same transaction, asks the mailer to e-mail them about it. When a notice
+//! to a student itself fails, the notification is recorded and nothing more
+//! is mailed — a failing address must not start a loop of failure mail.
+//!
+//! The service names no transport: it takes a `Store` and gives back an HTTP
+//! router and event routes.
+
+use std::convert::Infallible;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::routing::get;
+use eventos::{Context, Event, HandlerError, Message, ResultExt as _, Route, TypedEvent, typed};
+use eventos_outbox::{Store, enqueue, first_delivery};
+use futures::Stream;
+use school_events::{EmailFailed, EmailRequested, MailPurpose, topics};
+use school_http::{FieldError, Problem, is_email};
+use serde::{Deserialize, Serialize};
+use sqlx::Row as _;
+use tokio::sync::broadcast;
+
+/// The migrations of the notifier database.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The CloudEvents `source` of events this service emits.
+pub const SOURCE: &str = "/school/notifier";
+
+/// The consumer group of this service.
+pub const GROUP: &str = "notifier";
+
+/// A notification, as the student reads it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Notification {
+    /// Its id.
+    pub id: String,
+    /// Whom it is for.
+    pub email: String,
+    /// `contact_message_failed` or `notice_failed`.
+    pub kind: String,
+    /// The entity it is about.
+    pub about: String,
+    /// What to tell the student.
+    pub text: String,
+    /// Whether an e-mail about it was requested.
+    pub emailed: bool,
+    /// RFC 3339 time.
+    pub created_at: String,
+}
+
+/// The notifier service.
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    store: Store,
+    live: broadcast::Sender<Notification>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn rfc3339(ms: i64) -> String {
+    eventos::core::chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(eventos::core::chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+/// `?email=` of the notification endpoints.
+#[derive(Debug, Deserialize)]
+pub struct ByEmail {
+    /// Whose notifications.
+    pub email: Option<String>,
+}
+
+fn email_param(q: &ByEmail) -> Result<String, Problem> {
+    match q.email.as_deref().map(str::trim) {
+        Some(e) if is_email(e) => Ok(e.to_ascii_lowercase()),
+        _ => Err(Problem::validation(vec![FieldError {
+            pointer: "?email".into(),
+            detail: "pass the student's e-mail address, e.g. /notifications?email=ana@example.com"
+                .into(),
+        }])),
+    }
+}
+
+fn unavailable(e: &dyn std::fmt::Display) -> Problem {
+    tracing::error!(error = %e, "notifier database unavailable");
+    Problem::unavailable("notifications cannot be read right now; try again in a moment")
+}
+
+impl Notifier {
+    /// The service on `store` (its migrations are run).
+    ///
+    /// # Errors
+    ///
+    /// If the migrations fail.
+    pub async fn new(store: Store) -> Result<Self, eventos_outbox::OutboxError> {
+        store.migrate(&MIGRATOR).await?;
+        let (live, _) = broadcast::channel(256);
+        Ok(Self { store, live })
+    }
+
+    /// The service's database.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// `GET /notifications?email=` and `GET /notifications/stream?email=`.
+    pub fn http(&self) -> axum::Router {
+        axum::Router::new()
+            .route("/notifications", get(list))
+            .route("/notifications/stream", get(stream))
+            .with_state(self.clone())
+    }
+
+    /// The event route: react to failed mail.
+    pub fn routes(&self) -> Vec<Route> {
+        let this = self.clone();
+        vec![Route::new(
+            topics::MAIL_FAILURES,
+            GROUP,
+            typed(move |e: EmailFailed, msg: Message| {
+                let this = this.clone();
+                async move { this.on_failed(e, msg).await }
+            }),
+        )]
+    }
+
+    /// Notifications for `email`, newest last.
+    ///
+    /// # Errors
+    ///
+    /// A 503 problem if the database is unavailable.
+    pub async fn for_email(&self, email: &str) -> Result<Vec<Notification>, Problem> {
+        let rows = sqlx::query(
+            "SELECT id, email, kind, about, text, emailed, created_ms FROM notifications WHERE email = ? ORDER BY created_ms, id",
+        )
+        .bind(email)
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(|e| unavailable(&e))?;
+        Ok(rows
+            .iter()
+            .map(|r| Notification {
+                id: r.get("id"),
+                email: r.get("email"),
+                kind: r.get("kind"),
+                about: r.get("about"),
+                text: r.get("text"),
+                emailed: r.get::<i64, _>("emailed") != 0,
+                created_at: rfc3339(r.get("created_ms")),
+            })
+            .collect())
+    }
+
+    async fn on_failed(&self, e: EmailFailed, msg: Message) -> Result<(), HandlerError> {
+        let email = e.requester_email.trim().to_ascii_lowercase();
+        let (kind, text, mail) = match e.purpose {
+            MailPurpose::ContactMessage => {
+                let text = format!(
+                    "We couldn't send your message \"{}\" to the school. Please try again later, or call the office.",
+                    e.subject.trim_start_matches("[contact] ")
+                );
+                let mail = EmailRequested {
+                    mail_id: format!("notice-{}", e.mail_id),
+                    purpose: MailPurpose::StudentNotice,
+                    about: e.about.clone(),
+                    to: email.clone(),
+                    reply_to: None,
+                    requester_email: email.clone(),
+                    subject: "We couldn't send your message".into(),
+                    body: text.clone(),
+                };
+                ("contact_message_failed", text, Some(mail))
+            }
+            MailPurpose::StudentNotice => (
+                "notice_failed",
+                format!(
+                    "We couldn't e-mail you about \"{}\": {}.",
+                    e.subject, e.reason
+                ),
+                None,
+            ),
+        };
+        let mut tx = self.store.begin().await.transient()?;
+        if !first_delivery(&mut tx, GROUP, msg.event().id())
+            .await
+            .transient()?
+        {
+            return Ok(());
+        }
+        let notification = Notification {
+            id: uuid::Uuid::now_v7().to_string(),
+            email,
+            kind: kind.into(),
+            about: e.about.clone(),
+            text,
+            emailed: mail.is_some(),
+            created_at: rfc3339(now_ms()),
+        };
+        sqlx::query(
+            "INSERT INTO notifications (id, email, kind, about, text, emailed, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&notification.id)
+        .bind(&notification.email)
+        .bind(&notification.kind)
+        .bind(&notification.about)
+        .bind(&notification.text)
+        .bind(i64::from(notification.emailed))
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .transient()?;
+        if let Some(mail) = mail {
+            let event = event(&mail)?;
+            enqueue(&mut tx, topics::MAIL_REQUESTS, &event)
+                .await
+                .transient()?;
+        }
+        self.store.commit(tx).await.transient()?;
+        // Nobody listening is fine: the notification is stored.
+        let _ = self.live.send(notification);
+        Ok(())
+    }
+}
+
+fn event<T: TypedEvent>(payload: &T) -> Result<Event, HandlerError> {
+    let mut event = Event::from_typed(SOURCE, payload)?;
+    Context::current()
+        .unwrap_or_else(Context::root)
+        .apply(&mut event);
+    Ok(event)
+}
+
+#[derive(Serialize)]
+struct Listing {
+    email: String,
+    notifications: Vec<Notification>,
+}
+
+async fn list(
+    State(notifier): State<Notifier>,
+    Query(q): Query<ByEmail>,
+) -> Result<axum::Json<Listing>, Problem> {
+    let email = email_param(&q)?;
+    let notifications = notifier.for_email(&email).await?;
+    Ok(axum::Json(Listing {
+        email,
+        notifications,
+    }))
+}
+
+/// Server-sent events: every stored notification for the address, then each
+/// new one as it is recorded.
+async fn stream(
+    State(notifier): State<Notifier>,
+    Query(q): Query<ByEmail>,
+) -> Result<
+    (
+        StatusCode,
+        Sse<impl Stream<Item = Result<SseEvent, Infallible>>>,
+    ),
+    Problem,
+> {
+    let email = email_param(&q)?;
+    // Subscribe before reading the backlog, so nothing falls in between.
+    let mut live = notifier.live.subscribe();
+    let backlog = notifier.for_email(&email).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Notification>(64);
+    tokio::spawn(async move {
+        let mut seen = std::collections::HashSet::new();
+        for n in backlog {
+            seen.insert(n.id.clone());
+            if tx.send(n).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            match live.recv().await {
+                // The backlog may already hold one that was also broadcast.
+                Ok(n) if n.email == email && seen.insert(n.id.clone()) => {
+                    if tx.send(n).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    let events = futures::stream::unfold(rx, |mut rx| async move {
+        let n = rx.recv().await?;
+        let event = SseEvent::default()
+            .event("notification")
+            .id(n.id.clone())
+            .json_data(&n)
+            .unwrap_or_default();
+        Some((Ok(event), rx))
+    });
+    Ok((
+        StatusCode::OK,
+        Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))),
+    ))
+}
