@@ -217,7 +217,9 @@ mod tests {
         for ok in ["a@b.co", "first.last+tag@school.example", "ü@exämple.de"] {
             assert!(is_email(ok), "{ok}");
         }
-        for bad in ["", "a", "a@b", "@b.co", "a@.co", "a@b.co.", "a b@c.de", "a@@b.co", "a@b..co"] {
+        for bad in [
+            "", "a", "a@b", "@b.co", "a@.co", "a@b.co.", "a b@c.de", "a@@b.co", "a@b..co",
+        ] {
             assert!(!is_email(bad), "{bad}");
         }
     }
@@ -233,6 +235,9 @@ mod tests {
         assert_eq!(json["type"], "https://eventos.dev/problems/validation");
         assert_eq!(json["errors"][0]["pointer"], "/email");
         let response = p.into_response();
-        assert_eq!(response.headers()[header::CONTENT_TYPE], PROBLEM_CONTENT_TYPE);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            PROBLEM_CONTENT_TYPE
+        );
     }
 }
