@@ -280,6 +280,8 @@ impl Relay {
             let first_seq = last_seq - i64::try_from(events.len()).unwrap_or(0) + 1;
             let count = events.len();
             self.publisher.publish(&topic, events).await?;
+            metrics::counter!("eventos_outbox_published_total", "topic" => topic.clone())
+                .increment(count as u64);
             sqlx::query("UPDATE eventos_outbox SET sent_ms = ? WHERE seq BETWEEN ? AND ? AND sent_ms IS NULL")
                 .bind(now_ms())
                 .bind(first_seq)

@@ -1,0 +1,240 @@
+//! The reference system, wired: every service of the school in one process
+//! over one transport, behind one HTTP listener.
+//!
+//! This is the one place that names a concrete transport (invariant 7):
+//! the embedded durable log by default, or the in-memory transport. Each
+//! service keeps its own SQLite database in the data directory and its own
+//! outbox relay; the router runs every service's routes; axum serves every
+//! service's endpoints plus `/healthz`, `/readyz` and `/metrics`.
+//!
+//! Shutdown runs in dependency order: stop accepting HTTP requests, drain
+//! the router (in-flight deliveries finish and settle), stop the relays,
+//! close the transport.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::http::StatusCode;
+use axum::routing::get;
+use eventos::{Route, Router, Transport};
+use eventos_outbox::{Relay, Store};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use school_contact::{Contact, ContactConfig};
+use school_notifier::Notifier;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Which transport carries the events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportKind {
+    /// The embedded durable log in `<data-dir>/log` (the default).
+    Log,
+    /// In memory: the fastest, and queued work is lost if the process dies.
+    Memory,
+}
+
+/// How to run the system.
+#[derive(Debug, Clone)]
+pub struct SystemConfig {
+    /// Where every database, the log and the mail files live.
+    pub data_dir: PathBuf,
+    /// The HTTP address.
+    pub listen: SocketAddr,
+    /// The transport.
+    pub transport: TransportKind,
+    /// Where contact messages are mailed.
+    pub school_inbox: String,
+    /// How long in-flight work may take to finish on shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+impl SystemConfig {
+    /// Defaults: the log transport, `127.0.0.1:8080`, a 10 s drain.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            transport: TransportKind::Log,
+            school_inbox: ContactConfig::default().school_inbox,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The system running in the background.
+#[derive(Debug)]
+pub struct System {
+    addr: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl System {
+    /// The address HTTP is served on (with the real port when 0 was asked).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops it in order and waits until everything is closed.
+    ///
+    /// # Errors
+    ///
+    /// What went wrong while running or draining.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await.context("the system task failed")?
+    }
+}
+
+/// The process-wide Prometheus recorder (a recorder can be installed once).
+fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!(
+                "a metrics recorder was already installed; /metrics shows only its own registry"
+            );
+        }
+        handle
+    })
+}
+
+/// Opens everything, starts the router, the relays and HTTP, and returns
+/// once the system accepts requests.
+///
+/// # Errors
+///
+/// If the data directory, a database, the transport or the listen address
+/// cannot be opened — each with what to do about it.
+pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}; choose another with --data-dir",
+            config.data_dir.display()
+        )
+    })?;
+    let metrics = prometheus().clone();
+    let transport: Arc<dyn Transport> = match config.transport {
+        TransportKind::Memory => Arc::new(eventos_memory::MemoryTransport::new()),
+        TransportKind::Log => {
+            let dir = config.data_dir.join("log");
+            let log = tokio::task::spawn_blocking(move || eventos_log::LogTransport::open(dir))
+                .await
+                .context("opening the log")??;
+            let report = log.recovery_report();
+            if !report.cuts.is_empty() {
+                tracing::warn!(
+                    cuts = report.cuts.len(),
+                    "the log was cut back to its last valid records"
+                );
+            }
+            Arc::new(log)
+        }
+    };
+    let open = |name: &str| config.data_dir.join(format!("{name}.db"));
+    let contact = Contact::new(
+        Store::open(&open("contact"))
+            .await
+            .context("opening the contact database")?,
+        ContactConfig {
+            school_inbox: config.school_inbox.clone(),
+        },
+    )
+    .await?;
+    let notifier = Notifier::new(
+        Store::open(&open("notifier"))
+            .await
+            .context("opening the notifier database")?,
+    )
+    .await?;
+
+    let stores: Vec<Store> = vec![contact.store().clone(), notifier.store().clone()];
+    let routes: Vec<Route> = contact
+        .routes()
+        .into_iter()
+        .chain(notifier.routes())
+        .collect();
+    let router = routes
+        .into_iter()
+        .fold(Router::new(transport.clone()), Router::route)
+        .shutdown_timeout(config.shutdown_timeout);
+    let running = router.start().await.context("subscribing the services")?;
+
+    let stop = CancellationToken::new();
+    let mut relays = JoinSet::new();
+    for store in stores {
+        let relay = Relay::new(store, transport.clone());
+        let stop = stop.clone();
+        relays.spawn(async move { relay.run(stop.cancelled_owned()).await });
+    }
+
+    let ready = Arc::new(AtomicBool::new(true));
+    let app = axum::Router::new()
+        .merge(contact.http())
+        .merge(notifier.http())
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get({
+                let ready = ready.clone();
+                move || async move {
+                    if ready.load(Ordering::Acquire) {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { metrics.render() }
+            }),
+        )
+        .fallback(school_http::not_found);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}; is another process using it? choose another with --listen",
+                config.listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let http_stop = stop.clone();
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(http_stop.cancelled_owned())
+            .await;
+        ready.store(false, Ordering::Release);
+        let drained = running.shutdown().await;
+        while relays.join_next().await.is_some() {}
+        transport.close().await.context("closing the transport")?;
+        served.context("serving HTTP")?;
+        drained.context("draining the router")?;
+        Ok(())
+    });
+    Ok(System { addr, stop, task })
+}
+
+/// Runs the system until `shutdown` completes, then stops it in order.
+///
+/// # Errors
+///
+/// As [`start`] and [`System::shutdown`].
+pub async fn run(
+    config: SystemConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let system = start(config).await?;
+    shutdown.await;
+    system.shutdown().await
+}

@@ -1,0 +1,109 @@
+//! The wired system over real HTTP on the embedded log.
+
+use std::time::Duration;
+
+use school_system::{SystemConfig, TransportKind, start};
+
+#[tokio::test]
+async fn contact_round_trip_over_http_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut c = SystemConfig::new(dir.path());
+        c.listen = "127.0.0.1:0".parse().unwrap();
+        c.transport = TransportKind::Log;
+        c
+    };
+    let system = start(config()).await.unwrap();
+    let base = format!("http://{}", system.addr());
+    let http = reqwest::Client::new();
+
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let response = http
+        .post(format!("{base}/contact"))
+        .json(&serde_json::json!({"name": "Ana", "email": "ana@example.com", "subject": "Visit", "message": "Friday?"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "queued");
+
+    let view: serde_json::Value = http
+        .get(format!("{base}{location}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["timeline"][0]["type"], "received");
+
+    let missing = http
+        .get(format!("{base}/no/such/path"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(
+        missing.headers()["content-type"],
+        "application/problem+json"
+    );
+
+    // The relay published the mail request durably into the log.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if std::fs::read_dir(dir.path().join("log/topics"))
+            .is_ok_and(|mut d| d.any(|e| e.unwrap().file_name() == "school.mail.requests"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mail request never reached the log"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("eventos_outbox_published_total"),
+        "outbox metrics are exported: {metrics}"
+    );
+    system.shutdown().await.unwrap();
+
+    // Everything is where it was after a restart on the same directory.
+    let system = start(config()).await.unwrap();
+    let base = format!("http://{}", system.addr());
+    let view: serde_json::Value = http
+        .get(format!("{base}{location}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["status"], "queued");
+    system.shutdown().await.unwrap();
+}
