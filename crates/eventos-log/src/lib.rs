@@ -548,6 +548,9 @@ impl Subscriber for LogTransport {
     }
 }
 
+/// Events read back, by offset; `None` where an event did not decode.
+type Decoded = Vec<(u64, Option<Event>)>;
+
 struct Consumer {
     shared: Arc<Shared>,
     topic: Arc<TopicLog>,
@@ -624,7 +627,7 @@ impl Consumer {
     /// Reads the next chunk of the log into the group's ready queue.
     fn fetch(&self, pos: topic::ReadPos) -> Result<(), TransportError> {
         let read = self.topic.read(pos);
-        let decoded: Result<(Vec<(u64, Option<Event>)>, topic::ReadPos), io::Error> =
+        let decoded: io::Result<(Decoded, topic::ReadPos)> =
             read.map(|(records, next)| {
                 let events = records
                     .into_iter()

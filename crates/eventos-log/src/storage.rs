@@ -64,6 +64,14 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     ///
     /// The underlying I/O error.
     fn len(&self) -> io::Result<u64>;
+    /// Whether the file is empty.
+    ///
+    /// # Errors
+    ///
+    /// The underlying I/O error.
+    fn is_empty(&self) -> io::Result<bool> {
+        self.len().map(|n| n == 0)
+    }
     /// Reads into `buf` from `pos`; returns how many bytes were read (0 at
     /// the end).
     ///

@@ -448,7 +448,7 @@ impl Writer {
                     .and_then(|()| self.storage.sync_dir(&topic.dir));
                 match removed {
                     Ok(()) => {
-                        tracing::info!(topic = %topic.name, segment = %candidate.path.display(), "removed a consumed segment")
+                        tracing::info!(topic = %topic.name, segment = %candidate.path.display(), "removed a consumed segment");
                     }
                     Err(e) => {
                         tracing::warn!(topic = %topic.name, segment = %candidate.path.display(), error = %e, "cannot remove a consumed segment; will retry");

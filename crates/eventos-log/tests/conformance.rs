@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use eventos_conformance::Harness;
 use eventos_core::Transport;
-use eventos_log::{LogConfig, LogTransport};
+use eventos_log::LogConfig;
 use futures::future::BoxFuture;
 
 struct Log {

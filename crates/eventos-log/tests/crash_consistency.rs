@@ -91,7 +91,7 @@ async fn workload(log: &LogTransport) -> Outcome {
                 };
                 let id = d.event().id().to_owned();
                 let n: u32 = d.event().decode_data().unwrap();
-                let result = if n % 3 == 0 && d.attempt() == 1 {
+                let result = if n.is_multiple_of(3) && d.attempt() == 1 {
                     d.retry_after(Duration::from_millis(1))
                         .await
                         .map(|()| false)

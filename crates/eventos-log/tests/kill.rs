@@ -35,10 +35,10 @@ fn main() -> ExitCode {
         println!("sigkill_rounds_lose_no_acknowledged_write: test");
         return ExitCode::SUCCESS;
     }
-    if let Some(filter) = args.iter().find(|a| !a.starts_with('-')) {
-        if !"sigkill_rounds_lose_no_acknowledged_write".contains(filter.as_str()) {
-            return ExitCode::SUCCESS;
-        }
+    if let Some(filter) = args.iter().find(|a| !a.starts_with('-'))
+        && !"sigkill_rounds_lose_no_acknowledged_write".contains(filter.as_str())
+    {
+        return ExitCode::SUCCESS;
     }
     parent();
     ExitCode::SUCCESS
@@ -97,7 +97,7 @@ fn child(dir: &Path) {
             let out = out.clone();
             tokio::spawn(async move {
                 let n: u64 = d.event().decode_data().unwrap();
-                if n % 11 == 0 && d.attempt() == 1 {
+                if n.is_multiple_of(11) && d.attempt() == 1 {
                     d.retry_after(Duration::from_millis(5))
                         .await
                         .expect("retry");
