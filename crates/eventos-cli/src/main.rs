@@ -7,8 +7,16 @@
 //! pipeline (envelope, transport, router, middleware, graceful shutdown) can
 //! be watched working. Binaries use `anyhow`; every error the user can fix
 //! is one line saying what and how.
+//!
+//! `eventos log topics|stat|dump` inspects an embedded log's data directory
+//! without opening it (safe beside the process that owns it), and
+//! `eventos bench log` measures the log's durable throughput as a ratio of
+//! the disk's own bound.
 
+mod bench;
 mod demo;
+mod log;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -27,6 +35,10 @@ enum Command {
     /// Run everything in one process until Ctrl-C (or until `--events`
     /// have all been settled).
     Up(demo::UpArgs),
+    /// Inspect an embedded log's data directory (read-only, takes no lock).
+    Log(log::LogArgs),
+    /// Measure throughput against a bound taken in the same run.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +64,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Up(args) => demo::up(args).await,
+            // Plain file reads; the runtime is not needed.
+            Command::Log(args) => log::run(args),
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match result {
