@@ -1,0 +1,137 @@
+//! The mailer of the reference system: sends the mail other services ask
+//! for ([`EmailRequested`] on
+//! [`topics::MAIL_REQUESTS`]), retries what fails transiently, and says how
+//! it ended — [`EmailSent`](school_events::EmailSent) on
+//! [`topics::MAIL_SENT`], or, once it gives up,
+//! [`EmailFailed`](school_events::EmailFailed) on [`topics::MAIL_FAILURES`]
+//! so the person concerned can be told.
+//!
+//! The crate is domain and handlers only: it names no transport. It takes
+//! a [`Bus`](eventos::Bus) (to stamp the events it emits), keeps its own
+//! SQLite [`Store`](eventos_outbox::Store), and hands back a
+//! [`Route`] and a [`Relay`](eventos_outbox::Relay) for
+//! the wiring to run.
+//!
+//! ```no_run
+//! # async fn wiring(transport: std::sync::Arc<dyn eventos::Transport>) -> Result<(), Box<dyn std::error::Error>> {
+//! use school_mailer::{Mailer, MailerConfig, SOURCE, default_backoff, route};
+//!
+//! let bus = eventos::Bus::new(transport.clone(), SOURCE);
+//! let mailer = Mailer::open(MailerConfig::new("/var/lib/school"), bus).await?;
+//! let relay = mailer.relay(transport.clone());
+//! tokio::spawn(relay.run(eventos::shutdown_signal()));
+//! eventos::Router::new(transport)
+//!     .route(route(mailer, default_backoff()))
+//!     .run(eventos::shutdown_signal())
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # The decisions that shaped it
+//!
+//! * **SMTP when configured, `.eml` files otherwise.** With an SMTP URL
+//!   ([`MailerConfig::smtp_url`]) mail goes out through lettre (rustls for
+//!   TLS, no OpenSSL to install). Without one — the embedded default — each
+//!   mail is written as an RFC 5322 file `<data-dir>/mail/<mail_id>.eml`
+//!   (temporary file, fsync, rename: a reader never sees half a mail), so
+//!   the whole system runs with nothing installed and the mail can still be
+//!   read.
+//! * **The server's answer decides retry or give up.** A 4xx answer is
+//!   transient and retried; a 5xx answer is permanent and dead-lettered on
+//!   that attempt; no answer at all (connection refused, timeout, TLS, I/O)
+//!   is transient — lettre reports a refused connection as neither 4xx nor
+//!   5xx, and a server that is down now may be up soon. A request that can
+//!   never be sent (a bad address or mail id) is permanent.
+//! * **Retries follow [`default_backoff`]:** exponential with full jitter,
+//!   base 1 s, cap 60 s, 6 attempts — waits of up to 1, 2, 4, 8 and 16 s,
+//!   so a mail is given up about half a minute after its first try at the
+//!   latest. Retries are stored by the transport, not slept. Each attempt
+//!   is limited to [`MailerConfig::attempt_timeout`] (25 s), below the
+//!   embedded log's 30 s visibility timeout, so a hung server never gets a
+//!   mail handed to two consumers at once.
+//! * **Each mail is sent once as far as the mailer can tell.** Its own
+//!   database (`<data-dir>/mailer.db`) has an inbox keyed by `mail_id`
+//!   (not by event id: two requests for one mail are one mail) and a table
+//!   of sent mail. A mail already sent is acknowledged without sending;
+//!   deliveries of one `mail_id` take turns in the process. A success is
+//!   recorded in **one transaction**: the sent row, the inbox row and the
+//!   `EmailSent` outbox row.
+//! * **The one duplicate that cannot be ruled out:** a crash, timeout or
+//!   database failure after the SMTP server accepted a mail and before that
+//!   transaction commits makes the retry send it again. SMTP cannot be asked
+//!   whether it already took a message, so delivery stays at-least-once;
+//!   the repeated mail carries the same `Message-ID: <mail_id@eventos>`.
+//! * **Giving up is an event.** A dead-letter hook ([`Mailer::on_dead_letter`])
+//!   enqueues `EmailFailed` (the reason, the last error, the attempts) in
+//!   one transaction, once per mail; if the database fails the hook fails,
+//!   and the router retries the delivery so the reaction is not lost.
+//! * **Bodies are not logged.** Logs name the mail id, what it is about,
+//!   its purpose and the attempt — never the body (the sender's own words).
+//!   Card numbers never reach a mail request in the first place.
+//!
+//! No feature flags.
+
+mod compose;
+mod config;
+mod error;
+mod locks;
+mod mailer;
+mod outbound;
+
+use std::time::Duration;
+
+use eventos::middleware::DeadLettered;
+use eventos::{Backoff, HandlerError, Message, Route, typed};
+use school_events::{EmailRequested, topics};
+
+pub use config::{DEFAULT_FROM, MailerConfig};
+pub use error::{MailerError, SmtpError};
+pub use mailer::{Delivered, Mailer, Reported};
+
+/// The consumer group of the mailer on [`topics::MAIL_REQUESTS`]; also its
+/// inbox consumer name.
+pub const GROUP: &str = "mailer";
+
+/// The CloudEvents `source` for the mailer's events.
+pub const SOURCE: &str = "/school/mailer";
+
+/// The mailer's retry policy: exponential backoff with full jitter, base
+/// 1 s, cap 60 s, 6 attempts in all (the first included).
+pub fn default_backoff() -> Backoff {
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(60), 6)
+}
+
+/// The route that consumes [`topics::MAIL_REQUESTS`] as group [`GROUP`]:
+/// [`Mailer::deliver`] for each request, retried per `policy` (usually
+/// [`default_backoff`]), each attempt limited to the configured
+/// [`attempt_timeout`](MailerConfig::attempt_timeout), and
+/// [`Mailer::on_dead_letter`] as the dead-letter hook.
+pub fn route(mailer: Mailer, policy: Backoff) -> Route {
+    let attempt_timeout = mailer.config().attempt_timeout;
+    let hook = mailer.clone();
+    Route::new(
+        topics::MAIL_REQUESTS,
+        GROUP,
+        typed(move |request: EmailRequested, msg: Message| {
+            let mailer = mailer.clone();
+            async move {
+                mailer.deliver(&request, msg.attempt()).await?;
+                Ok::<(), HandlerError>(())
+            }
+        }),
+    )
+    .retry(policy)
+    .timeout(attempt_timeout)
+    .on_dead_letter(move |failed: DeadLettered| {
+        let mailer = hook.clone();
+        async move {
+            mailer
+                .on_dead_letter(&failed)
+                .await
+                .map(drop)
+                // Whatever the cause, a failed reaction is retried: the
+                // person concerned must hear of the failure.
+                .map_err(HandlerError::transient)
+        }
+    })
+}

@@ -1,0 +1,260 @@
+//! The mailer: sends each requested mail once, records it, and says so.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use eventos::middleware::DeadLettered;
+use eventos::{Bus, Publisher};
+use eventos_outbox::{Relay, Store, enqueue, first_delivery};
+use lettre::message::Mailbox;
+use school_events::{EmailFailed, EmailRequested, EmailSent, topics};
+
+use crate::compose::{compose, parse_from};
+use crate::locks::KeyLocks;
+use crate::outbound::Outbound;
+use crate::{GROUP, MailerConfig, MailerError};
+
+/// The mailer's migrations (its sent-mail table), embedded.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The inbox consumer under which a mail's failure is recorded, so it is
+/// reported once however often its dead letter is handled.
+const FAILED_CONSUMER: &str = "mailer.failed";
+
+/// What [`Mailer::deliver`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// The mail went out now; `EmailSent` is in the outbox.
+    Sent,
+    /// The mail had already been sent; nothing was done.
+    AlreadySent,
+}
+
+/// What [`Mailer::on_dead_letter`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reported {
+    /// `EmailFailed` is in the outbox.
+    Failed,
+    /// This mail's failure had already been reported.
+    AlreadyReported,
+    /// The dead-lettered event is not an `EmailRequested` (its payload does
+    /// not decode): there is nobody to tell.
+    Undecodable,
+}
+
+/// Sends requested mail. Cloning shares it.
+///
+/// Open one with [`Mailer::open`], consume [`topics::MAIL_REQUESTS`] with
+/// [`route`](crate::route), and run [`Mailer::relay`] so the events it
+/// records (`EmailSent`, `EmailFailed`) are published.
+#[derive(Clone)]
+pub struct Mailer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: MailerConfig,
+    from: Mailbox,
+    outbound: Outbound,
+    store: Store,
+    bus: Bus,
+    locks: KeyLocks,
+}
+
+impl std::fmt::Debug for Mailer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mailer")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mailer {
+    /// Opens the mailer: checks the configuration, creates the data
+    /// directory (and `mail/` in file mode), opens `mailer.db` and brings
+    /// its schema up to date. `bus` stamps the events the mailer emits (its
+    /// source names the mailer, e.g. [`SOURCE`](crate::SOURCE)); they are
+    /// published by the [relay](Self::relay), not through the bus.
+    ///
+    /// # Errors
+    ///
+    /// [`MailerError::Config`] for a bad `From` or SMTP URL;
+    /// [`MailerError::DataDir`] or [`MailerError::Store`] if the directory
+    /// or database cannot be opened.
+    pub async fn open(config: MailerConfig, bus: Bus) -> Result<Self, MailerError> {
+        let from = parse_from(&config.from)?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| MailerError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let outbound = Outbound::from_config(&config)?;
+        let store = Store::open(&config.database_path()).await?;
+        store.migrate(&MIGRATOR).await?;
+        match config.smtp_server() {
+            Some(server) => tracing::info!(%server, "mailer sends through smtp"),
+            None => tracing::info!(
+                dir = %config.data_dir.join("mail").display(),
+                "no smtp server configured; mail is written as .eml files"
+            ),
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                from,
+                outbound,
+                store,
+                bus,
+                locks: KeyLocks::default(),
+            }),
+        })
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &MailerConfig {
+        &self.inner.config
+    }
+
+    /// Its database (outbox, inbox, sent mail).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The relay that publishes the mailer's outbox through `publisher`;
+    /// run it (`Relay::run`) beside the router.
+    pub fn relay(&self, publisher: Arc<dyn Publisher>) -> Relay {
+        Relay::new(self.inner.store.clone(), publisher)
+    }
+
+    /// Whether `mail_id` has been sent.
+    ///
+    /// # Errors
+    ///
+    /// [`MailerError::Store`].
+    pub async fn is_sent(&self, mail_id: &str) -> Result<bool, MailerError> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM mailer_sent WHERE mail_id = ?")
+            .bind(mail_id)
+            .fetch_optional(self.inner.store.pool())
+            .await
+            .map_err(eventos_outbox::OutboxError::from)?;
+        Ok(found.is_some())
+    }
+
+    /// Sends `request` unless its mail was already sent; `attempt` is the
+    /// delivery attempt, reported in `EmailSent`.
+    ///
+    /// On success, one transaction records the mail as sent, marks
+    /// `mail_id` handled in the inbox and enqueues `EmailSent` to
+    /// [`topics::MAIL_SENT`]. Deliveries of one mail id take turns in this
+    /// process, so a duplicate finds the first recorded and sends nothing.
+    ///
+    /// A crash (or a database failure) after the server accepted the mail
+    /// and before that commit means the mail is sent again on the retry:
+    /// SMTP has no way to ask "did you already take this?", so that window
+    /// cannot be closed. Receivers can spot the duplicate by its
+    /// `Message-ID`, which is the same every time.
+    ///
+    /// # Errors
+    ///
+    /// [`MailerError`]: permanent for an unsendable request or a 5xx
+    /// answer, transient for a 4xx answer, no answer, or a local failure.
+    pub async fn deliver(
+        &self,
+        request: &EmailRequested,
+        attempt: u32,
+    ) -> Result<Delivered, MailerError> {
+        let inner = &*self.inner;
+        let mail_id = request.mail_id.as_str();
+        let _turn = inner.locks.lock(mail_id).await;
+        if self.is_sent(mail_id).await? {
+            tracing::debug!(mail_id, "mail already sent; nothing to do");
+            return Ok(Delivered::AlreadySent);
+        }
+        let message = compose(request, &inner.from)?;
+        if let Err(e) = inner.outbound.send(mail_id, message).await {
+            tracing::debug!(mail_id, attempt, error = %e, "mail not sent");
+            return Err(e);
+        }
+
+        let sent = inner.bus.event(&EmailSent {
+            mail_id: request.mail_id.clone(),
+            about: request.about.clone(),
+            attempt,
+        })?;
+        let mut tx = inner.store.begin().await?;
+        if !first_delivery(&mut tx, GROUP, mail_id).await? {
+            // Recorded by another process between our check and now; the
+            // mail went out twice (the edge described above). Its event is
+            // already in the outbox.
+            tracing::warn!(
+                mail_id,
+                "mail was sent by another mailer at the same time; recorded once"
+            );
+            return Ok(Delivered::AlreadySent);
+        }
+        sqlx::query(
+            "INSERT INTO mailer_sent (mail_id, about, attempt, via, sent_ms) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(mail_id)
+        .bind(&request.about)
+        .bind(attempt)
+        .bind(inner.outbound.via())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(eventos_outbox::OutboxError::from)?;
+        enqueue(&mut tx, topics::MAIL_SENT, &sent).await?;
+        inner.store.commit(tx).await?;
+        // Never the body: it is the sender's words, not an operator's.
+        tracing::info!(mail_id, about = %request.about, purpose = ?request.purpose, attempt, via = inner.outbound.via(), "mail sent");
+        Ok(Delivered::Sent)
+    }
+
+    /// The reaction to a dead-lettered `EmailRequested`: in one
+    /// transaction, records the failure in the inbox (so it is reported
+    /// once) and enqueues `EmailFailed` to [`topics::MAIL_FAILURES`], with
+    /// the reason and the number of attempts.
+    ///
+    /// # Errors
+    ///
+    /// [`MailerError::Store`] if the database fails; the router then
+    /// retries the delivery, so the reaction is not lost.
+    pub async fn on_dead_letter(&self, failed: &DeadLettered) -> Result<Reported, MailerError> {
+        let request: EmailRequested = match failed.event.decode() {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::warn!(event = %failed.event.id(), error = %e, "dead-lettered mail request does not decode; nobody to tell");
+                return Ok(Reported::Undecodable);
+            }
+        };
+        let event = self.inner.bus.event(&EmailFailed {
+            mail_id: request.mail_id.clone(),
+            purpose: request.purpose,
+            about: request.about.clone(),
+            requester_email: request.requester_email.clone(),
+            subject: request.subject.clone(),
+            reason: format!("{}: {}", failed.reason, failed.error),
+            attempts: failed.info.attempt,
+        })?;
+        let store = &self.inner.store;
+        let mut tx = store.begin().await?;
+        if !first_delivery(&mut tx, FAILED_CONSUMER, &request.mail_id).await? {
+            return Ok(Reported::AlreadyReported);
+        }
+        enqueue(&mut tx, topics::MAIL_FAILURES, &event).await?;
+        store.commit(tx).await?;
+        tracing::warn!(
+            mail_id = %request.mail_id,
+            about = %request.about,
+            attempts = failed.info.attempt,
+            reason = %failed.reason,
+            "mail given up; email_failed emitted"
+        );
+        Ok(Reported::Failed)
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

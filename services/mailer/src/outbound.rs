@@ -1,0 +1,105 @@
+//! Where composed mail goes: an SMTP server, or `.eml` files.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use lettre::{AsyncSmtpTransport, AsyncTransport as _, Message, Tokio1Executor};
+
+use crate::MailerError;
+use crate::config::MailerConfig;
+
+/// How mail leaves the mailer.
+pub(crate) enum Outbound {
+    /// Through an SMTP server; a connection per mail (no pool: mail is
+    /// infrequent here, and a pooled connection that died with its server
+    /// would only add a failed attempt after the server comes back).
+    Smtp {
+        transport: AsyncSmtpTransport<Tokio1Executor>,
+        /// `scheme://host:port`, for errors and logs.
+        server: String,
+    },
+    /// As `<mail_id>.eml` files in a directory.
+    Files { dir: PathBuf },
+}
+
+impl Outbound {
+    /// The outbound the configuration asks for; creates the mail directory
+    /// in file mode.
+    pub(crate) fn from_config(config: &MailerConfig) -> Result<Self, MailerError> {
+        match &config.smtp_url {
+            Some(url) => {
+                let server = crate::config::redact_url(url);
+                let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+                    .map_err(|e| {
+                        MailerError::Config(format!(
+                            "smtp url {server} is not usable ({e}); write it as smtp://host:port, \
+                             smtp://host:587?tls=required or smtps://user:password@host"
+                        ))
+                    })?
+                    .timeout(Some(config.smtp_timeout))
+                    .build();
+                Ok(Outbound::Smtp { transport, server })
+            }
+            None => {
+                let dir = config.data_dir.join("mail");
+                fs::create_dir_all(&dir).map_err(|source| MailerError::DataDir {
+                    path: dir.clone(),
+                    source,
+                })?;
+                Ok(Outbound::Files { dir })
+            }
+        }
+    }
+
+    /// `smtp` or `file`, as recorded with a sent mail.
+    pub(crate) fn via(&self) -> &'static str {
+        match self {
+            Outbound::Smtp { .. } => "smtp",
+            Outbound::Files { .. } => "file",
+        }
+    }
+
+    /// Sends `message`.
+    pub(crate) async fn send(&self, mail_id: &str, message: Message) -> Result<(), MailerError> {
+        match self {
+            Outbound::Smtp { transport, server } => transport
+                .send(message)
+                .await
+                .map(drop)
+                .map_err(|e| MailerError::smtp(server, mail_id, e)),
+            Outbound::Files { dir } => {
+                let path = dir.join(format!("{mail_id}.eml"));
+                let bytes = message.formatted();
+                let (dir, target) = (dir.clone(), path.clone());
+                let written =
+                    tokio::task::spawn_blocking(move || write_atomic(&dir, &target, &bytes))
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                written.map_err(|source| MailerError::File {
+                    mail_id: mail_id.to_owned(),
+                    path,
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Writes `bytes` to `target` so a reader sees all of it or nothing: into a
+/// hidden temporary file, synced, renamed over `target`, and the directory
+/// synced so the rename survives a crash.
+fn write_atomic(dir: &Path, target: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // Hidden and not ending in `.eml`: nothing looking for mail picks it up.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, target)?;
+    fs::File::open(dir)?.sync_all()
+}
