@@ -50,6 +50,11 @@ pub struct SystemConfig {
     pub school_inbox: String,
     /// How long in-flight work may take to finish on shutdown.
     pub shutdown_timeout: Duration,
+    /// The SMTP server (`smtp://host:port`); without one, mail is written
+    /// as `.eml` files into `<data-dir>/mail/`.
+    pub smtp: Option<String>,
+    /// The mailer's retry policy.
+    pub mail_retry: eventos::Backoff,
 }
 
 impl SystemConfig {
@@ -61,6 +66,8 @@ impl SystemConfig {
             transport: TransportKind::Log,
             school_inbox: ContactConfig::default().school_inbox,
             shutdown_timeout: Duration::from_secs(10),
+            smtp: None,
+            mail_retry: school_mailer::default_backoff(),
         }
     }
 }
@@ -154,11 +161,27 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
     )
     .await?;
 
-    let stores: Vec<Store> = vec![contact.store().clone(), notifier.store().clone()];
+    let mut mail_config = school_mailer::MailerConfig::new(&config.data_dir);
+    if let Some(url) = &config.smtp {
+        mail_config = mail_config.smtp_url(url.clone());
+    }
+    let mailer = school_mailer::Mailer::open(
+        mail_config,
+        eventos::Bus::new(transport.clone(), school_mailer::SOURCE),
+    )
+    .await
+    .context("starting the mailer")?;
+
+    let stores: Vec<Store> = vec![
+        contact.store().clone(),
+        notifier.store().clone(),
+        mailer.store().clone(),
+    ];
     let routes: Vec<Route> = contact
         .routes()
         .into_iter()
         .chain(notifier.routes())
+        .chain([school_mailer::route(mailer, config.mail_retry)])
         .collect();
     let router = routes
         .into_iter()
