@@ -1,4 +1,4 @@
-//! The demonstration flow behind `eventos up`.
+//! The demonstration flow behind `eventos demo`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,9 +11,9 @@ use eventos_memory::MemoryTransport;
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 
-/// Options of `eventos up`.
+/// Options of `eventos demo`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct UpArgs {
+pub(crate) struct DemoArgs {
     /// Publish this many payments, wait until every one is settled, print
     /// the summary and exit (default: run until Ctrl-C).
     #[arg(long)]
@@ -39,7 +39,7 @@ fn parse_probability(s: &str) -> Result<f64, String> {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = number
         .parse()
@@ -105,7 +105,7 @@ impl Tally {
     }
 }
 
-pub(crate) async fn up(args: UpArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let transport: Arc<dyn Transport> = Arc::new(MemoryTransport::new());
     let bus = Bus::new(transport.clone(), "/eventos/demo");
     let tally = Arc::new(Tally::default());
@@ -206,7 +206,7 @@ pub(crate) async fn up(args: UpArgs) -> anyhow::Result<()> {
     let running = router.start().await.context("starting the router")?;
 
     println!(
-        "eventos up: transport={} (in memory: queued work is lost if the process dies)",
+        "eventos demo: transport={} (in memory: queued work is lost if the process dies)",
         transport.name()
     );
     println!(

@@ -1,12 +1,12 @@
 //! The `eventos` command.
 //!
-//! `eventos up` runs a system in one process. Until the reference services
-//! land it runs the framework's own demonstration flow — payments submitted,
-//! checked by a flaky anti-fraud handler with stored retries and a
-//! dead-letter reaction, counted by a metrics handler — so the whole
-//! pipeline (envelope, transport, router, middleware, graceful shutdown) can
-//! be watched working. Binaries use `anyhow`; every error the user can fix
-//! is one line saying what and how.
+//! `eventos up` runs the reference system in one process, on the embedded
+//! durable log by default. `eventos demo` runs the framework's own
+//! demonstration flow — payments submitted, checked by a flaky anti-fraud
+//! handler with stored retries and a dead-letter reaction, counted by a
+//! metrics handler — so the pipeline (envelope, transport, router,
+//! middleware, graceful shutdown) can be watched working. Binaries use
+//! `anyhow`; every error the user can fix is one line saying what and how.
 //!
 //! `eventos log topics|stat|dump` inspects an embedded log's data directory
 //! without opening it (safe beside the process that owns it), and
@@ -17,6 +17,7 @@ mod bench;
 mod demo;
 mod log;
 mod progress;
+mod up;
 
 use std::process::ExitCode;
 
@@ -32,9 +33,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run everything in one process until Ctrl-C (or until `--events`
-    /// have all been settled).
-    Up(demo::UpArgs),
+    /// Run the whole system in one process until Ctrl-C: contact form,
+    /// mailer and notifications, over the embedded durable log.
+    Up(up::UpArgs),
+    /// Watch the framework work: publish payments through a flaky handler
+    /// with retries and dead letters, until Ctrl-C or `--events` settle.
+    Demo(demo::DemoArgs),
     /// Inspect an embedded log's data directory (read-only, takes no lock).
     Log(log::LogArgs),
     /// Measure throughput against a bound taken in the same run.
@@ -46,8 +50,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EVENTOS_LOG")
-                // Per-delivery retry and dead-letter lines are the demo's
-                // normal traffic; EVENTOS_LOG=info shows them.
+                // Per-delivery retry and dead-letter lines are normal
+                // traffic; EVENTOS_LOG=info shows them.
                 .unwrap_or_else(|_| {
                     tracing_subscriber::EnvFilter::new("warn,eventos::middleware::trace=off")
                 }),
@@ -63,7 +67,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Up(args) => demo::up(args).await,
+            Command::Up(args) => up::up(args).await,
+            Command::Demo(args) => demo::run(args).await,
             // Plain file reads; the runtime is not needed.
             Command::Log(args) => log::run(args),
             Command::Bench(args) => bench::run(args).await,

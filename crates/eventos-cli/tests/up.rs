@@ -1,5 +1,5 @@
-//! `eventos up` as a user runs it: the real binary, its output, its exit
-//! code.
+//! `eventos demo` and `eventos up` as a user runs them: the real binary,
+//! its output, its exit code.
 
 use std::process::Command;
 
@@ -19,9 +19,9 @@ fn field(line: &str, name: &str) -> u64 {
 }
 
 #[test]
-fn up_settles_every_published_event_and_exits() {
+fn demo_settles_every_published_event_and_exits() {
     let out = eventos(&[
-        "up",
+        "demo",
         "--events",
         "400",
         "--rate",
@@ -53,14 +53,20 @@ fn up_settles_every_published_event_and_exits() {
 fn bad_flags_get_one_line_saying_how_to_fix_them() {
     for (args, expect) in [
         (
-            &["up", "--fail-rate", "1.5"][..],
+            &["demo", "--fail-rate", "1.5"][..],
             "use a number from 0 to 1",
         ),
         (
-            &["up", "--shutdown-timeout", "soon"][..],
+            &["demo", "--shutdown-timeout", "soon"][..],
             "use e.g. 500ms, 10s or 2m",
         ),
-        (&["up", "--rate", "0"][..], "--rate"),
+        (&["demo", "--rate", "0"][..], "--rate"),
+        (&["up", "--listen", "nowhere"][..], "--listen"),
+        (&["up", "--transport", "kafka"][..], "--transport"),
+        (
+            &["up", "--smtp", "mail.example.com"][..],
+            "is not an SMTP URL",
+        ),
     ] {
         let out = eventos(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
