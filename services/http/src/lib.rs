@@ -50,7 +50,7 @@ impl Problem {
     /// detail.
     pub fn new(status: StatusCode, slug: &str, title: &str, detail: impl Into<String>) -> Self {
         Self {
-            kind: format!("https://eventos.dev/problems/{slug}"),
+            kind: format!("/problems/{slug}"),
             title: title.to_owned(),
             status: status.as_u16(),
             detail: detail.into(),
@@ -232,7 +232,7 @@ mod tests {
         }]);
         let json = serde_json::to_value(&p).unwrap();
         assert_eq!(json["status"], 422);
-        assert_eq!(json["type"], "https://eventos.dev/problems/validation");
+        assert_eq!(json["type"], "/problems/validation");
         assert_eq!(json["errors"][0]["pointer"], "/email");
         let response = p.into_response();
         assert_eq!(

@@ -155,3 +155,15 @@ pub(crate) static CASES: &[Case] = &[
         HarnessRestartsBroker
     ),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::CASES;
+
+    #[test]
+    fn the_suite_has_at_least_fifteen_uniquely_named_cases() {
+        assert!(CASES.len() >= 15, "{} cases", CASES.len());
+        let names: std::collections::HashSet<_> = CASES.iter().map(|c| c.name).collect();
+        assert_eq!(names.len(), CASES.len(), "case names are unique");
+    }
+}
