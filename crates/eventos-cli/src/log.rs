@@ -94,6 +94,12 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn open(dir: &DataDirArg) -> Result<DataDir, InspectError> {
+    // `eventos up` keeps its log in `<data-dir>/log`; accept either the
+    // system's data directory or the log's own.
+    let nested = dir.data_dir.join("log");
+    if !dir.data_dir.join("topics").is_dir() && nested.join("topics").is_dir() {
+        return DataDir::open(&nested);
+    }
     DataDir::open(&dir.data_dir)
 }
 

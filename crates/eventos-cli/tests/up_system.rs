@@ -89,6 +89,20 @@ async fn up_serves_the_contact_form_and_drains_on_ctrl_c() {
     assert_eq!(rest.last().map(String::as_str), Some("stopped"), "{rest:?}");
     let eml = std::fs::read_dir(dir.path().join("mail")).unwrap().count();
     assert_eq!(eml, 1, "the mail was written as an .eml file");
+
+    // The README's inspection command takes the system's data directory.
+    let topics = Command::new(env!("CARGO_BIN_EXE_eventos"))
+        .args(["log", "topics", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&topics.stdout);
+    assert!(
+        topics.status.success(),
+        "{}",
+        String::from_utf8_lossy(&topics.stderr)
+    );
+    assert!(listing.contains("school.mail.requests"), "{listing}");
 }
 
 #[test]
