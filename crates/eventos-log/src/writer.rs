@@ -149,9 +149,18 @@ fn io_failure(message: &str) -> TransportError {
 /// unbounded queue.
 const MAX_ROUND: usize = 16_384;
 
+/// How long a round may wait for more requests when writers are concurrent:
+/// small against a sync (~1.5 ms here), long enough for answered writers to
+/// come back.
+const LINGER: Duration = Duration::from_micros(300);
+
+/// A round stops lingering once no request arrives for this long.
+const LINGER_STEP: Duration = Duration::from_micros(60);
+
 impl Writer {
     pub(crate) fn run(mut self) {
         let mut last_retention = std::time::Instant::now();
+        let mut last_round = 0usize;
         loop {
             let first = match self.rx.recv_timeout(Duration::from_secs(1)) {
                 Ok(request) => request,
@@ -169,6 +178,24 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            // With several writers active, those answered by the last round
+            // come back within microseconds; lingering briefly lets them join
+            // this round instead of forming a second cohort that waits a
+            // whole sync. A lone writer never waits.
+            if last_round > 1 {
+                let until = std::time::Instant::now() + LINGER;
+                while batch.len() < MAX_ROUND {
+                    let now = std::time::Instant::now();
+                    if now >= until {
+                        break;
+                    }
+                    match self.rx.recv_timeout((until - now).min(LINGER_STEP)) {
+                        Ok(request) => batch.push(request),
+                        Err(_) => break,
+                    }
+                }
+            }
+            last_round = batch.len();
             let shutdown = self.round(batch);
             if last_retention.elapsed() >= Duration::from_secs(1) {
                 self.retain();

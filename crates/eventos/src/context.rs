@@ -30,15 +30,20 @@ pub struct Context {
     pub tracestate: Option<String>,
 }
 
+/// A random id of `bytes` bytes (8 or 16) as lower-case hex. One draw and
+/// one formatting per id: this runs for every delivery.
 fn hex_id(bytes: usize) -> String {
     let mut rng = rand::rng();
     loop {
-        let s: String = (0..bytes)
-            .map(|_| format!("{:02x}", rng.random::<u8>()))
-            .collect();
+        let v: u128 = rng.random();
         // All-zero ids are invalid in W3C trace context.
-        if s.bytes().any(|b| b != b'0') {
-            return s;
+        if bytes == 8 {
+            let v = v as u64;
+            if v != 0 {
+                return format!("{v:016x}");
+            }
+        } else if v != 0 {
+            return format!("{v:032x}");
         }
     }
 }
