@@ -266,7 +266,10 @@ impl Relay {
         while i < rows.len() {
             let topic: String = rows[i].try_get("topic")?;
             let mut events = Vec::new();
-            let mut last_seq = 0i64;
+            // Seqs can have gaps (a rolled-back insert burns its number), so
+            // the range is taken from the rows, not computed from a count.
+            let first_seq: i64 = rows[i].try_get("seq")?;
+            let mut last_seq = first_seq;
             while i < rows.len() && rows[i].try_get::<String, _>("topic")? == topic {
                 let seq: i64 = rows[i].try_get("seq")?;
                 let bytes: Vec<u8> = rows[i].try_get("event")?;
@@ -277,7 +280,6 @@ impl Relay {
                 last_seq = seq;
                 i += 1;
             }
-            let first_seq = last_seq - i64::try_from(events.len()).unwrap_or(0) + 1;
             let count = events.len();
             self.publisher.publish(&topic, events).await?;
             metrics::counter!("eventos_outbox_published_total", "topic" => topic.clone())

@@ -177,3 +177,28 @@ async fn the_inbox_admits_each_event_once_per_consumer() {
     assert!(!first_delivery(&mut tx, "billing", "e1").await.unwrap());
     store.commit(tx).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_rolled_back_insert_between_commits_sends_each_row_once() {
+    let (_dir, store) = store().await;
+    for (n, commit) in [(1, true), (2, false), (3, true)] {
+        let mut tx = store.begin().await.unwrap();
+        enqueue(&mut tx, "things", &event(n)).await.unwrap();
+        if commit {
+            store.commit(tx).await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+    }
+    let transport = MemoryTransport::new();
+    let probe = {
+        let t = transport.clone();
+        tokio::spawn(async move { received(&t, "things", 2).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let relay = Relay::new(store.clone(), Arc::new(transport.clone()));
+    assert_eq!(relay.relay_once().await.unwrap(), 2);
+    assert_eq!(store.unsent().await.unwrap(), 0, "both rows marked sent");
+    assert_eq!(relay.relay_once().await.unwrap(), 0, "nothing sent twice");
+    assert_eq!(probe.await.unwrap(), vec![1, 3]);
+}
