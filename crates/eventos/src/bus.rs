@@ -65,9 +65,7 @@ impl Bus {
     ///
     /// [`EventError::Data`] if the payload cannot be serialized.
     pub fn event<T: TypedEvent>(&self, payload: &T) -> Result<Event, EventError> {
-        let mut event = Event::from_typed(self.source.to_string(), payload)?;
-        stamp(&mut event);
-        Ok(event)
+        Context::new_event(&self.source, payload)
     }
 
     /// Publishes a typed payload to `topic`.
@@ -96,10 +94,4 @@ impl Bus {
         }
         self.publisher.publish(topic, events).await
     }
-}
-
-fn stamp(event: &mut Event) {
-    Context::current()
-        .unwrap_or_else(Context::root)
-        .apply(event);
 }

@@ -8,7 +8,7 @@
 
 use std::future::Future;
 
-use eventos_core::{Event, ext};
+use eventos_core::{Event, EventError, TypedEvent, ext};
 use rand::Rng;
 
 tokio::task_local! {
@@ -103,6 +103,21 @@ impl Context {
     /// Runs `fut` with this context current.
     pub async fn scope<F: Future>(self, fut: F) -> F::Output {
         CURRENT.scope(self, fut).await
+    }
+
+    /// A new event for a typed payload from `source`, stamped with the
+    /// current context — or, outside any handler, a new operation's. For
+    /// events that leave through an outbox rather than a [`Bus`](crate::Bus).
+    ///
+    /// # Errors
+    ///
+    /// [`EventError::Data`] if the payload cannot be serialized.
+    pub fn new_event<T: TypedEvent>(source: &str, payload: &T) -> Result<Event, EventError> {
+        let mut event = Event::from_typed(source, payload)?;
+        Context::current()
+            .unwrap_or_else(Context::root)
+            .apply(&mut event);
+        Ok(event)
     }
 
     /// The W3C `traceparent` for events published in this context.

@@ -13,16 +13,15 @@
 //! gives back an HTTP router and event routes; the binary wires them.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use eventos::{Context, Event, HandlerError, Message, ResultExt as _, Route, TypedEvent, typed};
+use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed};
 use eventos_outbox::{Store, enqueue, first_delivery};
 use school_events::{EmailFailed, EmailRequested, EmailSent, MailPurpose, topics};
-use school_http::{FieldError, MAX_BODY_BYTES, Problem, StrictJson, is_email};
+use school_http::{FieldError, MAX_BODY_BYTES, Problem, StrictJson, is_email, now_ms, rfc3339_ms};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 
@@ -110,18 +109,6 @@ pub struct MessageView {
     pub timeline: Vec<TimelineEntry>,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-fn rfc3339(ms: i64) -> String {
-    eventos::core::chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(eventos::core::chrono::SecondsFormat::Millis, true))
-        .unwrap_or_default()
-}
-
 fn validate(m: &NewMessage) -> Result<(), Problem> {
     let mut errors = Vec::new();
     let mut check = |ok: bool, pointer: &str, detail: &str| {
@@ -165,15 +152,6 @@ fn unavailable(e: &dyn std::fmt::Display) -> Problem {
     Problem::unavailable(
         "the message could not be stored right now; nothing was accepted, try again in a moment",
     )
-}
-
-/// Builds an event caused by the current handling (or a new operation).
-fn event<T: TypedEvent>(payload: &T) -> Result<Event, eventos::EventError> {
-    let mut event = Event::from_typed(SOURCE, payload)?;
-    Context::current()
-        .unwrap_or_else(Context::root)
-        .apply(&mut event);
-    Ok(event)
 }
 
 async fn timeline(
@@ -265,7 +243,7 @@ impl Contact {
             subject: format!("[contact] {}", m.subject.trim()),
             body: format!("From: {} <{}>\n\n{}", m.name.trim(), email, m.message),
         };
-        let ev = event(&mail).map_err(|e| unavailable(&e))?;
+        let ev = Context::new_event(SOURCE, &mail).map_err(|e| unavailable(&e))?;
         let now = now_ms();
         let mut tx = self.store.begin().await.map_err(|e| unavailable(&e))?;
         sqlx::query(
@@ -317,7 +295,7 @@ impl Contact {
             .iter()
             .map(|r| TimelineEntry {
                 kind: r.get("event_type"),
-                time: rfc3339(r.get("at_ms")),
+                time: rfc3339_ms(r.get("at_ms")),
                 service: r.get("service"),
                 attempt: u32::try_from(r.get::<i64, _>("attempt")).unwrap_or(0),
                 detail: r.get("detail"),

@@ -181,6 +181,20 @@ fn problem_for(rejection: &JsonRejection) -> Problem {
     }
 }
 
+/// Milliseconds since the Unix epoch: how the services store times.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A stored time as the API shows it: RFC 3339, milliseconds, UTC.
+pub fn rfc3339_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
 /// The fallback for unknown paths: a 404 problem instead of an empty body.
 pub async fn not_found() -> Problem {
     Problem::new(

@@ -11,17 +11,17 @@
 //! router and event routes.
 
 use std::convert::Infallible;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::get;
-use eventos::{Context, Event, HandlerError, Message, ResultExt as _, Route, TypedEvent, typed};
+use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed};
 use eventos_outbox::{Store, enqueue, first_delivery};
 use futures::Stream;
 use school_events::{EmailFailed, EmailRequested, MailPurpose, topics};
-use school_http::{FieldError, Problem, is_email};
+use school_http::{FieldError, Problem, is_email, now_ms, rfc3339_ms};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use tokio::sync::broadcast;
@@ -59,18 +59,6 @@ pub struct Notification {
 pub struct Notifier {
     store: Store,
     live: broadcast::Sender<Notification>,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-fn rfc3339(ms: i64) -> String {
-    eventos::core::chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(eventos::core::chrono::SecondsFormat::Millis, true))
-        .unwrap_or_default()
 }
 
 /// `?email=` of the notification endpoints.
@@ -156,7 +144,7 @@ impl Notifier {
                 about: r.get("about"),
                 text: r.get("text"),
                 emailed: r.get::<i64, _>("emailed") != 0,
-                created_at: rfc3339(r.get("created_ms")),
+                created_at: rfc3339_ms(r.get("created_ms")),
             })
             .collect())
     }
@@ -204,7 +192,7 @@ impl Notifier {
             about: e.about.clone(),
             text,
             emailed: mail.is_some(),
-            created_at: rfc3339(now_ms()),
+            created_at: rfc3339_ms(now_ms()),
         };
         sqlx::query(
             "INSERT INTO notifications (id, email, kind, about, text, emailed, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -220,7 +208,7 @@ impl Notifier {
         .await
         .transient()?;
         if let Some(mail) = mail {
-            let event = event(&mail)?;
+            let event = Context::new_event(SOURCE, &mail)?;
             enqueue(&mut tx, topics::MAIL_REQUESTS, &event)
                 .await
                 .transient()?;
@@ -230,14 +218,6 @@ impl Notifier {
         let _ = self.live.send(notification);
         Ok(())
     }
-}
-
-fn event<T: TypedEvent>(payload: &T) -> Result<Event, HandlerError> {
-    let mut event = Event::from_typed(SOURCE, payload)?;
-    Context::current()
-        .unwrap_or_else(Context::root)
-        .apply(&mut event);
-    Ok(event)
 }
 
 #[derive(Serialize)]
