@@ -38,7 +38,7 @@ pub use event::{Event, EventBuilder, ExtensionValue, SPEC_VERSION, ext, is_json_
 pub use json::{BATCH_CONTENT_TYPE, CONTENT_TYPE};
 pub use transport::{
     Acker, Capabilities, DeadLetter, Delivery, DeliveryInfo, DeliveryStream, Outcome, Publisher,
-    Settlement, StartFrom, Subscriber, Subscription, Transport, dead_letter_event,
+    Settlement, StartFrom, Subscriber, Subscription, Transport, check_payloads, dead_letter_event,
     dead_letter_topic, validate_name,
 };
 pub use typed::TypedEvent;

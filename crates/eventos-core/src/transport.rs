@@ -203,6 +203,26 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), TransportError> {
     }
 }
 
+/// Checks a batch against a transport's payload limit, so every transport
+/// refuses the same way.
+///
+/// # Errors
+///
+/// [`TransportErrorKind::Rejected`] naming the first event over `max` bytes.
+pub fn check_payloads(transport: &str, events: &[Event], max: usize) -> Result<(), TransportError> {
+    match events.iter().find(|e| e.data_len() > max) {
+        None => Ok(()),
+        Some(big) => Err(TransportError::new(
+            TransportErrorKind::Rejected,
+            format!(
+                "event {} has a {}-byte payload; the {transport} transport accepts at most {max} bytes",
+                big.id(),
+                big.data_len()
+            ),
+        )),
+    }
+}
+
 /// Where a delivery came from and how many times it has been tried.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryInfo {

@@ -56,12 +56,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use eventos_core::{
     Acker, Capabilities, Delivery, DeliveryInfo, DeliveryStream, Event, Outcome, Publisher,
-    Subscriber, Subscription, Transport, TransportError, TransportErrorKind, dead_letter_event,
-    dead_letter_topic, validate_name,
+    Subscriber, Subscription, Transport, TransportError, TransportErrorKind, check_payloads,
+    dead_letter_event, dead_letter_topic, validate_name,
 };
 use futures::future::BoxFuture;
 use tokio::sync::oneshot;
@@ -476,17 +476,7 @@ impl Publisher for LogTransport {
         Box::pin(async move {
             self.shared.check_open()?;
             validate_name("topic", topic)?;
-            let max = self.shared.max_payload_bytes;
-            if let Some(big) = events.iter().find(|e| e.data_len() > max) {
-                return Err(TransportError::new(
-                    TransportErrorKind::Rejected,
-                    format!(
-                        "event {} has a {}-byte payload; the log accepts at most {max} bytes",
-                        big.id(),
-                        big.data_len()
-                    ),
-                ));
-            }
+            check_payloads("log", &events, self.shared.max_payload_bytes)?;
             if events.is_empty() {
                 return Ok(());
             }
@@ -651,7 +641,7 @@ impl Consumer {
             .with_source(e)
         })?;
         st.read_pos = Some(next);
-        let now_ms = unix_ms();
+        let now_ms = writer::now_ms();
         let now = Instant::now();
         for (offset, event) in records {
             if offset < st.next_read {
@@ -709,12 +699,6 @@ impl Consumer {
         self.held.fetch_add(1, Ordering::AcqRel);
         Delivery::new(entry.event, info, Box::new(acker))
     }
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 struct LogAcker {
@@ -778,7 +762,7 @@ impl Acker for LogAcker {
                         group: group_id,
                         offset,
                         attempt: attempt + 1,
-                        due_ms: unix_ms().saturating_add(after_ms),
+                        due_ms: writer::now_ms().saturating_add(after_ms),
                     };
                     shared
                         .write(vec![Op::Control {

@@ -135,7 +135,9 @@ enum Pending {
     ),
 }
 
-fn now_ms() -> i64 {
+/// Milliseconds since the Unix epoch: append times and retry due times,
+/// which must survive a restart, so wall-clock.
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

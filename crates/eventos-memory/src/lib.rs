@@ -30,8 +30,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use eventos_core::{
     Acker, Capabilities, Delivery, DeliveryInfo, DeliveryStream, Event, Outcome, Publisher,
-    Subscriber, Subscription, Transport, TransportError, TransportErrorKind, dead_letter_event,
-    dead_letter_topic, validate_name,
+    Subscriber, Subscription, Transport, TransportError, TransportErrorKind, check_payloads,
+    dead_letter_event, dead_letter_topic, validate_name,
 };
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
@@ -191,20 +191,7 @@ impl Inner {
 
     fn publish_now(&self, topic: &str, events: Vec<Event>) -> Result<(), TransportError> {
         validate_name("topic", topic)?;
-        if let Some(big) = events
-            .iter()
-            .find(|e| e.data_len() > self.max_payload_bytes)
-        {
-            return Err(TransportError::new(
-                TransportErrorKind::Rejected,
-                format!(
-                    "event {} has a {}-byte payload; the memory transport accepts at most {} bytes",
-                    big.id(),
-                    big.data_len(),
-                    self.max_payload_bytes
-                ),
-            ));
-        }
+        check_payloads("memory", &events, self.max_payload_bytes)?;
         if events.is_empty() {
             return Ok(());
         }
