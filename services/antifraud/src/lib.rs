@@ -1,0 +1,1 @@
+//! Anti-fraud: deterministic rules and a risk score for each submitted payment.

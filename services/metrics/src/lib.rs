@@ -1,0 +1,1 @@
+//! Payment metrics: counts, amounts, approval and fraud rates, time to activation.
