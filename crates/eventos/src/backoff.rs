@@ -41,6 +41,11 @@ impl Backoff {
         }
     }
 
+    /// How many attempts in all, the first included.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
     /// The upper bound of the delay after failed attempt `attempt`
     /// (1-based): `min(cap, base · 2^(attempt-1))`, without overflow.
     pub fn ceiling(&self, attempt: u32) -> Duration {

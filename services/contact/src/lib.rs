@@ -20,7 +20,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed};
 use eventos_outbox::{Store, enqueue, first_delivery};
-use school_events::{EmailFailed, EmailRequested, EmailSent, MailPurpose, topics};
+use school_events::{EmailDeferred, EmailFailed, EmailRequested, EmailSent, MailPurpose, topics};
 use school_http::{FieldError, MAX_BODY_BYTES, Problem, StrictJson, is_email, now_ms, rfc3339_ms};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
@@ -223,9 +223,17 @@ impl Contact {
                 async move { this.on_failed(e, msg).await }
             })
         };
+        let deferred = {
+            let this = self.clone();
+            typed(move |e: EmailDeferred, msg: Message| {
+                let this = this.clone();
+                async move { this.on_deferred(e, msg).await }
+            })
+        };
         vec![
             Route::new(topics::MAIL_SENT, GROUP, sent),
             Route::new(topics::MAIL_FAILURES, GROUP, failed),
+            Route::new(topics::MAIL_DEFERRED, GROUP, deferred),
         ]
     }
 
@@ -309,12 +317,13 @@ impl Contact {
         })
     }
 
-    /// Applies a mail outcome to its message, once per event.
+    /// Applies a mail outcome to its message, once per event; a `status` of
+    /// `None` adds to the timeline only.
     async fn record(
         &self,
         msg: &Message,
         about: &str,
-        status: &str,
+        status: Option<&str>,
         attempt: u32,
         detail: Option<&str>,
     ) -> Result<(), HandlerError> {
@@ -325,14 +334,16 @@ impl Contact {
         {
             return Ok(());
         }
-        let updated =
-            sqlx::query("UPDATE contact_messages SET status = ?, updated_ms = ? WHERE id = ?")
-                .bind(status)
-                .bind(now_ms())
-                .bind(about)
-                .execute(&mut *tx)
-                .await
-                .transient()?;
+        // A deferral arriving after the final outcome must not undo it.
+        let updated = sqlx::query(
+            "UPDATE contact_messages SET status = COALESCE(?, status), updated_ms = ? WHERE id = ?",
+        )
+        .bind(status)
+        .bind(now_ms())
+        .bind(about)
+        .execute(&mut *tx)
+        .await
+        .transient()?;
         // Mail about other things (student notices) is not ours to track.
         if updated.rows_affected() == 1 {
             let service = msg
@@ -351,7 +362,13 @@ impl Contact {
     }
 
     async fn on_sent(&self, e: EmailSent, msg: Message) -> Result<(), HandlerError> {
-        self.record(&msg, &e.about, "sent", e.attempt, None).await
+        self.record(&msg, &e.about, Some("sent"), e.attempt, None)
+            .await
+    }
+
+    async fn on_deferred(&self, e: EmailDeferred, msg: Message) -> Result<(), HandlerError> {
+        self.record(&msg, &e.about, None, e.attempt, Some(&e.error))
+            .await
     }
 
     async fn on_failed(&self, e: EmailFailed, msg: Message) -> Result<(), HandlerError> {
@@ -359,7 +376,7 @@ impl Contact {
             return Ok(());
         }
         let detail = format!("{} after {} attempts", e.reason, e.attempts);
-        self.record(&msg, &e.about, "failed", e.attempts, Some(&detail))
+        self.record(&msg, &e.about, Some("failed"), e.attempts, Some(&detail))
             .await
     }
 }

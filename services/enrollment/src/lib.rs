@@ -1,1 +1,1153 @@
-//! Enrollment: accept a student's enrollment at once, follow the payment behind the scenes.
+//! Enrollment: a student asks to join a course and pays; the school answers
+//! at once and follows the payment behind the scenes.
+//!
+//! `POST /enrollments` validates the request, tokenizes the card, stores the
+//! enrollment and enqueues [`PaymentSubmitted`] in **one transaction** (the
+//! outbox), and answers `202 Accepted` with a `Location`. Anti-fraud and
+//! billing take it from there; their verdicts come back as events and move
+//! the enrollment along, each applied once (the inbox) together with the
+//! events and mail it causes. `GET /enrollments/{id}` shows the status and
+//! the timeline of every event that touched it;
+//! `GET /enrollments/{id}/events` streams the changes (server-sent events).
+//!
+//! # The decisions that shaped it
+//!
+//! * **The card stops here.** The number and CVV are checked (Luhn, expiry,
+//!   CVV form) and reduced to a [`CardToken`](school_events::CardToken):
+//!   BIN, last four, and an HMAC fingerprint under a key from the config or
+//!   generated on first run. Neither is stored, logged, put in an event or
+//!   echoed in an error (a parse error quoting the body is redacted).
+//! * **Two ways to answer, chosen by the school** ([`AcceptanceMode`]):
+//!   `await_payment` (the default) says "your payment is being processed"
+//!   and activates only after the fraud check passed and the charge was
+//!   captured; `optimistic` enrolls at once and suspends the enrollment if
+//!   the fraud check or the charge fails later. Either way the student is
+//!   e-mailed about the outcome.
+//! * **`Idempotency-Key` makes retries safe.** The same key with the same
+//!   body gives back the same enrollment (with `Idempotent-Replayed: true`);
+//!   the same key with another body is a 409. The body is remembered only
+//!   as a keyed digest.
+//! * **Transitions are a table, not scattered ifs** ([`transition`]): each
+//!   verdict event moves a status to the next one or leaves it alone, so a
+//!   late or repeated event cannot undo a final state.
+//!
+//! The service names no transport: it takes a `Store` and gives back an HTTP
+//! router and event routes; the binary wires them.
+
+mod card;
+mod currency;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::routing::{get, post};
+use eventos::{Context, HandlerError, Message, ResultExt as _, Route, TypedEvent, typed};
+use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
+use futures::Stream;
+use school_events::{
+    AcceptanceMode, EmailDeferred, EmailFailed, EmailRequested, EmailSent, EnrollmentActivated,
+    EnrollmentRejected, FraudCheckFailed, FraudCheckPassed, MailPurpose, PaymentCaptured,
+    PaymentDeclined, PaymentDetails, PaymentRefunded, PaymentSubmitted, Student, topics,
+};
+use school_http::{FieldError, MAX_BODY_BYTES, Problem, StrictJson, is_email, now_ms, rfc3339_ms};
+use serde::{Deserialize, Serialize};
+use sqlx::Row as _;
+use tokio::sync::broadcast;
+
+pub use card::{FingerprintKey, KeyError, luhn, redact};
+pub use currency::is_iso_4217;
+
+/// The migrations of the enrollment database.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The CloudEvents `source` of events this service emits.
+pub const SOURCE: &str = "/school/enrollment";
+
+/// The consumer group of this service.
+pub const GROUP: &str = "enrollment";
+
+/// Settings of the enrollment service (the `[enrollment]` section of the
+/// config file).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnrollmentConfig {
+    /// How requests are answered.
+    pub mode: AcceptanceMode,
+    /// The card fingerprint key, 64 hex digits. Without one, a key is
+    /// generated on first run and kept in the data directory.
+    pub card_fingerprint_key: Option<String>,
+}
+
+/// The body of `POST /enrollments`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewEnrollment {
+    /// Who enrolls.
+    pub student: NewStudent,
+    /// In which course.
+    pub course_id: String,
+    /// How they pay.
+    pub payment: NewPayment,
+}
+
+/// The student part of the request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewStudent {
+    /// Full name.
+    pub name: String,
+    /// E-mail address.
+    pub email: String,
+}
+
+/// The payment part of the request. It holds the card: it lives only for
+/// the request and is dropped once tokenized.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewPayment {
+    /// The card number (spaces and dashes allowed).
+    pub card_number: String,
+    /// `MM/YY` or `MM/YYYY`.
+    pub expiry: String,
+    /// Three or four digits.
+    pub cvv: String,
+    /// The name on the card.
+    pub holder: String,
+    /// Amount in the currency's minor unit.
+    pub amount_cents: u64,
+    /// ISO 4217 code, e.g. `EUR`.
+    pub currency: String,
+}
+
+impl std::fmt::Debug for NewPayment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewPayment")
+            .field("holder", &self.holder)
+            .field("amount_cents", &self.amount_cents)
+            .field("currency", &self.currency)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The answer to `POST /enrollments`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Accepted {
+    /// The enrollment's id.
+    pub id: String,
+    /// `payment_processing` (await_payment) or `active` (optimistic), or the
+    /// current status when an idempotent request is replayed.
+    pub status: String,
+    /// What to tell the student.
+    pub message: String,
+}
+
+/// One entry of an enrollment's timeline.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TimelineEntry {
+    /// The CloudEvents type of the event.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// RFC 3339 time it was recorded.
+    pub time: String,
+    /// The service that produced it.
+    pub service: String,
+    /// The delivery attempt it came from.
+    pub attempt: u32,
+    /// More about it (a score, a reason, an error).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// The payment as `GET /enrollments/{id}` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PaymentView {
+    /// Minor units.
+    pub amount_cents: u64,
+    /// ISO 4217.
+    pub currency: String,
+    /// Card brand.
+    pub card_brand: String,
+    /// The last four digits.
+    pub card_last4: String,
+    /// `pending`, `captured`, `declined`, `refunded`.
+    pub status: String,
+}
+
+/// The answer to `GET /enrollments/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnrollmentView {
+    /// The id.
+    pub id: String,
+    /// `payment_processing`, `active`, `rejected`, `payment_failed` or
+    /// `suspended`.
+    pub status: String,
+    /// How it was accepted.
+    pub mode: AcceptanceMode,
+    /// The course.
+    pub course_id: String,
+    /// The student.
+    pub student: Student,
+    /// The payment.
+    pub payment: PaymentView,
+    /// Why it was rejected or suspended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+    /// What happened, oldest first.
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// A change streamed by `GET /enrollments/{id}/events`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Change {
+    /// The enrollment.
+    pub id: String,
+    /// Its status after the change.
+    pub status: String,
+    /// What happened.
+    pub entry: TimelineEntry,
+}
+
+/// What a verdict does to an enrollment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The fraud check passed.
+    FraudPassed,
+    /// The fraud check failed.
+    FraudFailed,
+    /// The charge was captured.
+    Captured,
+    /// The charge was declined.
+    Declined,
+    /// A capture was refunded.
+    Refunded,
+}
+
+/// The status an enrollment moves to, if any: the whole state machine.
+///
+/// `await_payment`: `payment_processing` → `active` on capture, `rejected`
+/// on a failed fraud check, `payment_failed` on a decline. `optimistic`:
+/// `active` → `suspended` on a failed fraud check or a decline. Anything
+/// else (a pass, a refund, a verdict after a final state) changes no status.
+pub fn transition(mode: AcceptanceMode, status: &str, verdict: Verdict) -> Option<&'static str> {
+    match (mode, status, verdict) {
+        (AcceptanceMode::AwaitPayment, "payment_processing", Verdict::Captured) => Some("active"),
+        (AcceptanceMode::AwaitPayment, "payment_processing", Verdict::FraudFailed) => {
+            Some("rejected")
+        }
+        (AcceptanceMode::AwaitPayment, "payment_processing", Verdict::Declined) => {
+            Some("payment_failed")
+        }
+        (AcceptanceMode::Optimistic, "active", Verdict::FraudFailed | Verdict::Declined) => {
+            Some("suspended")
+        }
+        _ => None,
+    }
+}
+
+/// The enrollment service.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    store: Store,
+    key: FingerprintKey,
+    mode: AcceptanceMode,
+    live: broadcast::Sender<Change>,
+}
+
+fn unavailable(e: &dyn std::fmt::Display) -> Problem {
+    tracing::error!(error = %e, "enrollment database unavailable");
+    Problem::unavailable(
+        "the enrollment could not be stored right now; nothing was accepted or charged, try again in a moment",
+    )
+}
+
+fn mode_name(mode: AcceptanceMode) -> &'static str {
+    match mode {
+        AcceptanceMode::AwaitPayment => "await_payment",
+        AcceptanceMode::Optimistic => "optimistic",
+    }
+}
+
+fn parse_mode(s: &str) -> AcceptanceMode {
+    if s == "optimistic" {
+        AcceptanceMode::Optimistic
+    } else {
+        AcceptanceMode::AwaitPayment
+    }
+}
+
+fn message_for(status: &str) -> &'static str {
+    match status {
+        "payment_processing" => "your payment is being processed; we will e-mail you the outcome",
+        "active" => "you are enrolled; we will e-mail you the details",
+        "rejected" => "the payment was refused by our fraud checks",
+        "payment_failed" => "the payment could not be taken",
+        "suspended" => "the enrollment is suspended: the payment could not be confirmed",
+        _ => "",
+    }
+}
+
+struct Checked {
+    student: Student,
+    course_id: String,
+    payment: PaymentDetails,
+}
+
+fn validate(req: &NewEnrollment, key: &FingerprintKey) -> Result<Checked, Problem> {
+    let mut errors = Vec::new();
+    let mut fail = |pointer: &str, detail: &str| {
+        errors.push(FieldError {
+            pointer: pointer.into(),
+            detail: detail.into(),
+        });
+    };
+    let len = |s: &str| s.trim().chars().count();
+    if !(1..=200).contains(&len(&req.student.name)) {
+        fail("/student/name", "give a name of 1 to 200 characters");
+    }
+    if !is_email(req.student.email.trim()) {
+        fail(
+            "/student/email",
+            "give a valid e-mail address, like ana@example.com",
+        );
+    }
+    let course = req.course_id.trim();
+    if course.is_empty()
+        || course.len() > 64
+        || !course
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        fail(
+            "/course_id",
+            "give a course id of 1 to 64 letters, digits, '-' or '_', like rust-101",
+        );
+    }
+    let p = &req.payment;
+    let digits = match card::digits(&p.card_number) {
+        Some(d) if card::luhn(&d) => Some(d),
+        Some(_) => {
+            fail(
+                "/payment/card_number",
+                "the card number fails its check digit (Luhn); check for a typo",
+            );
+            None
+        }
+        None => {
+            fail(
+                "/payment/card_number",
+                "give the card number as 12 to 19 digits (spaces or dashes allowed)",
+            );
+            None
+        }
+    };
+    let expiry = match card::expiry(&p.expiry) {
+        Some((m, y)) if card::expired(m, y, chrono::Utc::now()) => {
+            fail(
+                "/payment/expiry",
+                "the card has expired; use a card valid this month or later",
+            );
+            None
+        }
+        Some(e) => Some(e),
+        None => {
+            fail("/payment/expiry", "give the expiry as MM/YY, like 12/30");
+            None
+        }
+    };
+    if !card::cvv_ok(&p.cvv) {
+        fail("/payment/cvv", "give the 3 or 4 digits on the card");
+    }
+    if !(1..=200).contains(&len(&p.holder)) {
+        fail("/payment/holder", "give the name on the card");
+    }
+    if p.amount_cents == 0 {
+        fail(
+            "/payment/amount_cents",
+            "give an amount greater than 0, in cents",
+        );
+    }
+    if !currency::is_iso_4217(&p.currency) {
+        fail(
+            "/payment/currency",
+            "give an ISO 4217 currency code in capitals, like EUR or USD",
+        );
+    }
+    match (errors.is_empty(), digits, expiry) {
+        (true, Some(digits), Some((month, year))) => Ok(Checked {
+            student: Student {
+                name: req.student.name.trim().to_owned(),
+                email: req.student.email.trim().to_owned(),
+            },
+            course_id: course.to_owned(),
+            payment: PaymentDetails {
+                amount_cents: p.amount_cents,
+                currency: p.currency.clone(),
+                holder: p.holder.trim().to_owned(),
+                card: card::tokenize(key, &digits, month, year),
+            },
+        }),
+        _ => Err(Problem::validation(errors)),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(k) if (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(k.to_owned()))
+        }
+        _ => Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-idempotency-key",
+            "Invalid Idempotency-Key",
+            "the Idempotency-Key header must be 1 to 255 visible ASCII characters, e.g. a UUID",
+        )),
+    }
+}
+
+fn key_conflict() -> Problem {
+    Problem::new(
+        StatusCode::CONFLICT,
+        "idempotency-key-reused",
+        "Idempotency-Key reused",
+        "this Idempotency-Key was already used with a different request; use a new key for a new enrollment",
+    )
+}
+
+/// Why a change could not be committed (it was not, as a whole).
+#[derive(Debug, thiserror::Error)]
+enum StoreError {
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("cannot encode an event: {0}")]
+    Event(#[from] eventos::EventError),
+}
+
+fn is_unique_violation(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Database(sqlx::Error::Database(d))
+            | StoreError::Outbox(OutboxError::Database(sqlx::Error::Database(d)))
+            if d.is_unique_violation()
+    )
+}
+
+async fn add_entry(
+    tx: &mut sqlx::SqliteConnection,
+    enrollment_id: &str,
+    entry: &TimelineEntry,
+    at_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO enrollment_timeline (enrollment_id, at_ms, event_type, service, attempt, detail) VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(enrollment_id)
+    .bind(at_ms)
+    .bind(&entry.kind)
+    .bind(&entry.service)
+    .bind(entry.attempt)
+    .bind(&entry.detail)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+fn own_entry(kind: &str, detail: Option<String>, at_ms: i64) -> TimelineEntry {
+    TimelineEntry {
+        kind: kind.to_owned(),
+        time: rfc3339_ms(at_ms),
+        service: "enrollment".into(),
+        attempt: 1,
+        detail,
+    }
+}
+
+/// What a mail to the student says, per status reached.
+fn notice(status: &str, course: &str, reason: Option<&str>) -> (&'static str, String, String) {
+    let why = reason
+        .map(|r| format!("\n\nReason: {r}"))
+        .unwrap_or_default();
+    match status {
+        "active" => (
+            "welcome",
+            format!("Welcome to {course}"),
+            format!("You are enrolled in {course}. See you in class!"),
+        ),
+        "rejected" => (
+            "rejected",
+            format!("Your enrollment in {course} was not accepted"),
+            format!(
+                "We could not accept your enrollment in {course}: the payment did not pass our checks. No money was taken.{why}"
+            ),
+        ),
+        "payment_failed" => (
+            "payment-failed",
+            format!("Your payment for {course} did not go through"),
+            format!(
+                "We could not take the payment for {course}, so you are not enrolled yet. Please try again with another card.{why}"
+            ),
+        ),
+        _ => (
+            "suspended",
+            format!("Your enrollment in {course} is suspended"),
+            format!(
+                "Your enrollment in {course} is suspended because the payment could not be confirmed. Any money taken is refunded.{why}"
+            ),
+        ),
+    }
+}
+
+struct Row {
+    status: String,
+    mode: AcceptanceMode,
+    course_id: String,
+    student_name: String,
+    student_email: String,
+    created_ms: i64,
+}
+
+impl Enrollment {
+    /// The service on `store` (its migrations are run), fingerprinting cards
+    /// with `key`.
+    ///
+    /// # Errors
+    ///
+    /// If the migrations fail.
+    pub async fn new(
+        store: Store,
+        key: FingerprintKey,
+        mode: AcceptanceMode,
+    ) -> Result<Self, OutboxError> {
+        store.migrate(&MIGRATOR).await?;
+        let (live, _) = broadcast::channel(1024);
+        Ok(Self {
+            store,
+            key,
+            mode,
+            live,
+        })
+    }
+
+    /// The service's database.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// `POST /enrollments`, `GET /enrollments/{id}`, `GET /enrollments/{id}/events`.
+    pub fn http(&self) -> axum::Router {
+        axum::Router::new()
+            .route("/enrollments", post(submit))
+            .route("/enrollments/{id}", get(show))
+            .route("/enrollments/{id}/events", get(stream))
+            .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .with_state(self.clone())
+    }
+
+    /// The event routes: every verdict and every mail about an enrollment.
+    pub fn routes(&self) -> Vec<Route> {
+        fn route<T: TypedEvent>(
+            this: &Enrollment,
+            topic: &str,
+            f: fn(&T) -> (String, Effect),
+        ) -> Route {
+            let this = this.clone();
+            Route::new(
+                topic,
+                GROUP,
+                typed(move |e: T, msg: Message| {
+                    let this = this.clone();
+                    async move {
+                        let (id, what) = f(&e);
+                        this.apply(&msg, &id, what).await
+                    }
+                }),
+            )
+            .concurrency(32)
+        }
+        vec![
+            route(self, topics::FRAUD_PASSED, |e: &FraudCheckPassed| {
+                (
+                    e.enrollment_id.clone(),
+                    Effect::Verdict(Verdict::FraudPassed, 1, Some(format!("score {}", e.score))),
+                )
+            }),
+            route(self, topics::FRAUD_FAILED, |e: &FraudCheckFailed| {
+                (
+                    e.enrollment_id.clone(),
+                    Effect::Verdict(
+                        Verdict::FraudFailed,
+                        1,
+                        Some(format!("score {}: {}", e.score, e.reasons.join("; "))),
+                    ),
+                )
+            }),
+            route(self, topics::PAYMENT_CAPTURED, |e: &PaymentCaptured| {
+                (
+                    e.enrollment_id.clone(),
+                    Effect::Verdict(
+                        Verdict::Captured,
+                        e.attempt,
+                        Some(format!("charge {}", e.charge_id)),
+                    ),
+                )
+            }),
+            route(self, topics::PAYMENT_DECLINED, |e: &PaymentDeclined| {
+                (
+                    e.enrollment_id.clone(),
+                    Effect::Verdict(
+                        Verdict::Declined,
+                        e.attempt,
+                        Some(format!("{}: {}", e.code, e.reason)),
+                    ),
+                )
+            }),
+            route(self, topics::PAYMENT_REFUNDED, |e: &PaymentRefunded| {
+                (
+                    e.enrollment_id.clone(),
+                    Effect::Verdict(
+                        Verdict::Refunded,
+                        1,
+                        Some(format!("charge {}: {}", e.charge_id, e.reason)),
+                    ),
+                )
+            }),
+            route(self, topics::MAIL_SENT, |e: &EmailSent| {
+                (
+                    e.about.clone(),
+                    Effect::Mail(e.attempt, Some(e.mail_id.clone())),
+                )
+            }),
+            route(self, topics::MAIL_DEFERRED, |e: &EmailDeferred| {
+                (
+                    e.about.clone(),
+                    Effect::Mail(e.attempt, Some(format!("{}: {}", e.mail_id, e.error))),
+                )
+            }),
+            route(self, topics::MAIL_FAILURES, |e: &EmailFailed| {
+                (
+                    e.about.clone(),
+                    Effect::Mail(
+                        e.attempts,
+                        Some(format!(
+                            "{}: {} after {} attempts",
+                            e.mail_id, e.reason, e.attempts
+                        )),
+                    ),
+                )
+            }),
+        ]
+    }
+
+    async fn accept(
+        &self,
+        req: NewEnrollment,
+        key: Option<String>,
+    ) -> Result<(Accepted, bool), Problem> {
+        let checked = validate(&req, &self.key)?;
+        // The digest covers the request as parsed, so formatting of the
+        // JSON does not matter, only its values.
+        let digest = key.as_ref().map(|_| {
+            self.key
+                .digest(&serde_json::to_vec(&req).unwrap_or_default())
+        });
+        drop(req);
+        if let (Some(key), Some(digest)) = (&key, &digest)
+            && let Some(replayed) = self.replay(key, digest).await?
+        {
+            return Ok((replayed, true));
+        }
+        match self
+            .insert(checked, key.as_deref().zip(digest.as_deref()))
+            .await
+        {
+            Ok(accepted) => Ok((accepted, false)),
+            // Two requests with one key raced; the other one won.
+            Err(e) if is_unique_violation(&e) => match (&key, &digest) {
+                (Some(key), Some(digest)) => match self.replay(key, digest).await? {
+                    Some(replayed) => Ok((replayed, true)),
+                    None => Err(unavailable(&e)),
+                },
+                _ => Err(unavailable(&e)),
+            },
+            Err(e) => Err(unavailable(&e)),
+        }
+    }
+
+    async fn replay(&self, key: &str, digest: &str) -> Result<Option<Accepted>, Problem> {
+        let row = sqlx::query(
+            "SELECT k.request_digest, e.id, e.status FROM enrollment_idempotency k JOIN enrollments e ON e.id = k.enrollment_id WHERE k.idempotency_key = ?",
+        )
+        .bind(key)
+        .fetch_optional(self.store.pool())
+        .await
+        .map_err(|e| unavailable(&e))?;
+        let Some(row) = row else { return Ok(None) };
+        if row.get::<String, _>("request_digest") != digest {
+            return Err(key_conflict());
+        }
+        let status: String = row.get("status");
+        Ok(Some(Accepted {
+            id: row.get("id"),
+            message: message_for(&status).into(),
+            status,
+        }))
+    }
+
+    async fn insert(
+        &self,
+        c: Checked,
+        idempotency: Option<(&str, &str)>,
+    ) -> Result<Accepted, StoreError> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let now = now_ms();
+        let status = match self.mode {
+            AcceptanceMode::AwaitPayment => "payment_processing",
+            AcceptanceMode::Optimistic => "active",
+        };
+        let submitted = PaymentSubmitted {
+            enrollment_id: id.clone(),
+            student: c.student.clone(),
+            course_id: c.course_id.clone(),
+            payment: c.payment.clone(),
+            mode: self.mode,
+            submitted_at_ms: now,
+        };
+        let mut tx = self.store.begin().await?;
+        sqlx::query(
+            "INSERT INTO enrollments (id, student_name, student_email, course_id, amount_cents, currency, card_brand, card_last4, mode, status, payment_status, created_ms, updated_ms)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+        )
+        .bind(&id)
+        .bind(&c.student.name)
+        .bind(&c.student.email)
+        .bind(&c.course_id)
+        .bind(i64::try_from(c.payment.amount_cents).unwrap_or(i64::MAX))
+        .bind(&c.payment.currency)
+        .bind(&c.payment.card.brand)
+        .bind(&c.payment.card.last4)
+        .bind(mode_name(self.mode))
+        .bind(status)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if let Some((key, digest)) = idempotency {
+            sqlx::query(
+                "INSERT INTO enrollment_idempotency (idempotency_key, request_digest, enrollment_id, created_ms) VALUES (?, ?, ?, ?)",
+            )
+            .bind(key)
+            .bind(digest)
+            .bind(&id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let event = Context::new_event(SOURCE, &submitted)?;
+        enqueue(&mut tx, topics::PAYMENT_SUBMITTED, &event).await?;
+        let detail = format!(
+            "{} {} on {} •••• {}",
+            c.payment.amount_cents, c.payment.currency, c.payment.card.brand, c.payment.card.last4
+        );
+        add_entry(
+            &mut tx,
+            &id,
+            &own_entry(PaymentSubmitted::TYPE, Some(detail), now),
+            now,
+        )
+        .await?;
+        if self.mode == AcceptanceMode::Optimistic {
+            let row = Row {
+                status: status.into(),
+                mode: self.mode,
+                course_id: c.course_id.clone(),
+                student_name: c.student.name.clone(),
+                student_email: c.student.email.clone(),
+                created_ms: now,
+            };
+            self.announce(&mut tx, &id, &row, "active", None, now)
+                .await?;
+        }
+        self.store.commit(tx).await?;
+        tracing::info!(enrollment = %id, course = %c.course_id, last4 = %c.payment.card.last4, status, "enrollment accepted");
+        Ok(Accepted {
+            id,
+            status: status.into(),
+            message: message_for(status).into(),
+        })
+    }
+
+    /// Enqueues what reaching `status` causes: the lifecycle event and the
+    /// student's mail, with their timeline entries.
+    async fn announce(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        id: &str,
+        row: &Row,
+        status: &str,
+        reason: Option<&str>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if status == "active" {
+            let activated = EnrollmentActivated {
+                enrollment_id: id.to_owned(),
+                course_id: row.course_id.clone(),
+                mode: row.mode,
+                submitted_at_ms: row.created_ms,
+                activated_at_ms: now,
+            };
+            let event = Context::new_event(SOURCE, &activated)?;
+            enqueue(tx, topics::ENROLLMENT_ACTIVATED, &event).await?;
+            add_entry(
+                tx,
+                id,
+                &own_entry(EnrollmentActivated::TYPE, None, now),
+                now,
+            )
+            .await?;
+        } else {
+            let rejected = EnrollmentRejected {
+                enrollment_id: id.to_owned(),
+                status: status.to_owned(),
+                reason: reason.unwrap_or_default().to_owned(),
+            };
+            let event = Context::new_event(SOURCE, &rejected)?;
+            enqueue(tx, topics::ENROLLMENT_REJECTED, &event).await?;
+            add_entry(
+                tx,
+                id,
+                &own_entry(EnrollmentRejected::TYPE, Some(status.to_owned()), now),
+                now,
+            )
+            .await?;
+        }
+        let (slug, subject, body) = notice(status, &row.course_id, reason);
+        let mail = EmailRequested {
+            mail_id: format!("{slug}-{id}"),
+            purpose: MailPurpose::StudentNotice,
+            about: id.to_owned(),
+            to: row.student_email.clone(),
+            reply_to: None,
+            requester_email: row.student_email.clone(),
+            subject,
+            body: format!("Dear {},\n\n{body}\n", row.student_name),
+        };
+        let event = Context::new_event(SOURCE, &mail)?;
+        enqueue(tx, topics::MAIL_REQUESTS, &event).await?;
+        add_entry(
+            tx,
+            id,
+            &own_entry(EmailRequested::TYPE, Some(mail.mail_id.clone()), now),
+            now,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Applies one consumed event to its enrollment, once per event id.
+    async fn apply(&self, msg: &Message, id: &str, what: Effect) -> Result<(), HandlerError> {
+        let event = msg.event();
+        let (attempt, detail) = match &what {
+            Effect::Verdict(_, attempt, detail) | Effect::Mail(attempt, detail) => {
+                (*attempt, detail.clone())
+            }
+        };
+        let now = now_ms();
+        let entry = TimelineEntry {
+            kind: event.ty().to_owned(),
+            time: rfc3339_ms(now),
+            service: event
+                .source()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            attempt,
+            detail,
+        };
+        let mut tx = self.store.begin().await.transient()?;
+        if !first_delivery(&mut tx, GROUP, event.id())
+            .await
+            .transient()?
+        {
+            return Ok(());
+        }
+        let Some(row) = load(&mut tx, id).await.transient()? else {
+            // Mail about other things (contact messages) and verdicts for
+            // enrollments this database does not hold are not ours.
+            self.store.commit(tx).await.transient()?;
+            return Ok(());
+        };
+        add_entry(&mut tx, id, &entry, now).await.transient()?;
+        let mut status = row.status.clone();
+        if let Effect::Verdict(verdict, ..) = what {
+            let payment_status = match verdict {
+                Verdict::Captured => Some("captured"),
+                Verdict::Declined => Some("declined"),
+                Verdict::Refunded => Some("refunded"),
+                Verdict::FraudPassed | Verdict::FraudFailed => None,
+            };
+            if let Some(p) = payment_status {
+                sqlx::query(
+                    "UPDATE enrollments SET payment_status = ?, updated_ms = ? WHERE id = ?",
+                )
+                .bind(p)
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .transient()?;
+            }
+            if let Some(next) = transition(row.mode, &row.status, verdict) {
+                let reason = entry.detail.as_deref();
+                sqlx::query(
+                    "UPDATE enrollments SET status = ?, reason = ?, updated_ms = ? WHERE id = ? AND status = ?",
+                )
+                .bind(next)
+                .bind(reason)
+                .bind(now)
+                .bind(id)
+                .bind(&row.status)
+                .execute(&mut *tx)
+                .await
+                .transient()?;
+                self.announce(&mut tx, id, &row, next, reason, now)
+                    .await
+                    .transient()?;
+                next.clone_into(&mut status);
+            }
+        }
+        self.store.commit(tx).await.transient()?;
+        // Nobody listening is fine: the change is stored.
+        let _ = self.live.send(Change {
+            id: id.to_owned(),
+            status,
+            entry,
+        });
+        Ok(())
+    }
+
+    /// The status and timeline of an enrollment.
+    ///
+    /// # Errors
+    ///
+    /// A 404 problem for an unknown id, 503 if the database is unavailable.
+    pub async fn view(&self, id: &str) -> Result<EnrollmentView, Problem> {
+        let r = sqlx::query("SELECT * FROM enrollments WHERE id = ?")
+            .bind(id)
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(|e| unavailable(&e))?
+            .ok_or_else(|| Problem::not_found(&format!("enrollment {id}")))?;
+        let entries = sqlx::query(
+            "SELECT at_ms, event_type, service, attempt, detail FROM enrollment_timeline WHERE enrollment_id = ? ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(|e| unavailable(&e))?;
+        Ok(EnrollmentView {
+            id: id.to_owned(),
+            status: r.get("status"),
+            mode: parse_mode(r.get("mode")),
+            course_id: r.get("course_id"),
+            student: Student {
+                name: r.get("student_name"),
+                email: r.get("student_email"),
+            },
+            payment: PaymentView {
+                amount_cents: u64::try_from(r.get::<i64, _>("amount_cents")).unwrap_or(0),
+                currency: r.get("currency"),
+                card_brand: r.get("card_brand"),
+                card_last4: r.get("card_last4"),
+                status: r.get("payment_status"),
+            },
+            reason: r.get("reason"),
+            created_at: rfc3339_ms(r.get("created_ms")),
+            updated_at: rfc3339_ms(r.get("updated_ms")),
+            timeline: entries
+                .iter()
+                .map(|e| TimelineEntry {
+                    kind: e.get("event_type"),
+                    time: rfc3339_ms(e.get("at_ms")),
+                    service: e.get("service"),
+                    attempt: u32::try_from(e.get::<i64, _>("attempt")).unwrap_or(0),
+                    detail: e.get("detail"),
+                })
+                .collect(),
+        })
+    }
+
+    /// How many enrollments are in each status.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn counts(&self) -> Result<Vec<(String, u64)>, OutboxError> {
+        let rows = sqlx::query(
+            "SELECT status, COUNT(*) AS n FROM enrollments GROUP BY status ORDER BY status",
+        )
+        .fetch_all(self.store.pool())
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get("status"),
+                    u64::try_from(r.get::<i64, _>("n")).unwrap_or(0),
+                )
+            })
+            .collect())
+    }
+}
+
+/// What a consumed event is, for [`Enrollment::apply`]: a verdict (with the
+/// attempt that produced it and a detail) or news about a mail.
+#[derive(Debug, Clone)]
+enum Effect {
+    Verdict(Verdict, u32, Option<String>),
+    Mail(u32, Option<String>),
+}
+
+async fn load(tx: &mut sqlx::SqliteConnection, id: &str) -> Result<Option<Row>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT status, mode, course_id, student_name, student_email, created_ms FROM enrollments WHERE id = ?",
+    )
+    .bind(id)
+    .fetch_optional(tx)
+    .await?;
+    Ok(row.map(|r| Row {
+        status: r.get("status"),
+        mode: parse_mode(r.get("mode")),
+        course_id: r.get("course_id"),
+        student_name: r.get("student_name"),
+        student_email: r.get("student_email"),
+        created_ms: r.get("created_ms"),
+    }))
+}
+
+async fn submit(
+    State(enrollment): State<Enrollment>,
+    headers: HeaderMap,
+    body: Result<StrictJson<NewEnrollment>, Problem>,
+) -> Result<impl IntoResponse, Problem> {
+    let StrictJson(req) = body.map_err(|mut p| {
+        p.detail = redact(&p.detail);
+        p
+    })?;
+    let key = idempotency_key(&headers)?;
+    let (accepted, replayed) = enrollment.accept(req, key).await?;
+    let mut out = HeaderMap::new();
+    if let Ok(location) = HeaderValue::from_str(&format!("/enrollments/{}", accepted.id)) {
+        out.insert(header::LOCATION, location);
+    }
+    if replayed {
+        out.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok((StatusCode::ACCEPTED, out, axum::Json(accepted)))
+}
+
+async fn show(
+    State(enrollment): State<Enrollment>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<EnrollmentView>, Problem> {
+    enrollment.view(&id).await.map(axum::Json)
+}
+
+/// Server-sent events: the enrollment as it is now (`snapshot`), then each
+/// change (`change`) as it is committed.
+async fn stream(
+    State(enrollment): State<Enrollment>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
+    // Subscribe before reading, so no change falls in between.
+    let mut live = enrollment.live.subscribe();
+    let view = enrollment.view(&id).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
+    tokio::spawn(async move {
+        let first = SseEvent::default()
+            .event("snapshot")
+            .json_data(&view)
+            .unwrap_or_default();
+        if tx.send(first).await.is_err() {
+            return;
+        }
+        loop {
+            match live.recv().await {
+                Ok(change) if change.id == id => {
+                    let event = SseEvent::default()
+                        .event("change")
+                        .json_data(&change)
+                        .unwrap_or_default();
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    let events = futures::stream::unfold(rx, |mut rx| async move {
+        let event = rx.recv().await?;
+        Some((Ok(event), rx))
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_states_stay_final() {
+        use AcceptanceMode::{AwaitPayment, Optimistic};
+        for verdict in [
+            Verdict::FraudPassed,
+            Verdict::FraudFailed,
+            Verdict::Captured,
+            Verdict::Declined,
+            Verdict::Refunded,
+        ] {
+            for status in ["rejected", "payment_failed", "suspended"] {
+                assert_eq!(transition(AwaitPayment, status, verdict), None);
+                assert_eq!(transition(Optimistic, status, verdict), None);
+            }
+            assert_eq!(transition(AwaitPayment, "active", verdict), None);
+        }
+        assert_eq!(
+            transition(AwaitPayment, "payment_processing", Verdict::Captured),
+            Some("active")
+        );
+        assert_eq!(
+            transition(Optimistic, "active", Verdict::Declined),
+            Some("suspended")
+        );
+        assert_eq!(transition(Optimistic, "active", Verdict::Captured), None);
+    }
+
+    #[test]
+    fn the_payment_debug_form_holds_no_card() {
+        let p = NewPayment {
+            card_number: "4242424242424242".into(),
+            expiry: "12/30".into(),
+            cvv: "123".into(),
+            holder: "Ana".into(),
+            amount_cents: 1,
+            currency: "EUR".into(),
+        };
+        let text = format!("{p:?}");
+        assert!(!text.contains("4242") && !text.contains("123"), "{text}");
+    }
+}

@@ -61,6 +61,10 @@
 //!   transaction commits makes the retry send it again. SMTP cannot be asked
 //!   whether it already took a message, so delivery stays at-least-once;
 //!   the repeated mail carries the same `Message-ID: <mail_id@eventos>`.
+//! * **Every failed try is an event too.** A transient failure that will be
+//!   retried enqueues [`EmailDeferred`](school_events::EmailDeferred) on
+//!   [`topics::MAIL_DEFERRED`] (the attempt and the error), so a timeline
+//!   shows each try and the growing pauses between them.
 //! * **Giving up is an event.** A dead-letter hook ([`Mailer::on_dead_letter`])
 //!   enqueues `EmailFailed` (the reason, the last error, the attempts) in
 //!   one transaction, once per mail; if the database fails the hook fails,
@@ -108,6 +112,7 @@ pub fn default_backoff() -> Backoff {
 /// [`Mailer::on_dead_letter`] as the dead-letter hook.
 pub fn route(mailer: Mailer, policy: Backoff) -> Route {
     let attempt_timeout = mailer.config().attempt_timeout;
+    let max_attempts = policy.max_attempts();
     let hook = mailer.clone();
     Route::new(
         topics::MAIL_REQUESTS,
@@ -115,8 +120,18 @@ pub fn route(mailer: Mailer, policy: Backoff) -> Route {
         typed(move |request: EmailRequested, msg: Message| {
             let mailer = mailer.clone();
             async move {
-                mailer.deliver(&request, msg.attempt()).await?;
-                Ok::<(), HandlerError>(())
+                let attempt = msg.attempt();
+                match mailer.deliver(&request, attempt).await {
+                    Ok(_) => Ok::<(), HandlerError>(()),
+                    Err(e) => {
+                        // The last attempt is reported by the dead-letter
+                        // hook as `EmailFailed`, not as deferred.
+                        if e.is_transient() && attempt < max_attempts {
+                            mailer.defer(&request, attempt, &e).await;
+                        }
+                        Err(e.into())
+                    }
+                }
             }
         }),
     )

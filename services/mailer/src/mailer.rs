@@ -7,7 +7,7 @@ use eventos::middleware::DeadLettered;
 use eventos::{Bus, Publisher};
 use eventos_outbox::{Relay, Store, enqueue, first_delivery};
 use lettre::message::Mailbox;
-use school_events::{EmailFailed, EmailRequested, EmailSent, topics};
+use school_events::{EmailDeferred, EmailFailed, EmailRequested, EmailSent, topics};
 
 use crate::compose::{compose, parse_from};
 use crate::locks::KeyLocks;
@@ -20,6 +20,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// The inbox consumer under which a mail's failure is recorded, so it is
 /// reported once however often its dead letter is handled.
 const FAILED_CONSUMER: &str = "mailer.failed";
+
+/// Inbox consumer name under which deferred attempts are recorded, keyed
+/// `<mail_id>#<attempt>`, so a redelivered attempt is reported once.
+const DEFERRED_CONSUMER: &str = "mailer.deferred";
 
 /// What [`Mailer::deliver`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,6 +211,33 @@ impl Mailer {
         // Never the body: it is the sender's words, not an operator's.
         tracing::info!(mail_id, about = %request.about, purpose = ?request.purpose, attempt, via = inner.outbound.via(), "mail sent");
         Ok(Delivered::Sent)
+    }
+
+    /// Records that `attempt` of a mail failed and will be retried:
+    /// enqueues [`EmailDeferred`] (once per mail and attempt), so whoever
+    /// follows the mail sees each try and the growing pauses between them.
+    /// A failure to record is logged and otherwise ignored: the retry itself
+    /// does not depend on it.
+    pub async fn defer(&self, request: &EmailRequested, attempt: u32, error: &MailerError) {
+        let recorded = async {
+            let event = self.inner.bus.event(&EmailDeferred {
+                mail_id: request.mail_id.clone(),
+                about: request.about.clone(),
+                attempt,
+                error: error.to_string(),
+            })?;
+            let store = &self.inner.store;
+            let mut tx = store.begin().await?;
+            let key = format!("{}#{attempt}", request.mail_id);
+            if first_delivery(&mut tx, DEFERRED_CONSUMER, &key).await? {
+                enqueue(&mut tx, topics::MAIL_DEFERRED, &event).await?;
+                store.commit(tx).await?;
+            }
+            Ok::<(), MailerError>(())
+        };
+        if let Err(e) = recorded.await {
+            tracing::warn!(mail_id = %request.mail_id, attempt, error = %e, "cannot record the deferred attempt");
+        }
     }
 
     /// The reaction to a dead-lettered `EmailRequested`: in one
