@@ -33,8 +33,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the whole system in one process until Ctrl-C: contact form,
-    /// mailer and notifications, over the embedded durable log.
+    /// Run the whole school in one process until Ctrl-C: enrollment,
+    /// anti-fraud, billing, payment metrics, contact form, mailer and
+    /// notifications, over the embedded durable log.
     Up(up::UpArgs),
     /// Watch the framework work: publish payments through a flaky handler
     /// with retries and dead letters, until Ctrl-C or `--events` settle.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use school_system::{SystemConfig, TransportKind};
+use school_system::{Settings, TransportKind};
 
 /// Which transport `eventos up` runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -17,34 +17,100 @@ pub(crate) enum TransportArg {
     Memory,
 }
 
-/// Options of `eventos up`.
+/// Which way enrollments are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ModeArg {
+    /// "Your payment is being processed": active only once the fraud check
+    /// passed and the charge was captured.
+    AwaitPayment,
+    /// Enrolled at once; suspended if the fraud check or the charge fails
+    /// later.
+    Optimistic,
+}
+
+/// Options of `eventos up`. Each flag overrides its environment variable,
+/// which overrides the config file, which overrides the default.
 #[derive(Debug, clap::Args)]
+#[command(after_long_help = CONFIG_HELP)]
 pub(crate) struct UpArgs {
-    /// Where the databases, the log and the mail files live.
-    #[arg(long, env = "EVENTOS_DATA_DIR", default_value = "eventos-data")]
-    data_dir: PathBuf,
-    /// The HTTP address to listen on.
-    #[arg(long, env = "EVENTOS_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
+    /// A TOML settings file with every knob (see below).
+    #[arg(long, env = "EVENTOS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the databases, the log and the mail files live
+    /// [default: eventos-data].
+    #[arg(long, env = "EVENTOS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The HTTP address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "EVENTOS_LISTEN")]
+    listen: Option<SocketAddr>,
     /// SMTP server for outgoing mail, e.g. smtp://127.0.0.1:2525. Without
     /// one, mail is written as .eml files into <data-dir>/mail/.
     #[arg(long, env = "EVENTOS_SMTP", value_parser = parse_smtp)]
     smtp: Option<String>,
     /// The transport: `log` (default, durable) or `memory` (the fastest
     /// queue; it loses queued work if the process dies).
-    #[arg(long, env = "EVENTOS_TRANSPORT", value_enum, default_value_t = TransportArg::Log)]
-    transport: TransportArg,
-    /// Where contact-form messages are mailed.
-    #[arg(
-        long,
-        env = "EVENTOS_SCHOOL_INBOX",
-        default_value = "admissions@school.example"
-    )]
-    school_inbox: String,
-    /// How long in-flight work may take to finish after Ctrl-C.
-    #[arg(long, env = "EVENTOS_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = crate::demo::parse_duration)]
-    shutdown_timeout: Duration,
+    #[arg(long, env = "EVENTOS_TRANSPORT", value_enum)]
+    transport: Option<TransportArg>,
+    /// How enrollments are answered [default: await-payment].
+    #[arg(long, env = "EVENTOS_MODE", value_enum)]
+    mode: Option<ModeArg>,
+    /// Where contact-form messages are mailed
+    /// [default: admissions@school.example].
+    #[arg(long, env = "EVENTOS_SCHOOL_INBOX")]
+    school_inbox: Option<String>,
+    /// How long in-flight work may take to finish after Ctrl-C
+    /// [default: 10s].
+    #[arg(long, env = "EVENTOS_SHUTDOWN_TIMEOUT", value_parser = crate::demo::parse_duration)]
+    shutdown_timeout: Option<Duration>,
 }
+
+const CONFIG_HELP: &str = "\
+Settings file (--config eventos.toml), every key optional, defaults shown:
+
+  data_dir = \"eventos-data\"
+  listen = \"127.0.0.1:8080\"
+  transport = \"log\"                 # or \"memory\"
+  # smtp = \"smtp://127.0.0.1:2525\"  # unset: .eml files in <data_dir>/mail
+  shutdown_timeout_secs = 10
+
+  [mail]
+  school_inbox = \"admissions@school.example\"
+  retry_base_ms = 1000              # retries: exponential, full jitter
+  retry_cap_ms = 60000
+  max_attempts = 6
+
+  [enrollment]
+  mode = \"await_payment\"            # or \"optimistic\"
+  # card_fingerprint_key = \"<64 hex digits>\"  # unset: generated once, kept
+                                    # in <data_dir>/card-fingerprint.key
+
+  [antifraud]
+  latency_ms = [1000, 2000]         # simulated, uniformly random
+  score_threshold = 70              # a score at or above it fails
+  bin_deny_list = [\"410000\"]
+  velocity_window_secs = 600
+  max_per_card = 3                  # submissions per card in the window
+  max_per_email = 5
+  amount_review_cents = 200000
+  amount_block_cents = 1000000
+  disposable_domains = [\"mailinator.com\", ...]
+
+  [billing]
+  retry_base_ms = 500
+  retry_cap_ms = 10000
+  max_attempts = 8
+  attempt_timeout_ms = 10000
+  gateway_latency_ms = [100, 300]   # the simulated gateway
+
+Environment: a top-level key is EVENTOS_<KEY> (EVENTOS_DATA_DIR, ...); a key
+in a section is EVENTOS_<SECTION>__<KEY>, e.g. EVENTOS_ANTIFRAUD__SCORE_THRESHOLD=80.
+
+Test cards of the simulated gateway (any future expiry, any CVV):
+  4242 4242 4242 4242  approved
+  4000 0000 0000 0002  declined
+  4000 0000 0000 9995  insufficient funds
+  4000 0000 0000 0119  gateway timeout twice, then approved
+  4100 0000 0000 0019  refused by anti-fraud (BIN on the deny list)";
 
 fn parse_smtp(url: &str) -> Result<String, String> {
     if url.starts_with("smtp://") || url.starts_with("smtps://") {
@@ -56,36 +122,75 @@ fn parse_smtp(url: &str) -> Result<String, String> {
     }
 }
 
+/// The settings: defaults, the file, `EVENTOS_<SECTION>__<KEY>`, then the
+/// flags (clap has already put their environment variables in them).
+fn settings(args: UpArgs) -> anyhow::Result<Settings> {
+    let mut s = Settings::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(v) = args.data_dir {
+        s.data_dir = v;
+    }
+    if let Some(v) = args.listen {
+        s.listen = v;
+    }
+    if let Some(v) = args.smtp {
+        s.smtp = Some(v);
+    }
+    if let Some(v) = args.transport {
+        s.transport = match v {
+            TransportArg::Log => TransportKind::Log,
+            TransportArg::Memory => TransportKind::Memory,
+        };
+    }
+    if let Some(v) = args.mode {
+        s.enrollment.mode = match v {
+            ModeArg::AwaitPayment => school_events::AcceptanceMode::AwaitPayment,
+            ModeArg::Optimistic => school_events::AcceptanceMode::Optimistic,
+        };
+    }
+    if let Some(v) = args.school_inbox {
+        s.mail.school_inbox = v;
+    }
+    if let Some(v) = args.shutdown_timeout {
+        s.shutdown_timeout_secs = v.as_secs().max(1);
+    }
+    Ok(s)
+}
+
 pub(crate) async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let mut config = SystemConfig::new(&args.data_dir);
-    config.listen = args.listen;
-    config.smtp = args.smtp.clone();
-    config.school_inbox = args.school_inbox;
-    config.shutdown_timeout = args.shutdown_timeout;
-    config.transport = match args.transport {
-        TransportArg::Log => TransportKind::Log,
-        TransportArg::Memory => TransportKind::Memory,
-    };
-    let system = school_system::start(config)
+    let settings = settings(args)?;
+    let data_dir = settings.data_dir.clone();
+    let smtp = settings.smtp.clone();
+    let transport = settings.transport.clone();
+    let mode = settings.enrollment.mode;
+    let system = school_system::start(settings.into_config())
         .await
-        .with_context(|| format!("cannot start the system in {}", args.data_dir.display()))?;
+        .with_context(|| format!("cannot start the system in {}", data_dir.display()))?;
     let base = format!("http://{}", system.addr());
     println!("eventos up: the school is running");
     println!(
         "  transport  {}",
-        match args.transport {
-            TransportArg::Log =>
-                format!("log (durable) in {}", args.data_dir.join("log").display()),
-            TransportArg::Memory => "memory (queued work is lost if the process dies)".into(),
+        match transport {
+            TransportKind::Log => format!("log (durable) in {}", data_dir.join("log").display()),
+            TransportKind::Memory => "memory (queued work is lost if the process dies)".into(),
         }
     );
     println!(
         "  mail       {}",
-        args.smtp.as_deref().map_or_else(
-            || format!(".eml files in {}", args.data_dir.join("mail").display()),
+        smtp.as_deref().map_or_else(
+            || format!(".eml files in {}", data_dir.join("mail").display()),
             |url| format!("SMTP {url}")
         )
     );
+    println!(
+        "  mode       {}",
+        match mode {
+            school_events::AcceptanceMode::AwaitPayment =>
+                "await_payment (active once the payment is captured)",
+            school_events::AcceptanceMode::Optimistic =>
+                "optimistic (enrolled at once, suspended if the payment fails)",
+        }
+    );
+    println!("  enrollments    POST {base}/enrollments   GET {base}/enrollments/{{id}}");
     println!("  contact        POST {base}/contact");
     println!("  notifications  GET  {base}/notifications?email=…");
     println!("  health         GET  {base}/healthz   {base}/readyz");

@@ -361,13 +361,26 @@ impl Contact {
         Ok(())
     }
 
+    /// Only the message's own mail is followed; the notice to the student
+    /// about it (same `about`) is the notifier's.
+    fn is_ours(mail_id: &str, about: &str) -> bool {
+        mail_id.strip_prefix("contact-") == Some(about)
+    }
+
     async fn on_sent(&self, e: EmailSent, msg: Message) -> Result<(), HandlerError> {
+        if !Self::is_ours(&e.mail_id, &e.about) {
+            return Ok(());
+        }
         self.record(&msg, &e.about, Some("sent"), e.attempt, None)
             .await
     }
 
     async fn on_deferred(&self, e: EmailDeferred, msg: Message) -> Result<(), HandlerError> {
-        self.record(&msg, &e.about, None, e.attempt, Some(&e.error))
+        if !Self::is_ours(&e.mail_id, &e.about) {
+            return Ok(());
+        }
+        let detail = format!("{}; retrying within {} ms", e.error, e.retry_within_ms);
+        self.record(&msg, &e.about, None, e.attempt, Some(&detail))
             .await
     }
 
@@ -375,8 +388,7 @@ impl Contact {
         if e.purpose != MailPurpose::ContactMessage {
             return Ok(());
         }
-        let detail = format!("{} after {} attempts", e.reason, e.attempts);
-        self.record(&msg, &e.about, Some("failed"), e.attempts, Some(&detail))
+        self.record(&msg, &e.about, Some("failed"), e.attempts, Some(&e.reason))
             .await
     }
 }

@@ -632,7 +632,13 @@ impl Enrollment {
             route(self, topics::MAIL_DEFERRED, |e: &EmailDeferred| {
                 (
                     e.about.clone(),
-                    Effect::Mail(e.attempt, Some(format!("{}: {}", e.mail_id, e.error))),
+                    Effect::Mail(
+                        e.attempt,
+                        Some(format!(
+                            "{}: {}; retrying within {} ms",
+                            e.mail_id, e.error, e.retry_within_ms
+                        )),
+                    ),
                 )
             }),
             route(self, topics::MAIL_FAILURES, |e: &EmailFailed| {

@@ -110,7 +110,14 @@ async fn malformed_input_gets_its_documented_problem_and_never_a_500() {
     let json = Some("application/json");
     let mut unknown = good.clone();
     unknown["payment"]["pin"] = serde_json::json!("1234");
-    type Case<'a> = (&'a str, String, Option<&'a str>, StatusCode, &'a str, Option<&'a str>);
+    type Case<'a> = (
+        &'a str,
+        String,
+        Option<&'a str>,
+        StatusCode,
+        &'a str,
+        Option<&'a str>,
+    );
     let cases: Vec<Case<'_>> = vec![
         (
             "bad json",

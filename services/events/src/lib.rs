@@ -143,6 +143,10 @@ pub struct EmailDeferred {
     pub attempt: u32,
     /// Why it failed (the server's answer or the connection error).
     pub error: String,
+    /// The next attempt comes within this many milliseconds (the retry
+    /// policy's ceiling for this attempt; the actual pause is jittered
+    /// below it). It grows with each attempt, up to the policy's cap.
+    pub retry_within_ms: u64,
 }
 
 impl TypedEvent for EmailDeferred {

@@ -113,6 +113,7 @@ pub fn default_backoff() -> Backoff {
 pub fn route(mailer: Mailer, policy: Backoff) -> Route {
     let attempt_timeout = mailer.config().attempt_timeout;
     let max_attempts = policy.max_attempts();
+    let ceiling = policy;
     let hook = mailer.clone();
     Route::new(
         topics::MAIL_REQUESTS,
@@ -127,7 +128,9 @@ pub fn route(mailer: Mailer, policy: Backoff) -> Route {
                         // The last attempt is reported by the dead-letter
                         // hook as `EmailFailed`, not as deferred.
                         if e.is_transient() && attempt < max_attempts {
-                            mailer.defer(&request, attempt, &e).await;
+                            mailer
+                                .defer(&request, attempt, &e, ceiling.ceiling(attempt))
+                                .await;
                         }
                         Err(e.into())
                     }

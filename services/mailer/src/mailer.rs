@@ -218,13 +218,20 @@ impl Mailer {
     /// follows the mail sees each try and the growing pauses between them.
     /// A failure to record is logged and otherwise ignored: the retry itself
     /// does not depend on it.
-    pub async fn defer(&self, request: &EmailRequested, attempt: u32, error: &MailerError) {
+    pub async fn defer(
+        &self,
+        request: &EmailRequested,
+        attempt: u32,
+        error: &MailerError,
+        retry_within: std::time::Duration,
+    ) {
         let recorded = async {
             let event = self.inner.bus.event(&EmailDeferred {
                 mail_id: request.mail_id.clone(),
                 about: request.about.clone(),
                 attempt,
                 error: error.to_string(),
+                retry_within_ms: u64::try_from(retry_within.as_millis()).unwrap_or(u64::MAX),
             })?;
             let store = &self.inner.store;
             let mut tx = store.begin().await?;

@@ -1,11 +1,18 @@
 //! The reference system, wired: every service of the school in one process
-//! over one transport, behind one HTTP listener.
+//! over one transport, behind one HTTP listener — enrollment, anti-fraud,
+//! billing (with its simulated gateway), payment metrics, contact form,
+//! mailer and notifier.
 //!
 //! This is the one place that names a concrete transport (invariant 7):
 //! the embedded durable log by default, or the in-memory transport. Each
 //! service keeps its own SQLite database in the data directory and its own
 //! outbox relay; the router runs every service's routes; axum serves every
-//! service's endpoints plus `/healthz`, `/readyz` and `/metrics`.
+//! service's endpoints plus `/healthz`, `/readyz` and `/metrics` (the
+//! process's own metrics followed by the payment metrics, which the metrics
+//! service keeps in its database so they survive restarts).
+//!
+//! [`Settings`] is the settings file (`eventos.toml`) with its
+//! `EVENTOS_*` overrides.
 //!
 //! Shutdown runs in dependency order: stop accepting HTTP requests, drain
 //! the router (in-flight deliveries finish and settle), stop the relays,
@@ -17,19 +24,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+mod settings;
+
+pub use settings::{MailSettings, Settings, SettingsError};
+
 use anyhow::Context as _;
 use axum::http::StatusCode;
 use axum::routing::get;
 use eventos::{Route, Router, Transport};
 use eventos_outbox::{Relay, Store};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use school_antifraud::{Antifraud, AntifraudConfig};
+use school_billing::{Billing, BillingConfig, SimulatedGateway};
 use school_contact::{Contact, ContactConfig};
+use school_enrollment::{Enrollment, EnrollmentConfig, FingerprintKey};
+use school_metrics::Metrics;
 use school_notifier::Notifier;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// Which transport carries the events.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TransportKind {
     /// The embedded durable log in `<data-dir>/log` (the default).
     Log,
@@ -55,6 +71,12 @@ pub struct SystemConfig {
     pub smtp: Option<String>,
     /// The mailer's retry policy.
     pub mail_retry: eventos::Backoff,
+    /// The enrollment service.
+    pub enrollment: EnrollmentConfig,
+    /// The anti-fraud service.
+    pub antifraud: AntifraudConfig,
+    /// The billing service and its simulated gateway.
+    pub billing: BillingConfig,
 }
 
 impl SystemConfig {
@@ -68,6 +90,9 @@ impl SystemConfig {
             shutdown_timeout: Duration::from_secs(10),
             smtp: None,
             mail_retry: school_mailer::default_backoff(),
+            enrollment: EnrollmentConfig::default(),
+            antifraud: AntifraudConfig::default(),
+            billing: BillingConfig::default(),
         }
     }
 }
@@ -145,6 +170,38 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
         }
     };
     let open = |name: &str| config.data_dir.join(format!("{name}.db"));
+    let store = |name: &'static str| {
+        let path = open(name);
+        async move {
+            Store::open(&path)
+                .await
+                .with_context(|| format!("opening the {name} database {}", path.display()))
+        }
+    };
+    let key = match &config.enrollment.card_fingerprint_key {
+        Some(hex) => FingerprintKey::from_hex(hex)
+            .context("the [enrollment] card_fingerprint_key setting")?,
+        None => FingerprintKey::load_or_create(&config.data_dir.join("card-fingerprint.key"))?,
+    };
+    let enrollment = Enrollment::new(store("enrollment").await?, key, config.enrollment.mode)
+        .await
+        .context("migrating the enrollment database")?;
+    let antifraud = Antifraud::new(store("antifraud").await?, config.antifraud.clone())
+        .await
+        .context("migrating the antifraud database")?;
+    let gateway = SimulatedGateway::open(&open("gateway"), config.billing.gateway_latency_ms)
+        .await
+        .context("opening the simulated payment gateway's ledger")?;
+    let billing = Billing::new(
+        store("billing").await?,
+        Arc::new(gateway),
+        config.billing.clone(),
+    )
+    .await
+    .context("migrating the billing database")?;
+    let payment_metrics = Metrics::new(store("metrics").await?)
+        .await
+        .context("migrating the metrics database")?;
     let contact = Contact::new(
         Store::open(&open("contact"))
             .await
@@ -173,13 +230,21 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
     .context("starting the mailer")?;
 
     let stores: Vec<Store> = vec![
+        enrollment.store().clone(),
+        antifraud.store().clone(),
+        billing.store().clone(),
+        payment_metrics.store().clone(),
         contact.store().clone(),
         notifier.store().clone(),
         mailer.store().clone(),
     ];
-    let routes: Vec<Route> = contact
+    let routes: Vec<Route> = enrollment
         .routes()
         .into_iter()
+        .chain(antifraud.routes())
+        .chain(billing.routes())
+        .chain(payment_metrics.routes())
+        .chain(contact.routes())
         .chain(notifier.routes())
         .chain([school_mailer::route(mailer, config.mail_retry)])
         .collect();
@@ -199,6 +264,7 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
 
     let ready = Arc::new(AtomicBool::new(true));
     let app = axum::Router::new()
+        .merge(enrollment.http())
         .merge(contact.http())
         .merge(notifier.http())
         .route("/healthz", get(|| async { "ok\n" }))
@@ -219,7 +285,15 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
             "/metrics",
             get(move || {
                 let metrics = metrics.clone();
-                async move { metrics.render() }
+                let payment_metrics = payment_metrics.clone();
+                async move {
+                    let mut text = metrics.render();
+                    match payment_metrics.render().await {
+                        Ok(payments) => text.push_str(&payments),
+                        Err(e) => tracing::warn!(error = %e, "cannot read the payment metrics"),
+                    }
+                    text
+                }
             }),
         )
         .fallback(school_http::not_found);

@@ -101,10 +101,20 @@ async fn smtp_down_is_retried_and_delivered_when_it_is_back() {
     smtp.wait_for_rejected(2, Duration::from_secs(10)).await;
     smtp.set_mode(Mode::Accept);
     let view = status_becomes(&base, &id, "sent").await;
-    assert!(
-        view["timeline"][1]["attempt"].as_u64().unwrap() >= 3,
-        "{view}"
-    );
+    let timeline = view["timeline"].as_array().unwrap();
+    let sent = timeline.last().unwrap();
+    assert_eq!(sent["type"], "school.mail.email_sent.v1", "{view}");
+    assert!(sent["attempt"].as_u64().unwrap() >= 3, "{view}");
+    // Each refused try is in the timeline, in order, with its error.
+    let deferred: Vec<_> = timeline
+        .iter()
+        .filter(|e| e["type"] == "school.mail.email_deferred.v1")
+        .collect();
+    assert!(deferred.len() >= 2, "{view}");
+    for (i, e) in deferred.iter().enumerate() {
+        assert_eq!(e["attempt"].as_u64().unwrap(), i as u64 + 1, "{view}");
+        assert!(e["detail"].as_str().unwrap().contains("451"), "{view}");
+    }
     assert_eq!(smtp.messages().len(), 1);
     assert!(
         notifications(&base).await.is_empty(),
@@ -148,5 +158,71 @@ async fn mail_that_finally_fails_is_told_to_the_student() {
     assert_eq!(list[1]["kind"], "notice_failed");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(notifications(&base).await.len(), 2);
+    system.shutdown().await.unwrap();
+}
+
+fn ms(time: &serde_json::Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(time.as_str().unwrap())
+        .unwrap()
+        .timestamp_millis()
+}
+
+#[tokio::test]
+async fn smtp_down_throughout_shows_growing_retries_then_the_notification() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut smtp = SmtpServer::start();
+    smtp.stop();
+    let system = system(dir.path(), &smtp).await;
+    let base = format!("http://{}", system.addr());
+    let id = submit(&base).await;
+    let view = status_becomes(&base, &id, "failed").await;
+    let timeline = view["timeline"].as_array().unwrap();
+    let deferred: Vec<_> = timeline
+        .iter()
+        .filter(|e| e["type"] == "school.mail.email_deferred.v1")
+        .collect();
+    // Five attempts: four deferred (each with its retry window), then the
+    // failure.
+    assert_eq!(deferred.len(), 4, "{view:#}");
+    let windows: Vec<u64> = deferred
+        .iter()
+        .map(|e| {
+            let detail = e["detail"].as_str().unwrap();
+            assert!(
+                detail.contains("connection")
+                    || detail.contains("refused")
+                    || detail.contains("smtp"),
+                "{detail}"
+            );
+            let within = detail.rsplit("retrying within ").next().unwrap();
+            within.trim_end_matches(" ms").parse().unwrap()
+        })
+        .collect();
+    assert_eq!(windows, vec![100, 200, 400, 400], "{view:#}");
+    // Every actual pause stayed inside the window announced before it
+    // (plus scheduling slack).
+    for pair in deferred.windows(2) {
+        let gap = ms(&pair[1]["time"]) - ms(&pair[0]["time"]);
+        let window = windows[pair[0]["attempt"].as_u64().unwrap() as usize - 1];
+        assert!(
+            gap <= window as i64 + 1500,
+            "gap {gap} ms > window {window} ms: {view:#}"
+        );
+    }
+    let failed = timeline.last().unwrap();
+    assert_eq!(failed["type"], "school.mail.email_failed.v1", "{view:#}");
+    assert_eq!(failed["attempt"], 5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = notifications(&base).await;
+        if list.iter().any(|n| n["kind"] == "contact_message_failed") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no notification: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     system.shutdown().await.unwrap();
 }

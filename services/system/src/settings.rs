@@ -1,0 +1,223 @@
+//! The settings file: every knob of the system in one TOML file, each
+//! overridable by an `EVENTOS_*` environment variable.
+//!
+//! Precedence, lowest first: built-in defaults, the file, environment
+//! variables, command-line flags. Top-level keys map to `EVENTOS_<KEY>`
+//! (read by the command line, e.g. `EVENTOS_DATA_DIR`); keys in a section
+//! map to `EVENTOS_<SECTION>__<KEY>` (e.g.
+//! `EVENTOS_ANTIFRAUD__SCORE_THRESHOLD=80`). Unknown keys are errors that
+//! name the key, so a typo cannot silently leave a default in place.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format as _, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::{SystemConfig, TransportKind};
+
+/// The mailer's retry policy (`[mail]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MailSettings {
+    /// Where contact-form messages are mailed.
+    pub school_inbox: String,
+    /// Upper bound of the first retry's delay, ms.
+    pub retry_base_ms: u64,
+    /// Cap of any retry's delay, ms.
+    pub retry_cap_ms: u64,
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+}
+
+impl Default for MailSettings {
+    fn default() -> Self {
+        Self {
+            school_inbox: school_contact::ContactConfig::default().school_inbox,
+            retry_base_ms: 1_000,
+            retry_cap_ms: 60_000,
+            max_attempts: 6,
+        }
+    }
+}
+
+/// Everything `eventos up` can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Where the databases, the log and the mail files live.
+    pub data_dir: PathBuf,
+    /// The HTTP address.
+    pub listen: SocketAddr,
+    /// `log` (durable, the default) or `memory`.
+    pub transport: TransportKind,
+    /// SMTP server URL; without one, mail is written as `.eml` files.
+    pub smtp: Option<String>,
+    /// How long in-flight work may take to finish on shutdown, seconds.
+    pub shutdown_timeout_secs: u64,
+    /// The mailer.
+    pub mail: MailSettings,
+    /// The enrollment service.
+    pub enrollment: school_enrollment::EnrollmentConfig,
+    /// The anti-fraud service.
+    pub antifraud: school_antifraud::AntifraudConfig,
+    /// The billing service and its simulated gateway.
+    pub billing: school_billing::BillingConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("eventos-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            transport: TransportKind::Log,
+            smtp: None,
+            shutdown_timeout_secs: 10,
+            mail: MailSettings::default(),
+            enrollment: school_enrollment::EnrollmentConfig::default(),
+            antifraud: school_antifraud::AntifraudConfig::default(),
+            billing: school_billing::BillingConfig::default(),
+        }
+    }
+}
+
+/// Why the settings could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SettingsError(String);
+
+impl Settings {
+    /// Defaults, then `file` (if given), then `EVENTOS_<SECTION>__<KEY>`
+    /// variables from `env` (pass `std::env::vars()`).
+    ///
+    /// # Errors
+    ///
+    /// A missing or unreadable file, bad TOML, an unknown key or a value of
+    /// the wrong type — the message names the file or variable and the key.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(SettingsError(format!(
+                    "config file {} does not exist; check the path given to --config",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // Only sectioned keys: the top-level ones are the command line's
+        // (and EVENTOS_* is shared with unrelated variables).
+        let nested: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("EVENTOS_") && k.contains("__"))
+            .collect();
+        for (key, value) in nested {
+            let path = key["EVENTOS_".len()..]
+                .to_ascii_lowercase()
+                .replace("__", ".");
+            let parsed: figment::value::Value = value
+                .parse()
+                .unwrap_or_else(|_| figment::value::Value::from(value.clone()));
+            figment = figment.merge(Serialized::global(&path, parsed));
+        }
+        figment.extract().map_err(|e| SettingsError(one_line(&e)))
+    }
+
+    /// The runtime configuration these settings describe.
+    pub fn into_config(self) -> SystemConfig {
+        let mut config = SystemConfig::new(&self.data_dir);
+        config.listen = self.listen;
+        config.transport = self.transport;
+        config.smtp = self.smtp;
+        config.school_inbox = self.mail.school_inbox;
+        config.shutdown_timeout = Duration::from_secs(self.shutdown_timeout_secs);
+        config.mail_retry = eventos::Backoff::new(
+            Duration::from_millis(self.mail.retry_base_ms),
+            Duration::from_millis(self.mail.retry_cap_ms),
+            self.mail.max_attempts,
+        );
+        config.enrollment = self.enrollment;
+        config.antifraud = self.antifraud;
+        config.billing = self.billing;
+        config
+    }
+}
+
+fn one_line(e: &figment::Error) -> String {
+    let mut out = Vec::new();
+    for e in e.clone() {
+        let mut line = String::new();
+        if !e.path.is_empty() {
+            line.push_str(&format!("`{}`: ", e.path.join(".")));
+        }
+        line.push_str(&e.kind.to_string());
+        if let Some(source) = e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+            line.push_str(&format!(" (in {source})"));
+        } else if let Some(m) = &e.metadata {
+            line.push_str(&format!(" (from {})", m.name));
+        }
+        out.push(line);
+    }
+    format!("invalid settings: {}", out.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eventos.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn defaults_then_file_then_environment() {
+        let (_d, path) = file(
+            "listen = \"127.0.0.1:9000\"\n[enrollment]\nmode = \"optimistic\"\n[antifraud]\nscore_threshold = 50\n",
+        );
+        let env = [
+            ("EVENTOS_ANTIFRAUD__SCORE_THRESHOLD".into(), "90".into()),
+            ("EVENTOS_MAIL__MAX_ATTEMPTS".into(), "3".into()),
+            // Unrelated variables with the prefix are not settings.
+            ("EVENTOS_CI".into(), "1".into()),
+        ];
+        let s = Settings::load(Some(&path), env).unwrap();
+        assert_eq!(s.listen.port(), 9000);
+        assert_eq!(s.enrollment.mode, school_events::AcceptanceMode::Optimistic);
+        assert_eq!(s.antifraud.score_threshold, 90);
+        assert_eq!(s.mail.max_attempts, 3);
+        assert_eq!(s.data_dir, PathBuf::from("eventos-data"));
+        assert_eq!(s.into_config().mail_retry.max_attempts(), 3);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let (_d, path) = file("[antifraud]\nscore_treshold = 50\n");
+        let e = Settings::load(Some(&path), []).unwrap_err().to_string();
+        assert!(
+            e.contains("score_treshold") && e.contains("eventos.toml"),
+            "{e}"
+        );
+        let (_d, path) = file("[enrollment]\nmode = \"sometimes\"\n");
+        let e = Settings::load(Some(&path), []).unwrap_err().to_string();
+        assert!(e.contains("mode") && e.contains("sometimes"), "{e}");
+        let e = Settings::load(Some(Path::new("/nope/eventos.toml")), [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        let e = Settings::load(
+            None,
+            [("EVENTOS_BILLING__MAX_ATTEMPTS".into(), "many".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("max_attempts"), "{e}");
+    }
+}
