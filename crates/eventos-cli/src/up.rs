@@ -156,6 +156,16 @@ fn settings(args: UpArgs) -> anyhow::Result<Settings> {
     Ok(s)
 }
 
+/// Prints a status line. A closed stdout (the reader went away) must not
+/// stop the system, least of all in the middle of a drain, so write errors
+/// are ignored where `println!` would panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub(crate) async fn up(args: UpArgs) -> anyhow::Result<()> {
     let settings = settings(args)?;
     let data_dir = settings.data_dir.clone();
@@ -166,22 +176,22 @@ pub(crate) async fn up(args: UpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot start the system in {}", data_dir.display()))?;
     let base = format!("http://{}", system.addr());
-    println!("eventos up: the school is running");
-    println!(
+    say!("eventos up: the school is running");
+    say!(
         "  transport  {}",
         match transport {
             TransportKind::Log => format!("log (durable) in {}", data_dir.join("log").display()),
             TransportKind::Memory => "memory (queued work is lost if the process dies)".into(),
         }
     );
-    println!(
+    say!(
         "  mail       {}",
         smtp.as_deref().map_or_else(
             || format!(".eml files in {}", data_dir.join("mail").display()),
             |url| format!("SMTP {url}")
         )
     );
-    println!(
+    say!(
         "  mode       {}",
         match mode {
             school_events::AcceptanceMode::AwaitPayment =>
@@ -190,15 +200,15 @@ pub(crate) async fn up(args: UpArgs) -> anyhow::Result<()> {
                 "optimistic (enrolled at once, suspended if the payment fails)",
         }
     );
-    println!("  enrollments    POST {base}/enrollments   GET {base}/enrollments/{{id}}");
-    println!("  contact        POST {base}/contact");
-    println!("  notifications  GET  {base}/notifications?email=…");
-    println!("  health         GET  {base}/healthz   {base}/readyz");
-    println!("  metrics        GET  {base}/metrics");
-    println!("Ctrl-C drains in-flight work and stops.");
+    say!("  enrollments    POST {base}/enrollments   GET {base}/enrollments/{{id}}");
+    say!("  contact        POST {base}/contact");
+    say!("  notifications  GET  {base}/notifications?email=…");
+    say!("  health         GET  {base}/healthz   {base}/readyz");
+    say!("  metrics        GET  {base}/metrics");
+    say!("Ctrl-C drains in-flight work and stops.");
     eventos::shutdown_signal().await;
-    println!("shutting down: draining in-flight work");
+    say!("shutting down: draining in-flight work");
     system.shutdown().await?;
-    println!("stopped");
+    say!("stopped");
     Ok(())
 }
