@@ -97,7 +97,8 @@ fn up(dir: &Path, port: u16, smtp: &str, config: &Path, log: &Path) -> Child {
             return child;
         }
     }
-    panic!("eventos up exited before serving");
+    let status = child.wait().unwrap();
+    panic!("eventos up exited before serving ({status})");
 }
 
 fn body(i: usize) -> serde_json::Value {
