@@ -212,3 +212,29 @@ pub(crate) async fn up(args: UpArgs) -> anyhow::Result<()> {
     say!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The settings shown in `--help` are the real defaults: the example
+    /// block parses as a settings file and changes nothing.
+    #[test]
+    fn the_help_shows_the_defaults() {
+        let block: String = CONFIG_HELP
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("data_dir"))
+            .take_while(|l| !l.starts_with("Environment"))
+            .filter(|l| !l.contains("..."))
+            .map(|l| format!("{}\n", l.split(" #").next().unwrap_or_default()))
+            .collect();
+        let dir = std::env::temp_dir().join(format!("eventos-help-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("eventos.toml");
+        std::fs::write(&file, &block).unwrap();
+        let shown = Settings::load(Some(&file), []).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(shown, Settings::default(), "{block}");
+        assert!(block.contains("[antifraud]") && block.contains("gateway_latency_ms"));
+    }
+}

@@ -916,7 +916,8 @@ impl Enrollment {
                 .transient()?;
             }
             if let Some(next) = transition(row.mode, &row.status, verdict) {
-                let reason = entry.detail.as_deref();
+                // Only a refusal has a reason to show.
+                let reason = entry.detail.as_deref().filter(|_| next != "active");
                 sqlx::query(
                     "UPDATE enrollments SET status = ?, reason = ?, updated_ms = ? WHERE id = ? AND status = ?",
                 )

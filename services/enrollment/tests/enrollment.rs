@@ -504,6 +504,7 @@ async fn the_card_is_tokenized_and_a_capture_activates_once() {
         .unwrap();
     let view = wait_for(&service, &accepted.id, "active").await;
     assert_eq!(view.payment.status, "captured");
+    assert_eq!(view.reason, None, "an activation has no reason");
     assert_eq!(view.payment.card_last4, "4242");
     let kinds: Vec<_> = view.timeline.iter().map(|t| t.kind.as_str()).collect();
     assert_eq!(
