@@ -130,3 +130,53 @@ async fn contact_round_trip_over_http_survives_a_restart() {
     assert_eq!(eml, 1, "one mail, however many restarts");
     system.shutdown().await.unwrap();
 }
+
+/// The memory transport runs the same system: an approved enrollment ends
+/// active and its welcome mail is written as an `.eml` file.
+#[tokio::test]
+async fn enrollment_works_on_the_memory_transport_with_eml_mail() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SystemConfig::new(dir.path());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.transport = TransportKind::Memory;
+    config.antifraud.latency_ms = [0, 0];
+    config.billing.gateway_latency_ms = [0, 0];
+    let system = start(config).await.unwrap();
+    let base = format!("http://{}", system.addr());
+    let http = reqwest::Client::new();
+    let accepted: serde_json::Value = http
+        .post(format!("{base}/enrollments"))
+        .json(&serde_json::json!({
+            "student": {"name": "Ana Lima", "email": "ana@example.com"},
+            "course_id": "rust-101",
+            "payment": {"card_number": "4242424242424242", "expiry": "12/30", "cvv": "123",
+                        "holder": "Ana Lima", "amount_cents": 100, "currency": "EUR"}
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = accepted["id"].as_str().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let welcome = dir.path().join("mail").join(format!("welcome-{id}.eml"));
+    loop {
+        let view: serde_json::Value = http
+            .get(format!("{base}/enrollments/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if view["status"] == "active" && welcome.exists() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mail = std::fs::read_to_string(&welcome).unwrap();
+    assert!(mail.contains("Subject: Welcome to rust-101"), "{mail}");
+    system.shutdown().await.unwrap();
+}
