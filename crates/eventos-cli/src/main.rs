@@ -37,6 +37,10 @@ enum Command {
     /// anti-fraud, billing, payment metrics, contact form, mailer and
     /// notifications, over the embedded durable log.
     Up(up::UpArgs),
+    /// Run some of the school's services in this process, e.g. the HTTP
+    /// services here and the workers in other processes over RabbitMQ:
+    /// `eventos serve --transport amqp://… --services enrollment,contact`.
+    Serve(up::ServeArgs),
     /// Watch the framework work: publish payments through a flaky handler
     /// with retries and dead letters, until Ctrl-C or `--events` settle.
     Demo(demo::DemoArgs),
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Up(args) => up::up(args).await,
+            Command::Serve(args) => up::serve(args).await,
             Command::Demo(args) => demo::run(args).await,
             // Plain file reads; the runtime is not needed.
             Command::Log(args) => log::run(args),

@@ -5,17 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use school_system::{Settings, TransportKind};
-
-/// Which transport `eventos up` runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum TransportArg {
-    /// The embedded durable log in <data-dir>/log: nothing accepted is lost.
-    Log,
-    /// In memory: the fastest queue, but work still queued is lost if the
-    /// process dies.
-    Memory,
-}
+use school_system::{Service, Services, Settings, TransportKind};
 
 /// Which way enrollments are answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -47,10 +37,13 @@ pub(crate) struct UpArgs {
     /// one, mail is written as .eml files into <data-dir>/mail/.
     #[arg(long, env = "EVENTOS_SMTP", value_parser = parse_smtp)]
     smtp: Option<String>,
-    /// The transport: `log` (default, durable) or `memory` (the fastest
-    /// queue; it loses queued work if the process dies).
-    #[arg(long, env = "EVENTOS_TRANSPORT", value_enum)]
-    transport: Option<TransportArg>,
+    /// The transport: `log` (default: the embedded durable log, one
+    /// process), `memory` (the fastest queue; it loses queued work if the
+    /// process dies), or a RabbitMQ URL such as
+    /// amqp://guest:guest@127.0.0.1:5672/%2f (services may then run in
+    /// several processes: see `eventos serve`).
+    #[arg(long, env = "EVENTOS_TRANSPORT", value_parser = parse_transport)]
+    transport: Option<TransportKind>,
     /// How enrollments are answered [default: await-payment].
     #[arg(long, env = "EVENTOS_MODE", value_enum)]
     mode: Option<ModeArg>,
@@ -69,7 +62,7 @@ Settings file (--config eventos.toml), every key optional, defaults shown:
 
   data_dir = \"eventos-data\"
   listen = \"127.0.0.1:8080\"
-  transport = \"log\"                 # or \"memory\"
+  transport = \"log\"                 # or \"memory\", or \"amqp://user:pass@host:5672/%2f\"
   # smtp = \"smtp://127.0.0.1:2525\"  # unset: .eml files in <data_dir>/mail
   shutdown_timeout_secs = 10
 
@@ -112,6 +105,10 @@ Test cards of the simulated gateway (any future expiry, any CVV):
   4000 0000 0000 0119  gateway timeout twice, then approved
   4100 0000 0000 0019  refused by anti-fraud (BIN on the deny list)";
 
+fn parse_transport(s: &str) -> Result<TransportKind, String> {
+    s.parse()
+}
+
 fn parse_smtp(url: &str) -> Result<String, String> {
     if url.starts_with("smtp://") || url.starts_with("smtps://") {
         Ok(url.to_owned())
@@ -136,10 +133,7 @@ fn settings(args: UpArgs) -> anyhow::Result<Settings> {
         s.smtp = Some(v);
     }
     if let Some(v) = args.transport {
-        s.transport = match v {
-            TransportArg::Log => TransportKind::Log,
-            TransportArg::Memory => TransportKind::Memory,
-        };
+        s.transport = v;
     }
     if let Some(v) = args.mode {
         s.enrollment.mode = match v {
@@ -166,43 +160,83 @@ macro_rules! say {
     }};
 }
 
+/// Options of `eventos serve`: those of `up`, and which services to run.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeArgs {
+    /// The services this process runs, comma-separated: enrollment,
+    /// antifraud, billing, metrics, contact, mailer, notifier (or all).
+    /// Over RabbitMQ, processes running the same service share its work.
+    #[arg(long, env = "EVENTOS_SERVICES", value_parser = parse_services)]
+    services: Services,
+    #[command(flatten)]
+    up: UpArgs,
+}
+
+fn parse_services(s: &str) -> Result<Services, String> {
+    s.parse()
+}
+
 pub(crate) async fn up(args: UpArgs) -> anyhow::Result<()> {
+    run("eventos up: the school is running", args, Services::all()).await
+}
+
+pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    run(
+        &format!("eventos serve: running {}", args.services),
+        args.up,
+        args.services,
+    )
+    .await
+}
+
+async fn run(title: &str, args: UpArgs, services: Services) -> anyhow::Result<()> {
     let settings = settings(args)?;
     let data_dir = settings.data_dir.clone();
     let smtp = settings.smtp.clone();
     let transport = settings.transport.clone();
     let mode = settings.enrollment.mode;
-    let system = school_system::start(settings.into_config())
+    let mut config = settings.into_config();
+    config.services = services.clone();
+    let system = school_system::start(config)
         .await
         .with_context(|| format!("cannot start the system in {}", data_dir.display()))?;
     let base = format!("http://{}", system.addr());
-    say!("eventos up: the school is running");
+    say!("{title}");
     say!(
         "  transport  {}",
-        match transport {
+        match &transport {
             TransportKind::Log => format!("log (durable) in {}", data_dir.join("log").display()),
             TransportKind::Memory => "memory (queued work is lost if the process dies)".into(),
+            TransportKind::Amqp(_) => format!("RabbitMQ {}", transport.describe()),
         }
     );
-    say!(
-        "  mail       {}",
-        smtp.as_deref().map_or_else(
-            || format!(".eml files in {}", data_dir.join("mail").display()),
-            |url| format!("SMTP {url}")
-        )
-    );
-    say!(
-        "  mode       {}",
-        match mode {
-            school_events::AcceptanceMode::AwaitPayment =>
-                "await_payment (active once the payment is captured)",
-            school_events::AcceptanceMode::Optimistic =>
-                "optimistic (enrolled at once, suspended if the payment fails)",
-        }
-    );
-    say!("  enrollments    POST {base}/enrollments   GET {base}/enrollments/{{id}}");
-    say!("  contact        POST {base}/contact");
-    say!("  notifications  GET  {base}/notifications?email=…");
+    if services.contains(Service::Mailer) {
+        say!(
+            "  mail       {}",
+            smtp.as_deref().map_or_else(
+                || format!(".eml files in {}", data_dir.join("mail").display()),
+                |url| format!("SMTP {url}")
+            )
+        );
+    }
+    if services.contains(Service::Enrollment) {
+        say!(
+            "  mode       {}",
+            match mode {
+                school_events::AcceptanceMode::AwaitPayment =>
+                    "await_payment (active once the payment is captured)",
+                school_events::AcceptanceMode::Optimistic =>
+                    "optimistic (enrolled at once, suspended if the payment fails)",
+            }
+        );
+        say!("  enrollments    POST {base}/enrollments   GET {base}/enrollments/{{id}}");
+    }
+    if services.contains(Service::Contact) {
+        say!("  contact        POST {base}/contact");
+    }
+    if services.contains(Service::Notifier) {
+        say!("  notifications  GET  {base}/notifications?email=…");
+    }
     say!("  health         GET  {base}/healthz   {base}/readyz");
     say!("  metrics        GET  {base}/metrics");
     say!("Ctrl-C drains in-flight work and stops.");

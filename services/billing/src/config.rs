@@ -32,6 +32,11 @@ pub struct BillingConfig {
     /// The simulated gateway's latency, drawn uniformly from this range,
     /// ms (default `[100, 300]`).
     pub gateway_latency_ms: [u64; 2],
+    /// Where the simulated gateway keeps its ledger. Unset: `gateway.db` in
+    /// the data directory. Billing workers in several processes share one
+    /// file, as they would share one real gateway: its idempotency keys
+    /// are what keeps a charge single across them.
+    pub gateway_ledger: Option<std::path::PathBuf>,
 }
 
 impl Default for BillingConfig {
@@ -42,6 +47,7 @@ impl Default for BillingConfig {
             max_attempts: 8,
             attempt_timeout_ms: 10_000,
             gateway_latency_ms: [100, 300],
+            gateway_ledger: None,
         }
     }
 }

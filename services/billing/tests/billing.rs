@@ -86,6 +86,7 @@ fn fast() -> BillingConfig {
         max_attempts: 4,
         attempt_timeout_ms: 5_000,
         gateway_latency_ms: [0, 0],
+        gateway_ledger: None,
     }
 }
 

@@ -24,8 +24,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+mod services;
 mod settings;
 
+pub use services::{Service, Services};
 pub use settings::{MailSettings, Settings, SettingsError};
 
 use anyhow::Context as _;
@@ -45,12 +47,80 @@ use tokio_util::sync::CancellationToken;
 
 /// Which transport carries the events.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String", into = "String")]
 pub enum TransportKind {
     /// The embedded durable log in `<data-dir>/log` (the default).
     Log,
     /// In memory: the fastest, and queued work is lost if the process dies.
     Memory,
+    /// RabbitMQ at this `amqp://` URL: services may run in several
+    /// processes, each with its own data directory.
+    Amqp(String),
+}
+
+impl TransportKind {
+    /// Whether every service must run in this one process (the log and
+    /// memory transports are local to it).
+    pub fn is_local(&self) -> bool {
+        matches!(self, TransportKind::Log | TransportKind::Memory)
+    }
+
+    /// How it is shown to people: without the URL's password.
+    pub fn describe(&self) -> String {
+        match self {
+            TransportKind::Log => "log".into(),
+            TransportKind::Memory => "memory".into(),
+            TransportKind::Amqp(url) => redact_url(url),
+        }
+    }
+}
+
+/// `amqp://user:secret@host/` → `amqp://user:***@host/`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "log" => Ok(TransportKind::Log),
+            "memory" => Ok(TransportKind::Memory),
+            url if url.starts_with("amqp://") || url.starts_with("amqps://") => {
+                Ok(TransportKind::Amqp(url.to_owned()))
+            }
+            other => Err(format!(
+                "unknown transport {other:?}: use log, memory, or a RabbitMQ URL like amqp://guest:guest@127.0.0.1:5672/%2f"
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for TransportKind {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<TransportKind> for String {
+    fn from(t: TransportKind) -> String {
+        match t {
+            TransportKind::Log => "log".into(),
+            TransportKind::Memory => "memory".into(),
+            TransportKind::Amqp(url) => url,
+        }
+    }
 }
 
 /// How to run the system.
@@ -62,6 +132,8 @@ pub struct SystemConfig {
     pub listen: SocketAddr,
     /// The transport.
     pub transport: TransportKind,
+    /// Which services this process runs (all of them by default).
+    pub services: Services,
     /// Where contact messages are mailed.
     pub school_inbox: String,
     /// How long in-flight work may take to finish on shutdown.
@@ -86,6 +158,7 @@ impl SystemConfig {
             data_dir: data_dir.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             transport: TransportKind::Log,
+            services: Services::all(),
             school_inbox: ContactConfig::default().school_inbox,
             shutdown_timeout: Duration::from_secs(10),
             smtp: None,
@@ -152,7 +225,13 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
         )
     })?;
     let metrics = prometheus().clone();
-    let transport: Arc<dyn Transport> = match config.transport {
+    let transport: Arc<dyn Transport> = match &config.transport {
+        TransportKind::Amqp(url) => {
+            anyhow::bail!(
+                "the RabbitMQ transport is not built yet ({})",
+                redact_url(url)
+            )
+        }
         TransportKind::Memory => Arc::new(eventos_memory::MemoryTransport::new()),
         TransportKind::Log => {
             let dir = config.data_dir.join("log");
@@ -178,76 +257,106 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                 .with_context(|| format!("opening the {name} database {}", path.display()))
         }
     };
-    let key = match &config.enrollment.card_fingerprint_key {
-        Some(hex) => FingerprintKey::from_hex(hex)
-            .context("the [enrollment] card_fingerprint_key setting")?,
-        None => FingerprintKey::load_or_create(&config.data_dir.join("card-fingerprint.key"))?,
-    };
-    let enrollment = Enrollment::new(store("enrollment").await?, key, config.enrollment.mode)
-        .await
-        .context("migrating the enrollment database")?;
-    let antifraud = Antifraud::new(store("antifraud").await?, config.antifraud.clone())
-        .await
-        .context("migrating the antifraud database")?;
-    let gateway = SimulatedGateway::open(&open("gateway"), config.billing.gateway_latency_ms)
-        .await
-        .context("opening the simulated payment gateway's ledger")?;
-    let billing = Billing::new(
-        store("billing").await?,
-        Arc::new(gateway),
-        config.billing.clone(),
-    )
-    .await
-    .context("migrating the billing database")?;
-    let payment_metrics = Metrics::new(store("metrics").await?)
-        .await
-        .context("migrating the metrics database")?;
-    let contact = Contact::new(
-        Store::open(&open("contact"))
-            .await
-            .context("opening the contact database")?,
-        ContactConfig {
-            school_inbox: config.school_inbox.clone(),
-        },
-    )
-    .await?;
-    let notifier = Notifier::new(
-        Store::open(&open("notifier"))
-            .await
-            .context("opening the notifier database")?,
-    )
-    .await?;
-
-    let mut mail_config = school_mailer::MailerConfig::new(&config.data_dir);
-    if let Some(url) = &config.smtp {
-        mail_config = mail_config.smtp_url(url.clone());
+    // Each service keeps its state in this process's data directory; a
+    // service it does not run leaves no database behind.
+    let mut stores: Vec<Store> = Vec::new();
+    let mut routes: Vec<Route> = Vec::new();
+    let mut http = axum::Router::new();
+    let mut payment_metrics: Option<Metrics> = None;
+    for service in config.services.iter() {
+        match service {
+            Service::Enrollment => {
+                let key = match &config.enrollment.card_fingerprint_key {
+                    Some(hex) => FingerprintKey::from_hex(hex)
+                        .context("the [enrollment] card_fingerprint_key setting")?,
+                    None => FingerprintKey::load_or_create(
+                        &config.data_dir.join("card-fingerprint.key"),
+                    )?,
+                };
+                let enrollment =
+                    Enrollment::new(store("enrollment").await?, key, config.enrollment.mode)
+                        .await
+                        .context("migrating the enrollment database")?;
+                stores.push(enrollment.store().clone());
+                routes.extend(enrollment.routes());
+                http = http.merge(enrollment.http());
+            }
+            Service::Antifraud => {
+                let antifraud = Antifraud::new(store("antifraud").await?, config.antifraud.clone())
+                    .await
+                    .context("migrating the antifraud database")?;
+                stores.push(antifraud.store().clone());
+                routes.extend(antifraud.routes());
+            }
+            Service::Billing => {
+                let ledger = config
+                    .billing
+                    .gateway_ledger
+                    .clone()
+                    .unwrap_or_else(|| open("gateway"));
+                let gateway = SimulatedGateway::open(&ledger, config.billing.gateway_latency_ms)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "opening the simulated payment gateway's ledger {}",
+                            ledger.display()
+                        )
+                    })?;
+                let billing = Billing::new(
+                    store("billing").await?,
+                    Arc::new(gateway),
+                    config.billing.clone(),
+                )
+                .await
+                .context("migrating the billing database")?;
+                stores.push(billing.store().clone());
+                routes.extend(billing.routes());
+            }
+            Service::Metrics => {
+                let metrics = Metrics::new(store("metrics").await?)
+                    .await
+                    .context("migrating the metrics database")?;
+                stores.push(metrics.store().clone());
+                routes.extend(metrics.routes());
+                payment_metrics = Some(metrics);
+            }
+            Service::Contact => {
+                let contact = Contact::new(
+                    store("contact").await?,
+                    ContactConfig {
+                        school_inbox: config.school_inbox.clone(),
+                    },
+                )
+                .await
+                .context("migrating the contact database")?;
+                stores.push(contact.store().clone());
+                routes.extend(contact.routes());
+                http = http.merge(contact.http());
+            }
+            Service::Mailer => {
+                let mut mail_config = school_mailer::MailerConfig::new(&config.data_dir);
+                if let Some(url) = &config.smtp {
+                    mail_config = mail_config.smtp_url(url.clone());
+                }
+                let mailer = school_mailer::Mailer::open(
+                    mail_config,
+                    eventos::Bus::new(transport.clone(), school_mailer::SOURCE),
+                )
+                .await
+                .context("starting the mailer")?;
+                stores.push(mailer.store().clone());
+                routes.push(school_mailer::route(mailer, config.mail_retry));
+            }
+            Service::Notifier => {
+                let notifier = Notifier::new(store("notifier").await?)
+                    .await
+                    .context("migrating the notifier database")?;
+                stores.push(notifier.store().clone());
+                routes.extend(notifier.routes());
+                http = http.merge(notifier.http());
+            }
+        }
     }
-    let mailer = school_mailer::Mailer::open(
-        mail_config,
-        eventos::Bus::new(transport.clone(), school_mailer::SOURCE),
-    )
-    .await
-    .context("starting the mailer")?;
-
-    let stores: Vec<Store> = vec![
-        enrollment.store().clone(),
-        antifraud.store().clone(),
-        billing.store().clone(),
-        payment_metrics.store().clone(),
-        contact.store().clone(),
-        notifier.store().clone(),
-        mailer.store().clone(),
-    ];
-    let routes: Vec<Route> = enrollment
-        .routes()
-        .into_iter()
-        .chain(antifraud.routes())
-        .chain(billing.routes())
-        .chain(payment_metrics.routes())
-        .chain(contact.routes())
-        .chain(notifier.routes())
-        .chain([school_mailer::route(mailer, config.mail_retry)])
-        .collect();
     let router = routes
         .into_iter()
         .fold(Router::new(transport.clone()), Router::route)
@@ -263,10 +372,7 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
     }
 
     let ready = Arc::new(AtomicBool::new(true));
-    let app = axum::Router::new()
-        .merge(enrollment.http())
-        .merge(contact.http())
-        .merge(notifier.http())
+    let app = http
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
@@ -288,9 +394,13 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                 let payment_metrics = payment_metrics.clone();
                 async move {
                     let mut text = metrics.render();
-                    match payment_metrics.render().await {
-                        Ok(payments) => text.push_str(&payments),
-                        Err(e) => tracing::warn!(error = %e, "cannot read the payment metrics"),
+                    if let Some(payments) = payment_metrics {
+                        match payments.render().await {
+                            Ok(payments) => text.push_str(&payments),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot read the payment metrics");
+                            }
+                        }
                     }
                     text
                 }

@@ -180,7 +180,7 @@ mod tests {
     #[test]
     fn defaults_then_file_then_environment() {
         let (_d, path) = file(
-            "listen = \"127.0.0.1:9000\"\n[enrollment]\nmode = \"optimistic\"\n[antifraud]\nscore_threshold = 50\n",
+            "listen = \"127.0.0.1:9000\"\ntransport = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n[enrollment]\nmode = \"optimistic\"\n[antifraud]\nscore_threshold = 50\n",
         );
         let env = [
             ("EVENTOS_ANTIFRAUD__SCORE_THRESHOLD".into(), "90".into()),
@@ -190,6 +190,14 @@ mod tests {
         ];
         let s = Settings::load(Some(&path), env).unwrap();
         assert_eq!(s.listen.port(), 9000);
+        assert_eq!(
+            s.transport,
+            TransportKind::Amqp("amqp://guest:guest@127.0.0.1:5672/%2f".into())
+        );
+        assert_eq!(
+            s.transport.describe(),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
         assert_eq!(s.enrollment.mode, school_events::AcceptanceMode::Optimistic);
         assert_eq!(s.antifraud.score_threshold, 90);
         assert_eq!(s.mail.max_attempts, 3);
@@ -205,6 +213,9 @@ mod tests {
             e.contains("score_treshold") && e.contains("eventos.toml"),
             "{e}"
         );
+        let (_d, path) = file("transport = \"kafka\"\n");
+        let e = Settings::load(Some(&path), []).unwrap_err().to_string();
+        assert!(e.contains("kafka") && e.contains("amqp://"), "{e}");
         let (_d, path) = file("[enrollment]\nmode = \"sometimes\"\n");
         let e = Settings::load(Some(&path), []).unwrap_err().to_string();
         assert!(e.contains("mode") && e.contains("sometimes"), "{e}");

@@ -180,3 +180,32 @@ async fn enrollment_works_on_the_memory_transport_with_eml_mail() {
     assert!(mail.contains("Subject: Welcome to rust-101"), "{mail}");
     system.shutdown().await.unwrap();
 }
+
+/// A process runs only the services it is given: their endpoints and their
+/// databases, nothing of the others.
+#[tokio::test]
+async fn a_process_runs_only_its_services() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SystemConfig::new(dir.path());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.transport = TransportKind::Memory;
+    config.services = "contact,antifraud".parse().unwrap();
+    let system = start(config).await.unwrap();
+    let base = format!("http://{}", system.addr());
+    let http = reqwest::Client::new();
+    let get = |path: &str| http.get(format!("{base}{path}")).send();
+    assert_eq!(get("/contact/nope").await.unwrap().status(), 404);
+    let missing = get("/enrollments/nope").await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let problem: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(problem["type"], "/problems/no-route", "{problem}");
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    system.shutdown().await.unwrap();
+    let mut dbs: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".db"))
+        .collect();
+    dbs.sort();
+    assert_eq!(dbs, vec!["antifraud.db", "contact.db"]);
+}
