@@ -66,6 +66,11 @@ Settings file (--config eventos.toml), every key optional, defaults shown:
   # smtp = \"smtp://127.0.0.1:2525\"  # unset: .eml files in <data_dir>/mail
   shutdown_timeout_secs = 10
 
+  [amqp]                            # when transport is an amqp:// URL
+  namespace = \"eventos\"             # prefix of every exchange and queue
+  queue_type = \"quorum\"             # or \"classic\"
+  content_mode = \"binary\"           # or \"structured\" (both are read)
+
   [mail]
   school_inbox = \"admissions@school.example\"
   retry_base_ms = 1000              # retries: exponential, full jitter

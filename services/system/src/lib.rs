@@ -28,7 +28,9 @@ mod services;
 mod settings;
 
 pub use services::{Service, Services};
-pub use settings::{MailSettings, Settings, SettingsError};
+pub use settings::{
+    AmqpContentMode, AmqpQueueType, AmqpSettings, MailSettings, Settings, SettingsError,
+};
 
 use anyhow::Context as _;
 use axum::http::StatusCode;
@@ -134,6 +136,8 @@ pub struct SystemConfig {
     pub transport: TransportKind,
     /// Which services this process runs (all of them by default).
     pub services: Services,
+    /// The RabbitMQ transport's settings, when `transport` is `Amqp`.
+    pub amqp: AmqpSettings,
     /// Where contact messages are mailed.
     pub school_inbox: String,
     /// How long in-flight work may take to finish on shutdown.
@@ -159,6 +163,7 @@ impl SystemConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             transport: TransportKind::Log,
             services: Services::all(),
+            amqp: AmqpSettings::default(),
             school_inbox: ContactConfig::default().school_inbox,
             shutdown_timeout: Duration::from_secs(10),
             smtp: None,

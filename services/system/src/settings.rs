@@ -43,6 +43,52 @@ impl Default for MailSettings {
     }
 }
 
+/// Which kind of queue holds a group's events on RabbitMQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AmqpQueueType {
+    /// Replicated, durable; the default.
+    #[default]
+    Quorum,
+    /// A classic (single-node) queue.
+    Classic,
+}
+
+/// How events are laid out in a RabbitMQ message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AmqpContentMode {
+    /// Attributes in `cloudEvents:` headers, data as the body; the default.
+    #[default]
+    Binary,
+    /// The whole event as `application/cloudevents+json`.
+    Structured,
+}
+
+/// The RabbitMQ transport (`[amqp]`), used when `transport` is an
+/// `amqp://` URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// Prefix of every exchange and queue eventos declares, so several
+    /// systems can share one broker.
+    pub namespace: String,
+    /// The kind of queue per (topic, group).
+    pub queue_type: AmqpQueueType,
+    /// How events are published (both are read).
+    pub content_mode: AmqpContentMode,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            namespace: "eventos".into(),
+            queue_type: AmqpQueueType::default(),
+            content_mode: AmqpContentMode::default(),
+        }
+    }
+}
+
 /// Everything `eventos up` can be told.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -57,6 +103,8 @@ pub struct Settings {
     pub smtp: Option<String>,
     /// How long in-flight work may take to finish on shutdown, seconds.
     pub shutdown_timeout_secs: u64,
+    /// The RabbitMQ transport.
+    pub amqp: AmqpSettings,
     /// The mailer.
     pub mail: MailSettings,
     /// The enrollment service.
@@ -75,6 +123,7 @@ impl Default for Settings {
             transport: TransportKind::Log,
             smtp: None,
             shutdown_timeout_secs: 10,
+            amqp: AmqpSettings::default(),
             mail: MailSettings::default(),
             enrollment: school_enrollment::EnrollmentConfig::default(),
             antifraud: school_antifraud::AntifraudConfig::default(),
@@ -141,6 +190,7 @@ impl Settings {
             Duration::from_millis(self.mail.retry_cap_ms),
             self.mail.max_attempts,
         );
+        config.amqp = self.amqp;
         config.enrollment = self.enrollment;
         config.antifraud = self.antifraud;
         config.billing = self.billing;

@@ -1,0 +1,248 @@
+//! The school as separate processes over the RabbitMQ on 127.0.0.1:5672:
+//! one API process (enrollment, contact) and two worker processes running
+//! the same worker services (antifraud, billing, metrics, mailer,
+//! notifier), each with its own data directory. 500 enrollments; one worker
+//! is killed with SIGKILL mid-run. Every enrollment reaches the state its
+//! test card calls for, the shared gateway ledger shows no double charge,
+//! and both workers did some of the work.
+//!
+//! RabbitMQ must be running (the README's test command starts it); this
+//! test fails, never skips, when it is not.
+
+use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const ENROLLMENTS: usize = 500;
+
+fn card_of(i: usize) -> (&'static str, &'static str) {
+    match i % 10 {
+        7 => ("4000 0000 0000 0002", "payment_failed"),
+        8 => ("4000 0000 0000 0119", "active"),
+        9 => ("4100 0000 0000 0019", "rejected"),
+        _ => ("4242 4242 4242 4242", "active"),
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn settings(dir: &Path, namespace: &str) -> std::path::PathBuf {
+    let path = dir.join("eventos.toml");
+    let ledger = dir.join("gateway.db");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[amqp]
+namespace = "{namespace}"
+
+[antifraud]
+latency_ms = [50, 300]
+max_per_card = 100000
+max_per_email = 100000
+
+[billing]
+gateway_latency_ms = [10, 50]
+retry_base_ms = 100
+retry_cap_ms = 400
+# One gateway for every billing worker, as in production.
+gateway_ledger = "{}"
+
+[mail]
+retry_base_ms = 100
+retry_cap_ms = 400
+"#,
+            ledger.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// `eventos serve` for `services`; returns once it serves.
+fn serve(dir: &Path, config: &Path, services: &str, port: u16) -> Child {
+    std::fs::create_dir_all(dir).unwrap();
+    let log = std::fs::File::create(dir.join("eventos.log")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eventos"))
+        .args(["serve", "--transport", AMQP, "--services", services])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("Ctrl-C") {
+            std::thread::spawn(move || lines.for_each(drop));
+            return child;
+        }
+    }
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(dir.join("eventos.log")).unwrap_or_default();
+    panic!("eventos serve {services} exited before serving ({status}): {log}");
+}
+
+fn stop(mut child: Child) {
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit {status}");
+}
+
+async fn count(db: &Path, sql: &str) -> i64 {
+    let url = format!("sqlite://{}?mode=ro", db.display());
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    // Queues of this run only: a namespace no other run uses.
+    let namespace = format!("t{}", uuid::Uuid::now_v7().simple());
+    let config = settings(dir.path(), &namespace);
+    let port = free_port();
+    let api = serve(&dir.path().join("api"), &config, "enrollment,contact", port);
+    let workers = "antifraud,billing,metrics,mailer,notifier";
+    let w1 = serve(&dir.path().join("w1"), &config, workers, free_port());
+    let w2 = serve(&dir.path().join("w2"), &config, workers, free_port());
+
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut tasks = Vec::new();
+    for i in 0..ENROLLMENTS {
+        let (http, base, accepted, gate) =
+            (http.clone(), base.clone(), accepted.clone(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire().await.unwrap();
+            let (card, _) = card_of(i);
+            let response = http
+                .post(format!("{base}/enrollments"))
+                .json(&serde_json::json!({
+                    "student": {"name": format!("Student {i}"), "email": format!("s{i}@example.com")},
+                    "course_id": "rust-101",
+                    "payment": {"card_number": card, "expiry": "12/30", "cvv": "123",
+                                "holder": format!("Student {i}"), "amount_cents": 49900, "currency": "EUR"}
+                }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202);
+            let json: serde_json::Value = response.json().await.unwrap();
+            accepted.fetch_add(1, Ordering::SeqCst);
+            json["id"].as_str().unwrap().to_owned()
+        }));
+    }
+    // Kill one worker with work in flight: a third of the enrollments in.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while accepted.load(Ordering::SeqCst) < ENROLLMENTS / 3 {
+        assert!(Instant::now() < deadline, "the API stalled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut w1 = w1;
+    w1.kill().unwrap();
+    w1.wait().unwrap();
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.push(task.await.unwrap());
+    }
+
+    // Every enrollment reaches the state its card calls for.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut pending: Vec<usize> = (0..ENROLLMENTS).collect();
+    let mut last: HashMap<usize, serde_json::Value> = HashMap::new();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for i in pending {
+            let view: serde_json::Value = http
+                .get(format!("{base}/enrollments/{}", ids[i]))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if view["status"] != card_of(i).1 {
+                last.insert(i, view);
+                still.push(i);
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{} enrollments never reached their final state, e.g. {:#}",
+                pending.len(),
+                last[&pending[0]]
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    stop(w2);
+    stop(api);
+
+    // One capture per active enrollment in the shared ledger, none for the
+    // others.
+    let gateway = school_billing::SimulatedGateway::open(&dir.path().join("gateway.db"), [0, 0])
+        .await
+        .unwrap();
+    assert_eq!(
+        gateway.max_captures_per_key().await.unwrap(),
+        1,
+        "a card was charged twice"
+    );
+    let charged: std::collections::HashSet<String> = gateway
+        .ledger()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.idempotency_key)
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            charged.contains(id),
+            card_of(i).1 == "active",
+            "enrollment {i}"
+        );
+    }
+
+    // Both workers did some of the work.
+    let checks = |w: &str| dir.path().join(w).join("antifraud.db");
+    let (c1, c2) = (
+        count(&checks("w1"), "SELECT COUNT(*) FROM antifraud_checks").await,
+        count(&checks("w2"), "SELECT COUNT(*) FROM antifraud_checks").await,
+    );
+    assert!(c1 > 0 && c2 > 0, "fraud checks: w1 {c1}, w2 {c2}");
+    assert!(
+        c1 + c2 >= ENROLLMENTS as i64,
+        "fraud checks: w1 {c1}, w2 {c2}"
+    );
+    eprintln!(
+        "fraud checks: worker 1 (killed) {c1}, worker 2 {c2}; {} captures",
+        charged.len()
+    );
+}
