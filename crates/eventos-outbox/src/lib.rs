@@ -23,6 +23,10 @@
 //!
 //! No feature flags.
 
+mod locks;
+
+pub use locks::{KeyGuard, KeyLocks};
+
 use std::path::Path;
 use std::str::FromStr as _;
 use std::sync::Arc;

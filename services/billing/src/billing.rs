@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use eventos::middleware::DeadLettered;
 use eventos::{Context, HandlerError, Message, ResultExt as _, Route, TypedEvent as _, typed};
-use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
+use eventos_outbox::{KeyLocks, OutboxError, Store, enqueue, first_delivery};
 use school_events::{
     AcceptanceMode, FraudCheckFailed, FraudCheckPassed, PaymentCaptured, PaymentDeclined,
     PaymentDetails, PaymentRefunded, PaymentSubmitted, topics,
@@ -15,7 +15,6 @@ use sqlx::Row as _;
 
 use crate::config::BillingConfig;
 use crate::gateway::{Charge, ChargeRequest, GatewayError, PaymentGateway, RefundRequest};
-use crate::locks::KeyLocks;
 use crate::{GROUP, SOURCE};
 
 /// The migrations of the billing database.

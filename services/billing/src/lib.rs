@@ -105,7 +105,6 @@
 mod billing;
 mod config;
 mod gateway;
-mod locks;
 mod simulated;
 pub mod test_cards;
 

@@ -78,7 +78,6 @@
 mod compose;
 mod config;
 mod error;
-mod locks;
 mod mailer;
 mod outbound;
 

@@ -5,12 +5,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use eventos::middleware::DeadLettered;
 use eventos::{Bus, Publisher};
-use eventos_outbox::{Relay, Store, enqueue, first_delivery};
+use eventos_outbox::{KeyLocks, Relay, Store, enqueue, first_delivery};
 use lettre::message::Mailbox;
 use school_events::{EmailDeferred, EmailFailed, EmailRequested, EmailSent, topics};
 
 use crate::compose::{compose, parse_from};
-use crate::locks::KeyLocks;
 use crate::outbound::Outbound;
 use crate::{GROUP, MailerConfig, MailerError};
 

@@ -1,21 +1,24 @@
-//! One delivery at a time per enrollment, inside this process.
+//! One piece of work at a time per key, inside this process.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedMutexGuard;
 
-/// Locks keyed by enrollment id. Two deliveries about one enrollment (a
-/// duplicate, or a fraud verdict racing the charge) take turns, so the
-/// second finds what the first recorded instead of acting on stale state.
-/// Entries are removed when nobody holds or waits for them.
+/// Locks keyed by an entity's id (a mail, an enrollment). Two deliveries
+/// about one entity — a duplicate, or two events racing — take turns, so
+/// the second finds what the first recorded instead of acting on stale
+/// state; the inbox then makes the repeat harmless. Across processes the
+/// inbox and idempotency keys do that work alone. Entries are removed when
+/// nobody holds or waits for them.
 #[derive(Debug, Default)]
-pub(crate) struct KeyLocks {
+pub struct KeyLocks {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// Held while an enrollment's payment is being worked on.
-pub(crate) struct KeyGuard<'a> {
+/// Held while the work on a key runs; dropping it lets the next one in.
+#[derive(Debug)]
+pub struct KeyGuard<'a> {
     locks: &'a KeyLocks,
     key: String,
     guard: Option<OwnedMutexGuard<()>>,
@@ -31,7 +34,7 @@ impl KeyLocks {
     }
 
     /// Waits for, then holds, the lock of `key`.
-    pub(crate) async fn lock(&self, key: &str) -> KeyGuard<'_> {
+    pub async fn lock(&self, key: &str) -> KeyGuard<'_> {
         let lock = self.map().entry(key.to_owned()).or_default().clone();
         let guard = lock.lock_owned().await;
         KeyGuard {
