@@ -9,10 +9,11 @@
 //! RabbitMQ must be running (the README's test command starts it); this
 //! test fails, never skips, when it is not.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead as _, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -27,14 +28,6 @@ fn card_of(i: usize) -> (&'static str, &'static str) {
         9 => ("4100 0000 0000 0019", "rejected"),
         _ => ("4242 4242 4242 4242", "active"),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn settings(dir: &Path, namespace: &str) -> std::path::PathBuf {
@@ -74,36 +67,17 @@ retry_cap_ms = 400
 fn serve(dir: &Path, config: &Path, services: &str, port: u16) -> Child {
     std::fs::create_dir_all(dir).unwrap();
     let log = std::fs::File::create(dir.join("eventos.log")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_eventos"))
-        .args(["serve", "--transport", AMQP, "--services", services])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("Ctrl-C") {
-            std::thread::spawn(move || lines.for_each(drop));
-            return child;
-        }
-    }
-    let status = child.wait().unwrap();
-    let log = std::fs::read_to_string(dir.join("eventos.log")).unwrap_or_default();
-    panic!("eventos serve {services} exited before serving ({status}): {log}");
-}
-
-fn stop(mut child: Child) {
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "exit {status}");
+    common::spawn_serving(
+        Command::new(env!("CARGO_BIN_EXE_eventos"))
+            .args(["serve", "--transport", AMQP, "--services", services])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--config")
+            .arg(config)
+            .stderr(log),
+        &format!("eventos serve {services}"),
+    )
 }
 
 async fn count(db: &Path, sql: &str) -> i64 {
@@ -120,11 +94,21 @@ async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
     // Queues of this run only: a namespace no other run uses.
     let namespace = format!("t{}", uuid::Uuid::now_v7().simple());
     let config = settings(dir.path(), &namespace);
-    let port = free_port();
+    let port = common::free_port();
     let api = serve(&dir.path().join("api"), &config, "enrollment,contact", port);
     let workers = "antifraud,billing,metrics,mailer,notifier";
-    let w1 = serve(&dir.path().join("w1"), &config, workers, free_port());
-    let w2 = serve(&dir.path().join("w2"), &config, workers, free_port());
+    let w1 = serve(
+        &dir.path().join("w1"),
+        &config,
+        workers,
+        common::free_port(),
+    );
+    let w2 = serve(
+        &dir.path().join("w2"),
+        &config,
+        workers,
+        common::free_port(),
+    );
 
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::builder()
@@ -202,8 +186,8 @@ async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
-    stop(w2);
-    stop(api);
+    common::interrupt(w2);
+    common::interrupt(api);
 
     // One capture per active enrollment in the shared ledger, none for the
     // others.

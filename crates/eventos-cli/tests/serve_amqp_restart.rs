@@ -7,44 +7,28 @@
 //! Its own test binary: it stops the broker every other RabbitMQ test uses,
 //! and cargo runs test binaries one after another.
 
-use std::io::{BufRead as _, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn serve(dir: &Path, config: &Path, services: &str, port: u16) -> Child {
     std::fs::create_dir_all(dir).unwrap();
     let log = std::fs::File::create(dir.join("eventos.log")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_eventos"))
-        .args(["serve", "--transport", AMQP, "--services", services])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("Ctrl-C") {
-            std::thread::spawn(move || lines.for_each(drop));
-            return child;
-        }
-    }
-    let status = child.wait().unwrap();
-    panic!("eventos serve {services} exited before serving ({status})");
+    common::spawn_serving(
+        Command::new(env!("CARGO_BIN_EXE_eventos"))
+            .args(["serve", "--transport", AMQP, "--services", services])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--config")
+            .arg(config)
+            .stderr(log),
+        &format!("eventos serve {services}"),
+    )
 }
 
 fn rabbitmqctl(args: &[&str]) {
@@ -105,14 +89,14 @@ async fn a_broker_restart_mid_run_loses_nothing() {
         ),
     )
     .unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let api = serve(&dir.path().join("api"), &config, "enrollment,contact", port);
     let worker = serve(
         &dir.path().join("worker"),
         &config,
         "antifraud,billing,metrics,mailer,notifier",
-        free_port(),
+        common::free_port(),
     );
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -163,11 +147,6 @@ async fn a_broker_restart_mid_run_loses_nothing() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    for mut child in [worker, api] {
-        Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(child.wait().unwrap().success());
-    }
+    common::interrupt(worker);
+    common::interrupt(api);
 }

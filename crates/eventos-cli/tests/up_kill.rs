@@ -4,10 +4,11 @@
 //! charged twice, no student gets two different welcome mails — and no card
 //! number is left in the data directory or the process's logs.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead as _, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -32,14 +33,6 @@ fn card_of(i: usize) -> (&'static str, &'static str) {
         9 => CARDS[3],
         _ => CARDS[0],
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 const SETTINGS: &str = r#"
@@ -68,37 +61,26 @@ fn up(dir: &Path, port: u16, smtp: &str, config: &Path, log: &Path) -> Child {
         .append(true)
         .open(log)
         .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_eventos"))
-        .args([
-            "up",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--smtp",
-            smtp,
-        ])
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("--config")
-        .arg(config)
-        // Everything the services log, for the scan at the end.
-        .env("EVENTOS_LOG", "debug")
-        // An override through the environment, on top of the file.
-        .env("EVENTOS_ANTIFRAUD__SCORE_THRESHOLD", "70")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("Ctrl-C") {
-            // Keep reading, so the banner's reader stays for the shutdown
-            // lines.
-            std::thread::spawn(move || lines.for_each(drop));
-            return child;
-        }
-    }
-    let status = child.wait().unwrap();
-    panic!("eventos up exited before serving ({status})");
+    common::spawn_serving(
+        Command::new(env!("CARGO_BIN_EXE_eventos"))
+            .args([
+                "up",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--smtp",
+                smtp,
+            ])
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--config")
+            .arg(config)
+            // Everything the services log, for the scan at the end.
+            .env("EVENTOS_LOG", "debug")
+            // An override through the environment, on top of the file.
+            .env("EVENTOS_ANTIFRAUD__SCORE_THRESHOLD", "70")
+            .stderr(log),
+        "eventos up",
+    )
 }
 
 fn body(i: usize) -> serde_json::Value {
@@ -153,7 +135,7 @@ async fn sigkill_with_200_enrollments_in_flight_loses_nothing_and_charges_once()
     std::fs::write(&config, SETTINGS).unwrap();
     let log = dir.path().join("eventos.log");
     let smtp = SmtpServer::start();
-    let port = free_port();
+    let port = common::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -200,7 +182,7 @@ async fn sigkill_with_200_enrollments_in_flight_loses_nothing_and_charges_once()
         "the kill came after every request was answered"
     );
 
-    let mut second = up(&data, port, &smtp.url(), &config, &log);
+    let second = up(&data, port, &smtp.url(), &config, &log);
     // A client that got no answer retries with its Idempotency-Key: an
     // enrollment committed before the kill is given back, not made twice.
     for i in 0..ENROLLMENTS {
@@ -288,19 +270,7 @@ async fn sigkill_with_200_enrollments_in_flight_loses_nothing_and_charges_once()
 
     // Stop cleanly, then look at the gateway's ledger: money was taken once
     // per active enrollment and never for the others.
-    Command::new("kill")
-        .args(["-INT", &second.id().to_string()])
-        .status()
-        .unwrap();
-    let exit = second.wait().unwrap();
-    if !exit.success() {
-        let logs = std::fs::read_to_string(&log).unwrap();
-        let errors: Vec<_> = logs
-            .lines()
-            .filter(|l| l.contains("ERROR") || l.starts_with("error"))
-            .collect();
-        panic!("the restarted process did not stop cleanly ({exit}): {errors:#?}");
-    }
+    common::interrupt(second);
     let gateway = school_billing::SimulatedGateway::open(&data.join("gateway.db"), [0, 0])
         .await
         .unwrap();
