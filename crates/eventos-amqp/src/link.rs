@@ -1,0 +1,727 @@
+//! The connection to RabbitMQ, re-established with backoff when it drops,
+//! and everything that only needs a connection: declaring and publishing
+//! with confirms.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use eventos_core::{TransportError, TransportErrorKind};
+use lapin::Confirmation;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
+use tokio::sync::{Notify, watch};
+
+use crate::codec::Encoded;
+use crate::names::Names;
+use crate::{AmqpOptions, QueueType};
+
+/// How long one confirm may take before the connection is presumed dead.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// RabbitMQ's reply code for a mandatory message no queue is bound for.
+const NO_ROUTE: u16 = 312;
+/// How long a publish waits for subscriptions being cancelled.
+const CANCEL_WAIT: Duration = Duration::from_secs(2);
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A failed step, and whether trying again on a new connection may help.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) retry: bool,
+    pub(crate) error: TransportError,
+}
+
+impl Failure {
+    pub(crate) fn fatal(error: TransportError) -> Self {
+        Self {
+            retry: false,
+            error,
+        }
+    }
+}
+
+impl From<Failure> for TransportError {
+    fn from(f: Failure) -> Self {
+        f.error
+    }
+}
+
+/// Whether a lapin error means the connection or channel is gone (try again
+/// on a new one) rather than the broker refusing the operation.
+pub(crate) fn is_connection_loss(e: &lapin::Error) -> bool {
+    match e.kind() {
+        ErrorKind::ProtocolError(amqp) => matches!(
+            amqp.kind(),
+            AMQPErrorKind::Hard(
+                AMQPHardError::CONNECTIONFORCED
+                    | AMQPHardError::CHANNELERROR
+                    | AMQPHardError::UNEXPECTEDFRAME
+                    | AMQPHardError::RESOURCEERROR
+                    | AMQPHardError::INTERNALERROR
+            )
+        ),
+        _ => true,
+    }
+}
+
+/// Maps a lapin error of `what` to a failure, naming the broker condition.
+pub(crate) fn failure(what: &str, e: lapin::Error) -> Failure {
+    if is_connection_loss(&e) {
+        return Failure {
+            retry: true,
+            error: TransportError::new(
+                TransportErrorKind::Unavailable,
+                format!("{what}: the connection to RabbitMQ was lost"),
+            )
+            .with_source(e),
+        };
+    }
+    let hint = match e.kind() {
+        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => {
+                "; it exists with other arguments (another queue type or x-expires): delete it or use another namespace"
+            }
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => {
+                "; the user lacks permissions on this vhost (rabbitmqctl set_permissions)"
+            }
+            _ => "",
+        },
+        _ => "",
+    };
+    Failure::fatal(
+        TransportError::new(TransportErrorKind::Other, format!("{what} failed{hint}"))
+            .with_source(e),
+    )
+}
+
+/// One connection and its confirm-mode publishing channel.
+pub(crate) struct Link {
+    pub(crate) connection: Connection,
+    publish: Channel,
+    /// Delay buckets and dead-letter queues declared over this connection.
+    declared: Mutex<HashSet<String>>,
+}
+
+impl Link {
+    fn alive(&self) -> bool {
+        self.connection.status().connected() && self.publish.status().connected()
+    }
+}
+
+/// What to do when RabbitMQ returns a mandatory message no queue is bound
+/// for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unroutable {
+    /// Accept it: no group has joined the topic, so it has no one to reach.
+    Accept,
+    /// Fail: the transport declared the target queue, so a return means the
+    /// event would be lost.
+    Fail,
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing {
+    pub(crate) exchange: String,
+    pub(crate) routing_key: String,
+    pub(crate) message: Encoded,
+    /// The event id, for messages.
+    pub(crate) id: String,
+    pub(crate) unroutable: Unroutable,
+}
+
+/// Everything the transport's parts share.
+pub(crate) struct Shared {
+    url: String,
+    /// The URL without credentials, for messages.
+    pub(crate) shown: String,
+    pub(crate) options: AmqpOptions,
+    pub(crate) names: Names,
+    link: tokio::sync::Mutex<Option<Arc<Link>>>,
+    closed: AtomicBool,
+    shutdown: watch::Sender<bool>,
+    /// Streams dropped whose consumer RabbitMQ has not confirmed cancelled.
+    cancelling: AtomicUsize,
+    cancelled: Notify,
+    /// Subscription pumps still running, and a wake-up when one ends.
+    pumps: AtomicUsize,
+    pump_ended: Notify,
+}
+
+impl Shared {
+    /// Connects once; `connect` fails fast rather than retrying, so a
+    /// misconfiguration is reported at start.
+    pub(crate) async fn connect(
+        url: &str,
+        options: AmqpOptions,
+    ) -> Result<Arc<Self>, TransportError> {
+        let shown = redact(url);
+        let names = Names::new(&options.namespace);
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Self {
+            url: url.to_owned(),
+            shown,
+            options,
+            names,
+            link: tokio::sync::Mutex::new(None),
+            closed: AtomicBool::new(false),
+            shutdown,
+            cancelling: AtomicUsize::new(0),
+            cancelled: Notify::new(),
+            pumps: AtomicUsize::new(0),
+            pump_ended: Notify::new(),
+        });
+        shared.link().await.map_err(|f| f.error)?;
+        Ok(shared)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn check_open(&self) -> Result<(), TransportError> {
+        if self.is_closed() {
+            Err(TransportError::closed())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Closes the connection; streams end, later calls fail as closed.
+    pub(crate) async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.shutdown.send_replace(true);
+        self.cancelled.notify_waiters();
+        // Each subscription closes its channel first: RabbitMQ answers a
+        // channel close only after handling everything sent on it, so acks
+        // sent just before `close` are not lost with the connection.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let ended = self.pump_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.pumps.load(Ordering::Acquire) == 0
+                || tokio::time::timeout_at(deadline, ended).await.is_err()
+            {
+                break;
+            }
+        }
+        let link = self.link.lock().await.take();
+        if let Some(link) = link {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                link.connection.close(200, "closed by eventos".into()),
+            )
+            .await;
+        }
+    }
+
+    /// The backoff between attempts while RabbitMQ is unreachable.
+    pub(crate) fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_jitter()
+            .with_total_delay(Some(self.options.retry_for))
+            .without_max_times()
+            .build()
+    }
+
+    /// The current connection, reconnecting if it dropped.
+    pub(crate) async fn link(&self) -> Result<Arc<Link>, Failure> {
+        self.check_open().map_err(Failure::fatal)?;
+        let mut current = self.link.lock().await;
+        if let Some(link) = current.as_ref() {
+            if link.alive() {
+                return Ok(link.clone());
+            }
+            tracing::warn!(broker = %self.shown, "connection to RabbitMQ lost; reconnecting");
+        }
+        *current = None;
+        let link = Arc::new(self.open_link().await?);
+        self.check_open().map_err(Failure::fatal)?;
+        *current = Some(link.clone());
+        Ok(link)
+    }
+
+    /// Drops `link` if it is still the current one, so the next call
+    /// reconnects.
+    pub(crate) async fn discard(&self, link: &Arc<Link>) {
+        let mut current = self.link.lock().await;
+        if current.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
+            *current = None;
+            drop(current);
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                link.connection.close(320, "eventos reconnects".into()),
+            )
+            .await;
+        }
+    }
+
+    async fn open_link(&self) -> Result<Link, Failure> {
+        let props = ConnectionProperties::default()
+            .with_connection_name(format!("eventos ({})", self.options.namespace).into());
+        let connecting = Connection::connect(&self.url, props);
+        let connection = match tokio::time::timeout(self.options.connect_timeout, connecting).await
+        {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => return Err(self.connect_failure(&e)),
+            Err(_) => {
+                return Err(Failure {
+                    retry: true,
+                    error: TransportError::new(
+                        TransportErrorKind::Unavailable,
+                        format!(
+                            "cannot connect to RabbitMQ at {}: no answer within {:?}; is the host reachable and the port the AMQP listener's?",
+                            self.shown, self.options.connect_timeout
+                        ),
+                    ),
+                });
+            }
+        };
+        let setup = async {
+            let publish = connection.create_channel().await?;
+            publish
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            publish
+                .exchange_declare(
+                    self.names.exchange().into(),
+                    ExchangeKind::Direct,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>(publish)
+        };
+        match setup.await {
+            Ok(publish) => Ok(Link {
+                connection,
+                publish,
+                declared: Mutex::new(HashSet::new()),
+            }),
+            Err(e) => Err(failure(
+                &format!(
+                    "declaring exchange {:?} on {}",
+                    self.names.exchange(),
+                    self.shown
+                ),
+                e,
+            )),
+        }
+    }
+
+    fn connect_failure(&self, e: &lapin::Error) -> Failure {
+        let shown = &self.shown;
+        let (retry, reason) = match e.kind() {
+            ErrorKind::IOError(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => (
+                true,
+                "connection refused; is the broker running? (rabbitmq-server -detached)".to_owned(),
+            ),
+            ErrorKind::IOError(io) => (true, format!("{io}; is the broker running and reachable?")),
+            ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => (
+                    false,
+                    "login refused; check the user name and password in the URL".to_owned(),
+                ),
+                AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => (
+                    false,
+                    "the vhost does not exist or the user may not use it; check the URL's vhost (%2f is \"/\") or run rabbitmqctl add_vhost / set_permissions".to_owned(),
+                ),
+                _ => (true, format!("{amqp}")),
+            },
+            _ => (true, format!("{e}")),
+        };
+        let kind = if retry {
+            TransportErrorKind::Unavailable
+        } else {
+            TransportErrorKind::Other
+        };
+        Failure {
+            retry,
+            error: TransportError::new(
+                kind,
+                format!("cannot connect to RabbitMQ at {shown}: {reason}"),
+            ),
+        }
+    }
+
+    /// Runs `op` on a connection, reconnecting with backoff while it fails
+    /// for connection reasons, for at most [`AmqpOptions::retry_for`].
+    pub(crate) async fn retrying<T, F, Fut>(&self, mut op: F) -> Result<T, TransportError>
+    where
+        F: FnMut(Arc<Link>) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let mut backoff = self.backoff();
+        loop {
+            let attempt = match self.link().await {
+                Ok(link) => {
+                    let result = op(link.clone()).await;
+                    if let Err(f) = &result
+                        && f.retry
+                    {
+                        self.discard_if_dead(&link).await;
+                    }
+                    result
+                }
+                Err(f) => Err(f),
+            };
+            match attempt {
+                Ok(value) => return Ok(value),
+                Err(f) if !f.retry || self.is_closed() => {
+                    self.check_open()?;
+                    return Err(f.error);
+                }
+                Err(f) => match backoff.next() {
+                    Some(pause) => {
+                        tracing::debug!(error = %f.error, ?pause, "retrying after a connection failure");
+                        tokio::time::sleep(pause).await;
+                    }
+                    None => return Err(f.error),
+                },
+            }
+        }
+    }
+
+    async fn discard_if_dead(&self, link: &Arc<Link>) {
+        if !link.alive() {
+            self.discard(link).await;
+        }
+    }
+
+    /// Declares something once per connection, on a channel of its own so
+    /// a refusal does not close the publishing channel.
+    pub(crate) async fn declare_once<F, Fut>(
+        &self,
+        link: &Link,
+        key: &str,
+        declare: F,
+    ) -> Result<(), Failure>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: Future<Output = Result<(), lapin::Error>>,
+    {
+        if lock(&link.declared).contains(key) {
+            return Ok(());
+        }
+        let what = format!("declaring {key:?}");
+        let channel = link
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| failure(&what, e))?;
+        declare(channel.clone())
+            .await
+            .map_err(|e| failure(&what, e))?;
+        let _ = channel.close(200, "declared".into()).await;
+        lock(&link.declared).insert(key.to_owned());
+        Ok(())
+    }
+
+    /// The arguments of a work queue (a group's or a parked dead-letter
+    /// queue).
+    pub(crate) fn queue_args(&self) -> FieldTable {
+        let mut args = self.type_args();
+        if let Some(expires) = self.options.queue_expires {
+            args.insert(
+                "x-expires".into(),
+                AMQPValue::LongLongInt(i64::try_from(expires.as_millis()).unwrap_or(i64::MAX)),
+            );
+        }
+        args
+    }
+
+    fn type_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        let ty = match self.options.queue_type {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        };
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from(ty)),
+        );
+        args
+    }
+
+    /// Declares the delay bucket `bucket`: a fanout exchange and a queue
+    /// whose messages expire after `bucket` into the default exchange, which
+    /// routes each back to the work queue named by its routing key.
+    pub(crate) async fn declare_delay(&self, link: &Link, bucket: Duration) -> Result<(), Failure> {
+        let name = self.names.delay(bucket);
+        let mut args = self.type_args();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(bucket.as_millis()).unwrap_or(i64::MAX)),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from("")),
+        );
+        if self.options.queue_type == QueueType::Quorum {
+            // At-least-once: an expired retry stays in the bucket until its
+            // work queue has confirmed it (RabbitMQ 3.10+; needs
+            // reject-publish overflow).
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString(LongString::from("at-least-once")),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString(LongString::from("reject-publish")),
+            );
+        }
+        self.declare_once(link, &name.clone(), |ch| async move {
+            ch.exchange_declare(
+                name.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+            ch.queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await?;
+            ch.queue_bind(
+                name.as_str().into(),
+                name.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        })
+        .await
+    }
+
+    /// Declares the queue that parks the dead letters of `topic` (its
+    /// [`crate::PARKED_GROUP`] queue on `dlq_topic`).
+    pub(crate) async fn declare_parked(&self, link: &Link, dlq_topic: &str) -> Result<(), Failure> {
+        let queue = self.names.queue(dlq_topic, crate::PARKED_GROUP);
+        let exchange = self.names.exchange().to_owned();
+        let args = self.queue_args();
+        let routing = dlq_topic.to_owned();
+        self.declare_once(link, &queue.clone(), |ch| async move {
+            ch.queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await?;
+            ch.queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                routing.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        })
+        .await
+    }
+
+    /// Waits (briefly) until RabbitMQ confirmed the cancellation of every
+    /// dropped stream, so a publish made after dropping a stream never
+    /// reaches it.
+    async fn await_cancellations(&self) {
+        let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+        loop {
+            let notified = self.cancelled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.cancelling.load(Ordering::Acquire) == 0 || self.is_closed() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub(crate) fn pump_started(&self) {
+        self.pumps.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn pump_ended(&self) {
+        self.pumps.fetch_sub(1, Ordering::AcqRel);
+        self.pump_ended.notify_waiters();
+    }
+
+    pub(crate) fn cancellation_started(&self) {
+        self.cancelling.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn cancellation_done(&self) {
+        self.cancelling.fetch_sub(1, Ordering::AcqRel);
+        self.cancelled.notify_waiters();
+    }
+
+    /// Publishes `messages` in order and returns once RabbitMQ confirmed
+    /// each. After a connection loss the unconfirmed rest is published
+    /// again on a new connection: an event may then be stored twice, never
+    /// lost.
+    pub(crate) async fn publish(&self, messages: Vec<Outgoing>) -> Result<(), TransportError> {
+        self.await_cancellations().await;
+        let confirmed = AtomicUsize::new(0);
+        let (messages, confirmed) = (&messages, &confirmed);
+        self.retrying(|link| async move {
+            let from = confirmed.load(Ordering::Acquire);
+            self.publish_on(&link, &messages[from..], confirmed).await
+        })
+        .await
+    }
+
+    async fn publish_on(
+        &self,
+        link: &Link,
+        messages: &[Outgoing],
+        confirmed: &AtomicUsize,
+    ) -> Result<(), Failure> {
+        let mut pending = Vec::with_capacity(messages.len());
+        let mut sent = Ok(());
+        for m in messages {
+            let publishing = link.publish.basic_publish(
+                m.exchange.as_str().into(),
+                m.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &m.message.body,
+                m.message.properties.clone(),
+            );
+            match publishing.await {
+                Ok(confirm) => pending.push((m, confirm)),
+                Err(e) => {
+                    sent = Err(failure(&format!("publishing event {}", m.id), e));
+                    break;
+                }
+            }
+        }
+        // Confirms come in order; everything confirmed before a failure
+        // stays confirmed, so a retry starts after it.
+        for (m, confirm) in pending {
+            let confirmation = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+                Ok(Ok(confirmation)) => confirmation,
+                Ok(Err(e)) => {
+                    return Err(failure(
+                        &format!("awaiting the confirm of event {}", m.id),
+                        e,
+                    ));
+                }
+                Err(_) => {
+                    return Err(Failure {
+                        retry: true,
+                        error: TransportError::new(
+                            TransportErrorKind::Unavailable,
+                            format!(
+                                "RabbitMQ did not confirm event {} within {CONFIRM_TIMEOUT:?}",
+                                m.id
+                            ),
+                        ),
+                    });
+                }
+            };
+            match confirmation {
+                Confirmation::Ack(returned) | Confirmation::Nack(returned)
+                    if returned.is_some() =>
+                {
+                    let returned = returned.expect("checked above");
+                    if returned.reply_code == NO_ROUTE && m.unroutable == Unroutable::Accept {
+                        tracing::debug!(topic = %m.routing_key, event = %m.id, "no group has joined the topic; the event reaches no one");
+                    } else {
+                        return Err(Failure::fatal(TransportError::new(
+                            TransportErrorKind::Unavailable,
+                            format!(
+                                "RabbitMQ returned event {} ({} {}): no queue took it",
+                                m.id, returned.reply_code, returned.reply_text
+                            ),
+                        )));
+                    }
+                }
+                Confirmation::Ack(_) | Confirmation::NotRequested => {}
+                Confirmation::Nack(_) => {
+                    return Err(Failure::fatal(TransportError::new(
+                        TransportErrorKind::Unavailable,
+                        format!(
+                            "RabbitMQ refused to store event {} (nack); a queue may be full or unavailable, try again later",
+                            m.id
+                        ),
+                    )));
+                }
+            }
+            confirmed.fetch_add(1, Ordering::AcqRel);
+        }
+        sent
+    }
+}
+
+/// `url` without its user info, so a password never reaches a message.
+pub(crate) fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(authority_end);
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url
+            .rsplit_once('@')
+            .map_or(url, |(_, host)| host)
+            .to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redaction_keeps_host_and_vhost_only() {
+        assert_eq!(
+            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact("amqps://u:p@x@h/v"), "amqps://h/v");
+        assert_eq!(redact("amqp://h"), "amqp://h");
+    }
+}
