@@ -159,6 +159,8 @@ struct Pump {
 impl Pump {
     async fn run(self, mut channel: Channel, mut consumer: Consumer) {
         let mut shutdown = self.shared.shutdown_signal();
+        let mut attached_at = tokio::time::Instant::now();
+        let mut backoff = self.shared.backoff();
         loop {
             let mut signal = shutdown.clone();
             tokio::select! {
@@ -177,10 +179,23 @@ impl Pump {
                                 self.target.group, self.target.topic
                             ),
                         )));
+                        // A consumer that ends as soon as it started (its queue
+                        // deleted under it, say) must not make this a busy loop.
+                        if attached_at.elapsed() < Duration::from_secs(5) {
+                            let pause = backoff.next().unwrap_or(Duration::from_secs(2));
+                            tokio::select! {
+                                () = until_closed(&mut shutdown) => break,
+                                () = self.tx.closed() => break,
+                                () = tokio::time::sleep(pause) => {}
+                            }
+                        } else {
+                            backoff = self.shared.backoff();
+                        }
                         match self.reattach(&mut shutdown).await {
                             Some((ch, c)) => (channel, consumer) = (ch, c),
                             None => break,
                         }
+                        attached_at = tokio::time::Instant::now();
                     }
                 },
             }

@@ -176,7 +176,7 @@ pub struct AmqpOptions {
     /// How long an operation keeps reconnecting while RabbitMQ is
     /// unreachable before it fails with a transient error. Default 30 s.
     pub retry_for: Duration,
-    /// How long one connection attempt may take. Default 10 s.
+    /// How long one connection attempt may take. Default 30 s.
     pub connect_timeout: Duration,
     /// `x-expires` of group queues: RabbitMQ deletes a queue with no
     /// consumer unused for this long, events and all. `None` (the default)
@@ -193,7 +193,7 @@ impl Default for AmqpOptions {
             mode: ContentMode::Binary,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             retry_for: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(30),
             queue_expires: None,
         }
     }

@@ -256,6 +256,15 @@ impl Shared {
                 return Ok(link.clone());
             }
             tracing::warn!(broker = %self.shown, "connection to RabbitMQ lost; reconnecting");
+            if link.connection.status().connected() {
+                // Only the publishing channel died: close the connection
+                // too, so its subscriptions move to the new one rather
+                // than keep an orphaned connection alive.
+                let old = link.clone();
+                tokio::spawn(async move {
+                    let _ = old.connection.close(320, "eventos reconnects".into()).await;
+                });
+            }
         }
         *current = None;
         let link = Arc::new(self.open_link().await?);

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use eventos_amqp::{AmqpOptions, AmqpTransport};
+use eventos_amqp::{AmqpOptions, AmqpTransport, ContentMode, QueueType};
 use eventos_conformance::Harness;
 use eventos_core::{
     Capabilities, DeliveryStream, Event, Publisher, Subscriber, Subscription, Transport,
@@ -53,6 +53,30 @@ fn url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
+/// The transport's options; `EVENTOS_AMQP_QUEUE_TYPE=classic` and
+/// `EVENTOS_AMQP_MODE=structured` run the suite on the other variants (each
+/// queue type in a namespace of its own, since a queue keeps its type).
+fn options() -> AmqpOptions {
+    let var = |name: &str| std::env::var(name).unwrap_or_default().to_ascii_lowercase();
+    let (queue_type, namespace) = match var("EVENTOS_AMQP_QUEUE_TYPE").as_str() {
+        "" | "quorum" => (QueueType::Quorum, "eventos-conformance"),
+        "classic" => (QueueType::Classic, "eventos-conformance-classic"),
+        other => panic!("EVENTOS_AMQP_QUEUE_TYPE={other:?}: use quorum or classic"),
+    };
+    let mode = match var("EVENTOS_AMQP_MODE").as_str() {
+        "" | "binary" => ContentMode::Binary,
+        "structured" => ContentMode::Structured,
+        other => panic!("EVENTOS_AMQP_MODE={other:?}: use binary or structured"),
+    };
+    AmqpOptions {
+        queue_type,
+        namespace: namespace.to_owned(),
+        mode,
+        queue_expires: Some(Duration::from_secs(15 * 60)),
+        ..AmqpOptions::default()
+    }
+}
+
 struct Amqp;
 
 impl Harness for Amqp {
@@ -64,11 +88,7 @@ impl Harness for Amqp {
         Box::pin(async {
             // Waits while a restart is under way.
             let _gate = CENSUS.gate.read().await;
-            let options = AmqpOptions {
-                namespace: "eventos-conformance".to_owned(),
-                queue_expires: Some(Duration::from_secs(15 * 60)),
-                ..AmqpOptions::default()
-            };
+            let options = options();
             let transport = AmqpTransport::connect(&url(), options)
                 .await
                 .unwrap_or_else(|e| panic!("{e} (set EVENTOS_AMQP_URL to use another broker)"));
