@@ -33,6 +33,10 @@ enum BenchTarget {
     /// embedded log, as a ratio of the disk's bound measured in the same
     /// run.
     Log(LogBenchArgs),
+    /// Confirmed publish and acked consume through eventos-amqp, as ratios
+    /// of raw lapin doing the same work on the same broker in the same run;
+    /// and publish -> router -> ack end to end.
+    Amqp(crate::bench_amqp::AmqpBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,6 +77,7 @@ const TOPIC: &str = "bench.events";
 pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.target {
         BenchTarget::Log(args) => log(args).await,
+        BenchTarget::Amqp(args) => crate::bench_amqp::run(args).await,
     }
 }
 

@@ -85,7 +85,7 @@ async fn a_broker_restart_mid_run_loses_nothing() {
     std::fs::write(
         &config,
         format!(
-            "[amqp]\nnamespace = \"{namespace}\"\n[antifraud]\nlatency_ms = [100, 400]\nmax_per_card = 100000\nmax_per_email = 100000\n[billing]\ngateway_latency_ms = [5, 20]\n"
+            "[amqp]\nnamespace = \"{namespace}\"\nqueue_expires_secs = 300\n[antifraud]\nlatency_ms = [100, 400]\nmax_per_card = 100000\nmax_per_email = 100000\n[billing]\ngateway_latency_ms = [5, 20]\n"
         ),
     )
     .unwrap();

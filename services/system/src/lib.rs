@@ -232,9 +232,23 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
     let metrics = prometheus().clone();
     let transport: Arc<dyn Transport> = match &config.transport {
         TransportKind::Amqp(url) => {
-            anyhow::bail!(
-                "the RabbitMQ transport is not built yet ({})",
-                redact_url(url)
+            let options = eventos_amqp::AmqpOptions {
+                namespace: config.amqp.namespace.clone(),
+                queue_type: match config.amqp.queue_type {
+                    AmqpQueueType::Quorum => eventos_amqp::QueueType::Quorum,
+                    AmqpQueueType::Classic => eventos_amqp::QueueType::Classic,
+                },
+                mode: match config.amqp.content_mode {
+                    AmqpContentMode::Binary => eventos_amqp::ContentMode::Binary,
+                    AmqpContentMode::Structured => eventos_amqp::ContentMode::Structured,
+                },
+                queue_expires: config.amqp.queue_expires_secs.map(Duration::from_secs),
+                ..eventos_amqp::AmqpOptions::default()
+            };
+            Arc::new(
+                eventos_amqp::AmqpTransport::connect(url, options)
+                    .await
+                    .with_context(|| format!("connecting to {}", redact_url(url)))?,
             )
         }
         TransportKind::Memory => Arc::new(eventos_memory::MemoryTransport::new()),

@@ -77,6 +77,10 @@ pub struct AmqpSettings {
     pub queue_type: AmqpQueueType,
     /// How events are published (both are read).
     pub content_mode: AmqpContentMode,
+    /// If set, RabbitMQ deletes a group's queue unused (no consumer) for
+    /// this many seconds, events and all: for disposable systems such as
+    /// tests, never for one whose queued work matters.
+    pub queue_expires_secs: Option<u64>,
 }
 
 impl Default for AmqpSettings {
@@ -85,6 +89,7 @@ impl Default for AmqpSettings {
             namespace: "eventos".into(),
             queue_type: AmqpQueueType::default(),
             content_mode: AmqpContentMode::default(),
+            queue_expires_secs: None,
         }
     }
 }
