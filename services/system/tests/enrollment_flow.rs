@@ -137,7 +137,13 @@ fn scan(path: &std::path::Path, found: &mut Vec<String>) {
             scan(&path, found);
             continue;
         }
-        let bytes = std::fs::read(&path).unwrap();
+        // A file can go between the listing and the read (a mail moved
+        // out of the server's tmp/, a database's -shm removed on close).
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("cannot read {}: {e}", path.display()),
+        };
         let text = String::from_utf8_lossy(&bytes);
         for card in ALL_CARDS {
             let digits = card.replace(' ', "");
