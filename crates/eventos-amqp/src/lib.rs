@@ -101,14 +101,17 @@
 //!
 //! **Ack, prefetch, cancellation.** Consumers ack manually; the prefetch
 //! (`basic.qos`) is [`Subscription::prefetch`]. An acker dropped unsettled
-//! nacks with requeue. A dropped stream cancels its consumer, and a publish
+//! nacks with requeue. A message that is not a CloudEvent in either mode
+//! (another producer's) is logged and rejected without requeue, since it
+//! would fail the same way forever. A dropped stream cancels its consumer, and a publish
 //! made afterwards on the same transport waits for RabbitMQ to confirm the
 //! cancellation, so it is never handed to the member that left.
 //!
 //! Resources are never deleted by the transport. [`AmqpOptions::queue_expires`]
 //! (`x-expires`, off by default) lets RabbitMQ remove group queues unused
-//! for that long; it suits test runs with unique names, not production
-//! groups, whose queue must outlive any pause.
+//! for that long; it suits disposable groups, not production ones, whose
+//! queue must outlive any pause. The tests use unique names and delete
+//! exactly the queues they caused instead.
 //!
 //! # Feature flags
 //!

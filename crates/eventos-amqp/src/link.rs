@@ -423,19 +423,20 @@ impl Shared {
         }
     }
 
-    /// Declares something once per connection, on a channel of its own so
-    /// a refusal does not close the publishing channel.
+    /// Declares something on a channel of its own, so a refusal does not
+    /// close the publishing channel; once per connection when `cache` holds.
     pub(crate) async fn declare_once<F, Fut>(
         &self,
         link: &Link,
         key: &str,
+        cache: bool,
         declare: F,
     ) -> Result<(), Failure>
     where
         F: FnOnce(Channel) -> Fut,
         Fut: Future<Output = Result<(), lapin::Error>>,
     {
-        if lock(&link.declared).contains(key) {
+        if cache && lock(&link.declared).contains(key) {
             return Ok(());
         }
         let what = format!("declaring {key:?}");
@@ -448,7 +449,9 @@ impl Shared {
             .await
             .map_err(|e| failure(&what, e))?;
         let _ = channel.close(200, "declared".into()).await;
-        lock(&link.declared).insert(key.to_owned());
+        if cache {
+            lock(&link.declared).insert(key.to_owned());
+        }
         Ok(())
     }
 
@@ -505,7 +508,7 @@ impl Shared {
                 AMQPValue::LongString(LongString::from("reject-publish")),
             );
         }
-        self.declare_once(link, &name.clone(), |ch| async move {
+        self.declare_once(link, &name.clone(), true, |ch| async move {
             ch.exchange_declare(
                 name.as_str().into(),
                 ExchangeKind::Fanout,
@@ -544,7 +547,9 @@ impl Shared {
         let exchange = self.names.exchange().to_owned();
         let args = self.queue_args();
         let routing = dlq_topic.to_owned();
-        self.declare_once(link, &queue.clone(), |ch| async move {
+        // Declared every time: dead letters are rare, and a queue with an
+        // `x-expires` may have gone since the last one.
+        self.declare_once(link, &queue.clone(), false, |ch| async move {
             ch.queue_declare(
                 queue.as_str().into(),
                 QueueDeclareOptions {

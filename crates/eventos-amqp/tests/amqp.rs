@@ -5,8 +5,8 @@
 //! Needs the RabbitMQ at `EVENTOS_AMQP_URL` (default
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`); without it these tests fail,
 //! they never skip. Queues the tests declare themselves are exclusive, so
-//! RabbitMQ removes them with the test's connection; the transport's own
-//! queues carry an `x-expires`.
+//! RabbitMQ removes them with the test's connection; each test deletes the
+//! transport's queues it caused, and only those, when it passes.
 
 use std::collections::HashSet;
 use std::process::Command;
@@ -22,6 +22,7 @@ use eventos_core::{
 use futures::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -42,7 +43,6 @@ fn options(mode: ContentMode) -> AmqpOptions {
     AmqpOptions {
         namespace: NAMESPACE.to_owned(),
         mode,
-        queue_expires: Some(Duration::from_secs(600)),
         ..AmqpOptions::default()
     }
 }
@@ -64,6 +64,21 @@ fn event() -> Event {
         .extension(ext::CORRELATION_ID, "corr-1")
         .and_then(|b| b.build())
         .unwrap()
+}
+
+/// Deletes queues this test caused the transport to declare.
+async fn delete_queues(queues: &[String]) {
+    let conn = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .expect("a connection for the clean-up");
+    let channel = conn.create_channel().await.unwrap();
+    for queue in queues {
+        channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    conn.close(200, "clean-up done".into()).await.unwrap();
 }
 
 /// A raw consumer of everything published to `topic`, on an exclusive queue.
@@ -225,6 +240,7 @@ async fn a_consumer_reads_both_content_modes() {
     }
     structured.close().await.unwrap();
     reader.close().await.unwrap();
+    delete_queues(&[reader.queue_name(&topic, "reader")]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,6 +278,7 @@ async fn a_retry_after_300ms_comes_back_no_sooner() {
     assert_eq!(last.attempt(), 5);
     last.ack().await.unwrap();
     amqp.close().await.unwrap();
+    delete_queues(&[amqp.queue_name(&topic, "g")]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,6 +334,7 @@ async fn a_copy_arriving_before_its_due_time_waits_for_the_rest() {
     assert_eq!(delivery.attempt(), 4);
     delivery.ack().await.unwrap();
     amqp.close().await.unwrap();
+    delete_queues(&[amqp.queue_name(&topic, "g")]).await;
 }
 
 #[test]
@@ -393,6 +411,7 @@ async fn publishing_to_a_topic_no_group_joined_reaches_no_one_and_succeeds() {
     assert_eq!(delivery.event().id(), after.id());
     delivery.ack().await.unwrap();
     amqp.close().await.unwrap();
+    delete_queues(&[amqp.queue_name(&topic, "late")]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,6 +447,11 @@ async fn dead_letters_wait_in_the_parked_queue() {
     );
     dead.ack().await.unwrap();
     amqp.close().await.unwrap();
+    delete_queues(&[
+        amqp.queue_name(&topic, "g"),
+        amqp.queue_name(&dead_letter_topic(&topic), PARKED_GROUP),
+    ])
+    .await;
 }
 
 fn rabbitmqctl(step: &str) {
@@ -500,4 +524,5 @@ async fn nothing_is_lost_while_the_broker_restarts() {
     publisher.await.unwrap();
     assert_eq!(seen, expected);
     amqp.close().await.unwrap();
+    delete_queues(&[amqp.queue_name(&topic, "g")]).await;
 }

@@ -6,9 +6,12 @@
 //! failure in CI.
 //!
 //! Every case's topics and groups have unique names, under the namespace
-//! `eventos-conformance`, and their queues carry a 15-minute `x-expires`
-//! so RabbitMQ removes what a run leaves behind; nothing is ever deleted
-//! by the tests, since the broker is shared.
+//! `eventos-conformance`. The broker is shared, so the run deletes exactly
+//! the queues its cases declared (each group's, and the parked dead-letter
+//! queue of each topic) once every case is over, and nothing else; the
+//! namespace's exchange and delay buckets stay for the next run. A run
+//! killed halfway leaves its queues behind, harmless under names no other
+//! run uses.
 //!
 //! The broker-restart case restarts the node's application with
 //! `rabbitmqctl stop_app`, `start_app` and `await_startup`. One restart at
@@ -18,18 +21,21 @@
 //! first holds back cases that have not opened their transport yet and
 //! waits, for a bounded time, for the running ones to close theirs.
 
+use std::collections::BTreeSet;
 use std::process::{Command, ExitCode};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventos_amqp::{AmqpOptions, AmqpTransport, ContentMode, QueueType};
+use eventos_amqp::{AmqpOptions, AmqpTransport, ContentMode, PARKED_GROUP, QueueType};
 use eventos_conformance::Harness;
 use eventos_core::{
     Capabilities, DeliveryStream, Event, Publisher, Subscriber, Subscription, Transport,
-    TransportError,
+    TransportError, dead_letter_topic, validate_name,
 };
 use futures::future::BoxFuture;
+use lapin::options::QueueDeleteOptions;
+use lapin::{Connection, ConnectionProperties};
 use tokio::sync::RwLock;
 
 /// How long a restart waits for other cases to close their transports.
@@ -41,6 +47,9 @@ struct Census {
     gate: RwLock<()>,
     restart: tokio::sync::Mutex<()>,
 }
+
+/// Every queue a case's subscription declared, deleted after the run.
+static DECLARED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 
 static CENSUS: Census = Census {
     open: AtomicUsize::new(0),
@@ -72,7 +81,6 @@ fn options() -> AmqpOptions {
         queue_type,
         namespace: namespace.to_owned(),
         mode,
-        queue_expires: Some(Duration::from_secs(15 * 60)),
         ..AmqpOptions::default()
     }
 }
@@ -171,6 +179,15 @@ impl Subscriber for Counted {
         &self,
         subscription: Subscription,
     ) -> BoxFuture<'_, Result<DeliveryStream, TransportError>> {
+        let (topic, group) = (&subscription.topic, &subscription.group);
+        if validate_name("topic", topic).is_ok() && validate_name("group", group).is_ok() {
+            let mut declared = DECLARED.lock().unwrap();
+            declared.insert(self.inner.queue_name(topic, group));
+            declared.insert(
+                self.inner
+                    .queue_name(&dead_letter_topic(topic), PARKED_GROUP),
+            );
+        }
         self.inner.subscribe(subscription)
     }
 }
@@ -193,6 +210,37 @@ impl Transport for Counted {
     }
 }
 
+/// Deletes the queues the run declared; a queue that is already gone
+/// counts as deleted.
+fn delete_declared() {
+    let queues = std::mem::take(&mut *DECLARED.lock().unwrap());
+    if queues.is_empty() {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for the clean-up");
+    let result = runtime.block_on(async {
+        let conn = Connection::connect(&url(), ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        for queue in &queues {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        conn.close(200, "clean-up done".into()).await
+    });
+    if let Err(e) = result {
+        eprintln!(
+            "note: could not delete the {} queues of this run: {e}",
+            queues.len()
+        );
+    }
+}
+
 fn main() -> ExitCode {
-    eventos_conformance::run(Amqp)
+    let code = eventos_conformance::run(Amqp);
+    delete_declared();
+    code
 }
