@@ -67,9 +67,9 @@
 //! message TTL from 3.10, and 3.10 added `x-dead-letter-strategy:
 //! at-least-once` for them, which keeps an expired message in its queue
 //! until the target queue has confirmed it; it requires `x-overflow:
-//! reject-publish` (and the `stream_queue` feature flag). Quorum delay
-//! buckets are declared that way, so a retry survives a broker restart or
-//! crash at any moment. Classic queues dead-letter at most once: a broker
+//! reject-publish` (without it RabbitMQ falls back to at-most-once).
+//! Quorum delay buckets are declared with both, so a retry survives a
+//! broker restart or crash at any moment. Classic queues dead-letter at most once: a broker
 //! crash in the instant of expiry can lose a retry, which is why quorum is
 //! the default. A dead letter ([`Outcome::DeadLetter`]) does not use broker
 //! dead-lettering at all: the transport publishes

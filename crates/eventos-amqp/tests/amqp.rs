@@ -526,3 +526,41 @@ async fn nothing_is_lost_while_the_broker_restarts() {
     amqp.close().await.unwrap();
     delete_queues(&[amqp.queue_name(&topic, "g")]).await;
 }
+
+/// A retry waiting in its delay bucket is stored by the broker, not held
+/// by the process: it comes back after a broker restart, still counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_retry_survives_a_broker_restart() {
+    const AFTER: Duration = Duration::from_secs(3);
+    let _broker = BROKER.write().await;
+    let amqp = transport(ContentMode::Binary).await;
+    let topic = unique("retry-restart");
+    let mut stream = amqp
+        .subscribe(Subscription::new(&topic, "g"))
+        .await
+        .unwrap();
+    let sent = event();
+    amqp.publish(&topic, vec![sent.clone()]).await.unwrap();
+    let called = Instant::now();
+    next(&mut stream).await.retry_after(AFTER).await.unwrap();
+    tokio::task::spawn_blocking(|| {
+        for step in ["stop_app", "start_app", "await_startup"] {
+            rabbitmqctl(step);
+        }
+    })
+    .await
+    .unwrap();
+    let again = loop {
+        match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+            Ok(Some(Ok(delivery))) => break delivery,
+            Ok(Some(Err(e))) => assert!(e.is_transient(), "{e}"),
+            other => panic!("the stream stopped: {other:?}"),
+        }
+    };
+    assert!(called.elapsed() >= AFTER, "{:?}", called.elapsed());
+    assert_eq!(again.event().id(), sent.id());
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.unwrap();
+    amqp.close().await.unwrap();
+    delete_queues(&[amqp.queue_name(&topic, "g")]).await;
+}
