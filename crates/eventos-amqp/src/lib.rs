@@ -69,13 +69,14 @@
 //! until the target queue has confirmed it; it requires `x-overflow:
 //! reject-publish` (without it RabbitMQ falls back to at-most-once).
 //! Quorum delay buckets are declared with both, so a retry survives a
-//! broker restart or crash at any moment. Classic queues dead-letter at most once: a broker
-//! crash in the instant of expiry can lose a retry, which is why quorum is
-//! the default. A dead letter ([`Outcome::DeadLetter`]) does not use broker
-//! dead-lettering at all: the transport publishes
-//! [`eventos_core::dead_letter_event`] (reason, attempts, topic, group in
-//! extensions) to [`eventos_core::dead_letter_topic`] `<topic>.dlq` with a
-//! confirm, then acks the original. So that no dead letter is dropped for
+//! broker restart or crash at any moment. Classic queues dead-letter at
+//! most once: a broker crash in the instant of expiry can lose a retry,
+//! which is why quorum is the default. A dead letter
+//! ([`Outcome::DeadLetter`]) does not use broker dead-lettering at all:
+//! the transport publishes [`eventos_core::dead_letter_event`] (reason,
+//! attempts, topic, group in extensions) to
+//! [`eventos_core::dead_letter_topic`] `<topic>.dlq` with a confirm, then
+//! acks the original. So that no dead letter is dropped for
 //! want of a queue, the transport first declares the queue of the
 //! [`PARKED_GROUP`] on `<topic>.dlq`, which keeps every dead letter of the
 //! topic until an operator subscribes to `<topic>.dlq` as that group;
@@ -103,9 +104,10 @@
 //! (`basic.qos`) is [`Subscription::prefetch`]. An acker dropped unsettled
 //! nacks with requeue. A message that is not a CloudEvent in either mode
 //! (another producer's) is logged and rejected without requeue, since it
-//! would fail the same way forever. A dropped stream cancels its consumer, and a publish
-//! made afterwards on the same transport waits for RabbitMQ to confirm the
-//! cancellation, so it is never handed to the member that left.
+//! would fail the same way forever. A dropped stream cancels its consumer,
+//! and a publish made afterwards on the same transport waits for RabbitMQ
+//! to confirm the cancellation, so it is never handed to the member that
+//! left.
 //!
 //! Resources are never deleted by the transport. [`AmqpOptions::queue_expires`]
 //! (`x-expires`, off by default) lets RabbitMQ remove group queues unused
@@ -116,8 +118,11 @@
 //! # Feature flags
 //!
 //! None. TLS (`amqps://`) uses rustls with the *ring* provider and the
-//! system's root certificates: lapin's default features are off because
-//! they build aws-lc (a C and CMake build), and OpenSSL is not used.
+//! system's root certificates (lapin features `rustls--ring` and
+//! `rustls-native-certs`): lapin's default features are off because they
+//! build aws-lc (a C and CMake build), and OpenSSL is not used. *ring*
+//! compiles a little C and assembly of its own, which the workspace
+//! already builds for lettre's TLS.
 
 mod codec;
 mod consumer;
