@@ -1,0 +1,139 @@
+//! What eventos publishes on RabbitMQ is read by a client that is not
+//! eventos: Python's pika with the official CloudEvents SDK (its AMQP
+//! binding), in binary and in structured mode. The SDK must see the same
+//! id, source, type, subject, time, extensions and data.
+//!
+//! `scripts/test-deps` sets up `target/interop-venv` with both; the test
+//! fails (never skips) when it or RabbitMQ is missing.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use eventos_amqp::{AmqpOptions, AmqpTransport, ContentMode};
+use eventos_core::{
+    Event, Publisher as _, StartFrom, Subscriber as _, Subscription, Transport as _,
+};
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn python() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join("target/interop-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test-deps first (it installs pika and the CloudEvents SDK)",
+        python.display()
+    );
+    python
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/interop/read_cloudevents.py")
+}
+
+async fn roundtrip(mode: ContentMode) {
+    let options = AmqpOptions {
+        namespace: format!("interop{}", uuid::Uuid::now_v7().simple()),
+        mode,
+        ..AmqpOptions::default()
+    };
+    let transport = AmqpTransport::connect(AMQP, options).await.unwrap();
+    let topic = "school.enrollment.payment_submitted";
+    // Declare the group's queue, then leave it to the Python reader.
+    drop(
+        transport
+            .subscribe(Subscription::new(topic, "python").start(StartFrom::Earliest))
+            .await
+            .unwrap(),
+    );
+    let json = Event::builder(
+        "/school/enrollment",
+        "school.enrollment.payment_submitted.v1",
+    )
+    .subject("enr-1")
+    .json(&serde_json::json!({"enrollment_id": "enr-1", "amount_cents": 49900, "currency": "EUR"}))
+    .unwrap()
+    .extension("correlationid", "corr-1")
+    .unwrap()
+    .build()
+    .unwrap();
+    let text = Event::builder("/school/contact", "school.contact.note.v1")
+        .data("text/plain", "olá, mundo")
+        .build()
+        .unwrap();
+    transport
+        .publish(topic, vec![json.clone(), text.clone()])
+        .await
+        .unwrap();
+    let queue = transport.queue_name(topic, "python");
+    transport.close().await.unwrap();
+    let reader_queue = queue.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg(script())
+            .args([AMQP, &reader_queue, "2", "20"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "the Python reader failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(read.len(), 2, "{read:?}");
+    let (a, b) = (&read[0], &read[1]);
+    assert_eq!(a["attributes"]["id"], json.id());
+    assert_eq!(a["attributes"]["specversion"], "1.0");
+    assert_eq!(a["attributes"]["source"], "/school/enrollment");
+    assert_eq!(
+        a["attributes"]["type"],
+        "school.enrollment.payment_submitted.v1"
+    );
+    assert_eq!(a["attributes"]["subject"], "enr-1");
+    assert_eq!(a["attributes"]["correlationid"], "corr-1");
+    assert_eq!(a["attributes"]["datacontenttype"], "application/json");
+    let sent = json.time().unwrap();
+    let got = chrono::DateTime::parse_from_rfc3339(a["attributes"]["time"].as_str().unwrap())
+        .unwrap()
+        .to_utc();
+    // Python's datetime keeps microseconds.
+    assert!(
+        (sent - got).num_microseconds().unwrap().abs() < 1,
+        "{sent} vs {got}"
+    );
+    assert_eq!(a["data"]["amount_cents"], 49900);
+    assert_eq!(b["attributes"]["id"], text.id());
+    assert_eq!(b["attributes"]["datacontenttype"], "text/plain");
+    assert_eq!(b["data"], "olá, mundo");
+
+    // The queue was this test's alone.
+    let connection = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(
+            queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_python_cloudevents_sdk_reads_binary_mode() {
+    roundtrip(ContentMode::Binary).await;
+}
+
+#[tokio::test]
+async fn the_python_cloudevents_sdk_reads_structured_mode() {
+    roundtrip(ContentMode::Structured).await;
+}
