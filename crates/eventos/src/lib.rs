@@ -75,7 +75,7 @@ pub use backoff::Backoff;
 pub use bus::{Bus, PublishError};
 pub use context::Context;
 pub use error::{BoxError, ErrorKind, HandlerError, ResultExt};
-pub use handler::{Typed, handler_fn, typed};
+pub use handler::{Typed, handler_fn, typed, typed_with};
 pub use message::Message;
 pub use router::{
     BoxHandler, Route, Router, RouterError, RouterStats, RunningRouter, StatsSnapshot, decide,

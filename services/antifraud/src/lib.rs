@@ -44,7 +44,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed};
+use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed_with};
 use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
 use rand::Rng as _;
 use school_events::{FraudCheckFailed, FraudCheckPassed, PaymentSubmitted, topics};
@@ -393,10 +393,12 @@ impl Antifraud {
             Route::new(
                 topics::PAYMENT_SUBMITTED,
                 GROUP,
-                typed(move |p: PaymentSubmitted, msg: Message| {
-                    let this = this.clone();
-                    async move { this.on_submitted(p, msg).await }
-                }),
+                typed_with(
+                    this,
+                    move |this, p: PaymentSubmitted, msg: Message| async move {
+                        this.on_submitted(p, msg).await
+                    },
+                ),
             )
             .concurrency(CONCURRENCY)
             .timeout(timeout),

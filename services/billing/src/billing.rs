@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use eventos::middleware::DeadLettered;
-use eventos::{Context, HandlerError, Message, ResultExt as _, Route, TypedEvent as _, typed};
+use eventos::{Context, HandlerError, Message, ResultExt as _, Route, TypedEvent as _, typed_with};
 use eventos_outbox::{KeyLocks, OutboxError, Store, enqueue, first_delivery};
 use school_events::{
     AcceptanceMode, FraudCheckFailed, FraudCheckPassed, PaymentCaptured, PaymentDeclined,
@@ -192,8 +192,7 @@ impl Billing {
     pub fn routes(&self) -> Vec<Route> {
         let submitted = {
             let this = self.clone();
-            typed(move |e: PaymentSubmitted, msg: Message| {
-                let this = this.clone();
+            typed_with(this, move |this, e: PaymentSubmitted, msg: Message| {
                 async move {
                     if e.mode != AcceptanceMode::Optimistic {
                         // Awaiting payment: charged once the fraud check passes.
@@ -205,8 +204,7 @@ impl Billing {
         };
         let passed = {
             let this = self.clone();
-            typed(move |e: FraudCheckPassed, msg: Message| {
-                let this = this.clone();
+            typed_with(this, move |this, e: FraudCheckPassed, msg: Message| {
                 async move {
                     if e.mode != AcceptanceMode::AwaitPayment {
                         // Optimistic: charged when it was submitted.
@@ -218,10 +216,12 @@ impl Billing {
         };
         let failed = {
             let this = self.clone();
-            typed(move |e: FraudCheckFailed, msg: Message| {
-                let this = this.clone();
-                async move { this.fraud_failed(&e, msg.event().id()).await }
-            })
+            typed_with(
+                this,
+                move |this, e: FraudCheckFailed, msg: Message| async move {
+                    this.fraud_failed(&e, msg.event().id()).await
+                },
+            )
         };
         let charge_given_up = |route: Route| {
             let this = self.clone();

@@ -18,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed};
+use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed_with};
 use eventos_outbox::{Store, enqueue, first_delivery};
 use school_events::{EmailDeferred, EmailFailed, EmailRequested, EmailSent, MailPurpose, topics};
 use school_http::{FieldError, MAX_BODY_BYTES, Problem, StrictJson, is_email, now_ms, rfc3339_ms};
@@ -211,24 +211,24 @@ impl Contact {
     pub fn routes(&self) -> Vec<Route> {
         let sent = {
             let this = self.clone();
-            typed(move |e: EmailSent, msg: Message| {
-                let this = this.clone();
-                async move { this.on_sent(e, msg).await }
+            typed_with(this, move |this, e: EmailSent, msg: Message| async move {
+                this.on_sent(e, msg).await
             })
         };
         let failed = {
             let this = self.clone();
-            typed(move |e: EmailFailed, msg: Message| {
-                let this = this.clone();
-                async move { this.on_failed(e, msg).await }
+            typed_with(this, move |this, e: EmailFailed, msg: Message| async move {
+                this.on_failed(e, msg).await
             })
         };
         let deferred = {
             let this = self.clone();
-            typed(move |e: EmailDeferred, msg: Message| {
-                let this = this.clone();
-                async move { this.on_deferred(e, msg).await }
-            })
+            typed_with(
+                this,
+                move |this, e: EmailDeferred, msg: Message| async move {
+                    this.on_deferred(e, msg).await
+                },
+            )
         };
         vec![
             Route::new(topics::MAIL_SENT, GROUP, sent),

@@ -45,7 +45,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::{get, post};
-use eventos::{Context, HandlerError, Message, ResultExt as _, Route, TypedEvent, typed};
+use eventos::{Context, HandlerError, Message, ResultExt as _, Route, TypedEvent, typed_with};
 use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
 use futures::Stream;
 use school_events::{
@@ -566,12 +566,9 @@ impl Enrollment {
             Route::new(
                 topic,
                 GROUP,
-                typed(move |e: T, msg: Message| {
-                    let this = this.clone();
-                    async move {
-                        let (id, what) = f(&e);
-                        this.apply(&msg, &id, what).await
-                    }
+                typed_with(this, move |this, e: T, msg: Message| async move {
+                    let (id, what) = f(&e);
+                    this.apply(&msg, &id, what).await
                 }),
             )
             .concurrency(32)

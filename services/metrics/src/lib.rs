@@ -34,7 +34,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use eventos::{HandlerError, Message, ResultExt as _, Route, TypedEvent, typed};
+use eventos::{HandlerError, Message, ResultExt as _, Route, TypedEvent, typed_with};
 use eventos_outbox::{OutboxError, Store, first_delivery};
 use school_events::{
     EnrollmentActivated, FraudCheckFailed, FraudCheckPassed, PaymentCaptured, PaymentDeclined,
@@ -223,9 +223,8 @@ impl Metrics {
         Route::new(
             topic,
             GROUP,
-            typed(move |e: E, msg: Message| {
-                let this = this.clone();
-                async move { this.record(&msg, observe(&e)).await }
+            typed_with(this, move |this, e: E, msg: Message| async move {
+                this.record(&msg, observe(&e)).await
             }),
         )
     }

@@ -17,7 +17,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::get;
-use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed};
+use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed_with};
 use eventos_outbox::{Store, enqueue, first_delivery};
 use futures::Stream;
 use school_events::{EmailFailed, EmailRequested, MailPurpose, topics};
@@ -115,9 +115,8 @@ impl Notifier {
         vec![Route::new(
             topics::MAIL_FAILURES,
             GROUP,
-            typed(move |e: EmailFailed, msg: Message| {
-                let this = this.clone();
-                async move { this.on_failed(e, msg).await }
+            typed_with(this, move |this, e: EmailFailed, msg: Message| async move {
+                this.on_failed(e, msg).await
             }),
         )]
     }
