@@ -14,7 +14,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -67,7 +67,7 @@ retry_cap_ms = 400
 }
 
 /// `eventos serve` for `services`; returns once it serves.
-fn serve(dir: &Path, config: &Path, services: &str, port: u16) -> Child {
+fn serve(dir: &Path, config: &Path, services: &str, port: u16) -> common::Serving {
     std::fs::create_dir_all(dir).unwrap();
     let log = std::fs::File::create(dir.join("eventos.log")).unwrap();
     common::spawn_serving(
@@ -151,8 +151,7 @@ async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut w1 = w1;
-    w1.kill().unwrap();
-    w1.wait().unwrap();
+    w1.kill();
     // What w1 had taken but not acknowledged goes back to the broker and on
     // to w2 at once. What w1 had committed to its own outbox but not yet
     // published waits for w1: a supervisor starts it again a little later,
@@ -210,9 +209,9 @@ async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
-    common::interrupt(w1);
-    common::interrupt(w2);
-    common::interrupt(api);
+    w1.interrupt();
+    w2.interrupt();
+    api.interrupt();
 
     // One capture per active enrollment in the shared ledger, none for the
     // others.

@@ -10,12 +10,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-fn serve(dir: &Path, config: &Path, services: &str, port: u16) -> Child {
+fn serve(dir: &Path, config: &Path, services: &str, port: u16) -> common::Serving {
     std::fs::create_dir_all(dir).unwrap();
     let log = std::fs::File::create(dir.join("eventos.log")).unwrap();
     common::spawn_serving(
@@ -147,6 +147,6 @@ async fn a_broker_restart_mid_run_loses_nothing() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    common::interrupt(worker);
-    common::interrupt(api);
+    worker.interrupt();
+    api.interrupt();
 }

@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -55,7 +55,7 @@ retry_cap_ms = 400
 
 /// Starts `eventos up`; returns once it serves, with its logs going to
 /// `log` (appended: both runs are scanned).
-fn up(dir: &Path, port: u16, smtp: &str, config: &Path, log: &Path) -> Child {
+fn up(dir: &Path, port: u16, smtp: &str, config: &Path, log: &Path) -> common::Serving {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -174,8 +174,7 @@ async fn sigkill_with_200_enrollments_in_flight_loses_nothing_and_charges_once()
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    first.kill().unwrap(); // SIGKILL
-    first.wait().unwrap();
+    first.kill(); // SIGKILL
     let mut ids: BTreeMap<usize, String> = BTreeMap::new();
     for (i, task) in tasks.into_iter().enumerate() {
         if let Some(id) = task.await.unwrap() {
@@ -276,7 +275,7 @@ async fn sigkill_with_200_enrollments_in_flight_loses_nothing_and_charges_once()
 
     // Stop cleanly, then look at the gateway's ledger: money was taken once
     // per active enrollment and never for the others.
-    common::interrupt(second);
+    second.interrupt();
     let gateway = school_billing::SimulatedGateway::open(&data.join("gateway.db"), [0, 0])
         .await
         .unwrap();

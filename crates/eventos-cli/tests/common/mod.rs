@@ -14,28 +14,53 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
+/// A running `eventos` process, killed if the test ends (or panics)
+/// without stopping it, so no process outlives its test and keeps
+/// consuming from a shared broker.
+pub(crate) struct Serving(Option<Child>);
+
+impl Serving {
+    /// SIGKILL, and wait for it to be gone.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Ctrl-C; it must drain and exit cleanly.
+    pub(crate) fn interrupt(mut self) {
+        let mut child = self.0.take().unwrap();
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "exit {status}");
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Spawns `command` (an `eventos up` or `serve`) with its stdout piped and
 /// returns once it prints that it serves. Its stdout keeps being read, so
 /// its shutdown lines have a reader.
-pub(crate) fn spawn_serving(command: &mut Command, what: &str) -> Child {
+pub(crate) fn spawn_serving(command: &mut Command, what: &str) -> Serving {
     let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     for line in lines.by_ref() {
         if line.unwrap().starts_with("Ctrl-C") {
             std::thread::spawn(move || lines.for_each(drop));
-            return child;
+            return Serving(Some(child));
         }
     }
     let status = child.wait().unwrap();
     panic!("{what} exited before serving ({status})");
-}
-
-/// Ctrl-C for `child`; it must drain and exit cleanly.
-pub(crate) fn interrupt(mut child: Child) {
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "exit {status}");
 }
