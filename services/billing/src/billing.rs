@@ -190,39 +190,30 @@ impl Billing {
     /// it can still succeed: its dead-letter hook retries it, and if that
     /// fails too the router redelivers it later.
     pub fn routes(&self) -> Vec<Route> {
-        let submitted = {
-            let this = self.clone();
-            typed_with(this, move |this, e: PaymentSubmitted, msg: Message| {
-                async move {
-                    if e.mode != AcceptanceMode::Optimistic {
-                        // Awaiting payment: charged once the fraud check passes.
-                        return Ok(());
-                    }
-                    this.charge(&e.enrollment_id, &e.payment, &msg).await
+        let submitted = typed_with(self.clone(), |this, e: PaymentSubmitted, msg: Message| {
+            async move {
+                if e.mode != AcceptanceMode::Optimistic {
+                    // Awaiting payment: charged once the fraud check passes.
+                    return Ok(());
                 }
-            })
-        };
-        let passed = {
-            let this = self.clone();
-            typed_with(this, move |this, e: FraudCheckPassed, msg: Message| {
-                async move {
-                    if e.mode != AcceptanceMode::AwaitPayment {
-                        // Optimistic: charged when it was submitted.
-                        return Ok(());
-                    }
-                    this.charge(&e.enrollment_id, &e.payment, &msg).await
+                this.charge(&e.enrollment_id, &e.payment, &msg).await
+            }
+        });
+        let passed = typed_with(self.clone(), |this, e: FraudCheckPassed, msg: Message| {
+            async move {
+                if e.mode != AcceptanceMode::AwaitPayment {
+                    // Optimistic: charged when it was submitted.
+                    return Ok(());
                 }
-            })
-        };
-        let failed = {
-            let this = self.clone();
-            typed_with(
-                this,
-                move |this, e: FraudCheckFailed, msg: Message| async move {
-                    this.fraud_failed(&e, msg.event().id()).await
-                },
-            )
-        };
+                this.charge(&e.enrollment_id, &e.payment, &msg).await
+            }
+        });
+        let failed = typed_with(
+            self.clone(),
+            |this, e: FraudCheckFailed, msg: Message| async move {
+                this.fraud_failed(&e, msg.event().id()).await
+            },
+        );
         let charge_given_up = |route: Route| {
             let this = self.clone();
             route.on_dead_letter(move |failed: DeadLettered| {

@@ -209,27 +209,18 @@ impl Contact {
 
     /// The event routes: follow the mail of each message.
     pub fn routes(&self) -> Vec<Route> {
-        let sent = {
-            let this = self.clone();
-            typed_with(this, move |this, e: EmailSent, msg: Message| async move {
-                this.on_sent(e, msg).await
-            })
-        };
-        let failed = {
-            let this = self.clone();
-            typed_with(this, move |this, e: EmailFailed, msg: Message| async move {
-                this.on_failed(e, msg).await
-            })
-        };
-        let deferred = {
-            let this = self.clone();
-            typed_with(
-                this,
-                move |this, e: EmailDeferred, msg: Message| async move {
-                    this.on_deferred(e, msg).await
-                },
-            )
-        };
+        let sent = typed_with(
+            self.clone(),
+            |this, e: EmailSent, msg: Message| async move { this.on_sent(e, msg).await },
+        );
+        let failed = typed_with(
+            self.clone(),
+            |this, e: EmailFailed, msg: Message| async move { this.on_failed(e, msg).await },
+        );
+        let deferred = typed_with(
+            self.clone(),
+            |this, e: EmailDeferred, msg: Message| async move { this.on_deferred(e, msg).await },
+        );
         vec![
             Route::new(topics::MAIL_SENT, GROUP, sent),
             Route::new(topics::MAIL_FAILURES, GROUP, failed),
