@@ -21,6 +21,7 @@ use axum::routing::{get, post};
 use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed_with};
 use eventos_outbox::{Store, enqueue, first_delivery};
 use school_events::{EmailDeferred, EmailFailed, EmailRequested, EmailSent, MailPurpose, topics};
+pub use school_http::TimelineEntry;
 use school_http::{FieldError, MAX_BODY_BYTES, Problem, StrictJson, is_email, now_ms, rfc3339_ms};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
@@ -77,23 +78,6 @@ pub struct Accepted {
     pub id: String,
     /// `queued`.
     pub status: String,
-}
-
-/// One entry of a message's timeline.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct TimelineEntry {
-    /// The CloudEvents type, or `received`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// RFC 3339 time.
-    pub time: String,
-    /// The service that produced it.
-    pub service: String,
-    /// The delivery attempt it came from.
-    pub attempt: u32,
-    /// More about it (an error, a reason).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
 }
 
 /// The answer to `GET /contact/{id}`.

@@ -53,6 +53,7 @@ use school_events::{
     EnrollmentRejected, FraudCheckFailed, FraudCheckPassed, MailPurpose, PaymentCaptured,
     PaymentDeclined, PaymentDetails, PaymentRefunded, PaymentSubmitted, Student, topics,
 };
+pub use school_http::TimelineEntry;
 use school_http::{FieldError, MAX_BODY_BYTES, Problem, StrictJson, is_email, now_ms, rfc3339_ms};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
@@ -143,23 +144,6 @@ pub struct Accepted {
     pub status: String,
     /// What to tell the student.
     pub message: String,
-}
-
-/// One entry of an enrollment's timeline.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct TimelineEntry {
-    /// The CloudEvents type of the event.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// RFC 3339 time it was recorded.
-    pub time: String,
-    /// The service that produced it.
-    pub service: String,
-    /// The delivery attempt it came from.
-    pub attempt: u32,
-    /// More about it (a score, a reason, an error).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
 }
 
 /// The payment as `GET /enrollments/{id}` shows it.

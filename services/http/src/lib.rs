@@ -181,6 +181,24 @@ fn problem_for(rejection: &JsonRejection) -> Problem {
     }
 }
 
+/// One entry of a timeline (`GET /contact/{id}`, `GET /enrollments/{id}`):
+/// an event that touched the entity, as the API shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct TimelineEntry {
+    /// The CloudEvents type of the event (or `received`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// RFC 3339 time it was recorded.
+    pub time: String,
+    /// The service that produced it.
+    pub service: String,
+    /// The delivery attempt it came from.
+    pub attempt: u32,
+    /// More about it (a score, a reason, an error).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
 /// Milliseconds since the Unix epoch: how the services store times.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
