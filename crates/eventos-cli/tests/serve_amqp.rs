@@ -212,6 +212,7 @@ async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
     w1.interrupt();
     w2.interrupt();
     api.interrupt();
+    common::delete_namespace(AMQP, &namespace).await;
 
     // One capture per active enrollment in the shared ledger, none for the
     // others.

@@ -149,4 +149,5 @@ async fn a_broker_restart_mid_run_loses_nothing() {
     }
     worker.interrupt();
     api.interrupt();
+    common::delete_namespace(AMQP, &namespace).await;
 }
