@@ -299,7 +299,8 @@ fn payload() -> Vec<u8> {
     p
 }
 
-fn bench_event(payload: &Bytes) -> Event {
+/// The event every bench publishes: a fixed payload, a fresh id.
+pub(crate) fn bench_event(payload: &Bytes) -> Event {
     Event::builder("/eventos/bench", "bench.event.v1")
         .data("application/json", payload.clone())
         .build()

@@ -18,6 +18,8 @@ use eventos::{HandlerError, Message, Route, Router, Transport};
 use eventos_amqp::{AmqpOptions, AmqpTransport, QueueType};
 use eventos_core::{Bytes, Event, StartFrom, Subscription};
 use futures::StreamExt as _;
+
+use crate::bench::bench_event;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -55,13 +57,6 @@ pub(crate) struct AmqpBenchArgs {
 const PAYLOAD_BYTES: usize = 64;
 const TOPIC: &str = "bench.events";
 const CASE_LIMIT: Duration = Duration::from_secs(600);
-
-fn bench_event(payload: &Bytes) -> Event {
-    Event::builder("/eventos/bench", "bench.event.v1")
-        .data("application/json", payload.clone())
-        .build()
-        .expect("the bench event is valid")
-}
 
 /// What the raw baseline publishes: the body and headers eventos-amqp
 /// writes in binary mode, so both sides move the same bytes.

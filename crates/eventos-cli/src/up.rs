@@ -42,7 +42,7 @@ pub(crate) struct UpArgs {
     /// process dies), or a RabbitMQ URL such as
     /// amqp://guest:guest@127.0.0.1:5672/%2f (services may then run in
     /// several processes: see `eventos serve`).
-    #[arg(long, env = "EVENTOS_TRANSPORT", value_parser = parse_transport)]
+    #[arg(long, env = "EVENTOS_TRANSPORT")]
     transport: Option<TransportKind>,
     /// How enrollments are answered [default: await-payment].
     #[arg(long, env = "EVENTOS_MODE", value_enum)]
@@ -110,10 +110,6 @@ Test cards of the simulated gateway (any future expiry, any CVV):
   4000 0000 0000 0119  gateway timeout twice, then approved
   4100 0000 0000 0019  refused by anti-fraud (BIN on the deny list)";
 
-fn parse_transport(s: &str) -> Result<TransportKind, String> {
-    s.parse()
-}
-
 fn parse_smtp(url: &str) -> Result<String, String> {
     if url.starts_with("smtp://") || url.starts_with("smtps://") {
         Ok(url.to_owned())
@@ -171,14 +167,10 @@ pub(crate) struct ServeArgs {
     /// The services this process runs, comma-separated: enrollment,
     /// antifraud, billing, metrics, contact, mailer, notifier (or all).
     /// Over RabbitMQ, processes running the same service share its work.
-    #[arg(long, env = "EVENTOS_SERVICES", value_parser = parse_services)]
+    #[arg(long, env = "EVENTOS_SERVICES")]
     services: Services,
     #[command(flatten)]
     up: UpArgs,
-}
-
-fn parse_services(s: &str) -> Result<Services, String> {
-    s.parse()
 }
 
 pub(crate) async fn up(args: UpArgs) -> anyhow::Result<()> {
