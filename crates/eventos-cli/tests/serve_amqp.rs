@@ -14,12 +14,10 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const ENROLLMENTS: usize = 500;
 
 fn card_of(i: usize) -> (&'static str, &'static str) {
@@ -66,23 +64,6 @@ retry_cap_ms = 400
     path
 }
 
-/// `eventos serve` for `services`; returns once it serves.
-fn serve(dir: &Path, config: &Path, services: &str, port: u16) -> common::Serving {
-    std::fs::create_dir_all(dir).unwrap();
-    let log = std::fs::File::create(dir.join("eventos.log")).unwrap();
-    common::spawn_serving(
-        Command::new(env!("CARGO_BIN_EXE_eventos"))
-            .args(["serve", "--transport", AMQP, "--services", services])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--config")
-            .arg(config)
-            .stderr(log),
-        &format!("eventos serve {services}"),
-    )
-}
-
 async fn count(db: &Path, sql: &str) -> i64 {
     let url = format!("sqlite://{}?mode=ro", db.display());
     let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
@@ -98,15 +79,15 @@ async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
     let namespace = format!("t{}", uuid::Uuid::now_v7().simple());
     let config = settings(dir.path(), &namespace);
     let port = common::free_port();
-    let api = serve(&dir.path().join("api"), &config, "enrollment,contact", port);
+    let api = common::serve_amqp(&dir.path().join("api"), &config, "enrollment,contact", port);
     let workers = "antifraud,billing,metrics,mailer,notifier";
-    let w1 = serve(
+    let w1 = common::serve_amqp(
         &dir.path().join("w1"),
         &config,
         workers,
         common::free_port(),
     );
-    let w2 = serve(
+    let w2 = common::serve_amqp(
         &dir.path().join("w2"),
         &config,
         workers,
@@ -167,7 +148,7 @@ async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
     }
     eprintln!("events committed by the killed worker but not yet published: {stranded}");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let w1 = serve(
+    let w1 = common::serve_amqp(
         &dir.path().join("w1"),
         &config,
         workers,
@@ -212,7 +193,7 @@ async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
     w1.interrupt();
     w2.interrupt();
     api.interrupt();
-    common::delete_namespace(AMQP, &namespace).await;
+    common::delete_namespace(common::AMQP, &namespace).await;
 
     // One capture per active enrollment in the shared ledger, none for the
     // others.

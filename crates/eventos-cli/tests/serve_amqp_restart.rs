@@ -9,27 +9,8 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-fn serve(dir: &Path, config: &Path, services: &str, port: u16) -> common::Serving {
-    std::fs::create_dir_all(dir).unwrap();
-    let log = std::fs::File::create(dir.join("eventos.log")).unwrap();
-    common::spawn_serving(
-        Command::new(env!("CARGO_BIN_EXE_eventos"))
-            .args(["serve", "--transport", AMQP, "--services", services])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--config")
-            .arg(config)
-            .stderr(log),
-        &format!("eventos serve {services}"),
-    )
-}
 
 fn rabbitmqctl(args: &[&str]) {
     let out = Command::new("rabbitmqctl").args(args).output().unwrap();
@@ -91,8 +72,8 @@ async fn a_broker_restart_mid_run_loses_nothing() {
     .unwrap();
     let port = common::free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let api = serve(&dir.path().join("api"), &config, "enrollment,contact", port);
-    let worker = serve(
+    let api = common::serve_amqp(&dir.path().join("api"), &config, "enrollment,contact", port);
+    let worker = common::serve_amqp(
         &dir.path().join("worker"),
         &config,
         "antifraud,billing,metrics,mailer,notifier",
@@ -149,5 +130,5 @@ async fn a_broker_restart_mid_run_loses_nothing() {
     }
     worker.interrupt();
     api.interrupt();
-    common::delete_namespace(AMQP, &namespace).await;
+    common::delete_namespace(common::AMQP, &namespace).await;
 }

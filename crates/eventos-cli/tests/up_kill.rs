@@ -110,29 +110,6 @@ async fn submit(http: &reqwest::Client, base: &str, i: usize) -> Option<String> 
     Some(json["id"].as_str()?.to_owned())
 }
 
-fn scan(path: &Path, found: &mut Vec<String>) {
-    for entry in std::fs::read_dir(path).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            scan(&path, found);
-            continue;
-        }
-        // A file can go between the listing and the read (a mail moved
-        // out of the server's tmp/, a database's -shm removed on close).
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => panic!("cannot read {}: {e}", path.display()),
-        };
-        let text = String::from_utf8_lossy(&bytes);
-        for (card, _) in CARDS {
-            if text.contains(&card.replace(' ', "")) || text.contains(card) {
-                found.push(format!("{} holds {card}", path.display()));
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_with_200_enrollments_in_flight_loses_nothing_and_charges_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -298,10 +275,14 @@ async fn sigkill_with_200_enrollments_in_flight_loses_nothing_and_charges_once()
     }
 
     // No card number anywhere: data directory, logs, mail.
-    let mut found = Vec::new();
-    scan(&data, &mut found);
-    scan(&smtp.maildir(), &mut found);
-    scan(dir.path(), &mut found);
+    let needles: Vec<String> = CARDS
+        .iter()
+        .flat_map(|(c, _)| [c.to_string(), c.replace(' ', "")])
+        .collect();
+    let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+    let mut found = school_testkit::files_containing(&data, &needles);
+    found.extend(school_testkit::files_containing(&smtp.maildir(), &needles));
+    found.extend(school_testkit::files_containing(dir.path(), &needles));
     assert!(found.is_empty(), "card numbers kept: {found:#?}");
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(

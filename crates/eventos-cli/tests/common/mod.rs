@@ -65,6 +65,33 @@ pub(crate) fn spawn_serving(command: &mut Command, what: &str) -> Serving {
     panic!("{what} exited before serving ({status})");
 }
 
+/// The RabbitMQ every broker test talks to.
+pub(crate) const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// `eventos serve --services <services>` over [`AMQP`] with the settings
+/// file `config`, its data in `dir` and its log in `dir/eventos.log`;
+/// returns once it serves.
+pub(crate) fn serve_amqp(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    services: &str,
+    port: u16,
+) -> Serving {
+    std::fs::create_dir_all(dir).unwrap();
+    let log = std::fs::File::create(dir.join("eventos.log")).unwrap();
+    spawn_serving(
+        Command::new(env!("CARGO_BIN_EXE_eventos"))
+            .args(["serve", "--transport", AMQP, "--services", services])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--config")
+            .arg(config)
+            .stderr(log),
+        &format!("eventos serve {services}"),
+    )
+}
+
 /// Deletes what a test's namespace left on the shared RabbitMQ: its group
 /// queues, its delay-bucket queues and their exchanges, and its exchange.
 /// Group queues would expire by themselves; delay buckets would not, and a
