@@ -13,6 +13,8 @@
 //!   exits by itself if the test process dies.
 //! * [`ReceivedMail`] — a message as received (or written to an `.eml`
 //!   file), parsed into the headers and body a test asserts on.
+//! * [`files_containing`] — what a run left on disk that holds a given
+//!   text (the card-number scans).
 //!
 //! # The decision that shaped it
 //!
@@ -32,7 +34,9 @@
 //! No feature flags.
 
 mod mail;
+mod scan;
 mod smtp;
 
 pub use mail::{Envelope, MailParseError, Mailbox, ReceivedMail};
+pub use scan::files_containing;
 pub use smtp::{Mode, SmtpServer};
