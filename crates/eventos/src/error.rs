@@ -9,8 +9,13 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// Whether trying again can help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
-    /// A dependency is down, a timeout, a conflict: retry with backoff.
+    /// A timeout, a conflict, a refusal for now: retry with backoff.
     Transient,
+    /// A dependency every delivery needs is down (connection refused, no
+    /// route, the service says it is unavailable): transient, and what a
+    /// [`CircuitBreakerLayer`](crate::middleware::CircuitBreakerLayer)
+    /// counts. The failure is the dependency's, not the message's.
+    Unavailable,
     /// Bad input, a broken invariant: retrying cannot help; dead-letter now.
     Permanent,
 }
@@ -35,6 +40,12 @@ impl HandlerError {
         Self::new(ErrorKind::Transient, source)
     }
 
+    /// A failure because a dependency every delivery needs is down: retried
+    /// like [`HandlerError::transient`], and counted by the circuit breaker.
+    pub fn unavailable(source: impl Into<BoxError>) -> Self {
+        Self::new(ErrorKind::Unavailable, source)
+    }
+
     /// A failure that retrying cannot fix.
     pub fn permanent(source: impl Into<BoxError>) -> Self {
         Self::new(ErrorKind::Permanent, source)
@@ -50,14 +61,19 @@ impl HandlerError {
         }
     }
 
-    /// Transient or permanent.
+    /// Transient, unavailable or permanent.
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }
 
-    /// Whether retrying may help.
+    /// Whether retrying may help: transient and unavailable failures.
     pub fn is_transient(&self) -> bool {
-        self.kind == ErrorKind::Transient
+        self.kind != ErrorKind::Permanent
+    }
+
+    /// Whether a dependency every delivery needs is down.
+    pub fn is_unavailable(&self) -> bool {
+        self.kind == ErrorKind::Unavailable
     }
 
     /// The underlying error.

@@ -19,8 +19,8 @@ use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt as _};
 
 use crate::middleware::{
-    CatchPanicLayer, DeadLetterHook, DeadLetterLayer, MetricsLayer, RetryLayer, RetryPolicy,
-    TimeoutLayer, TraceLayer,
+    Breaker, CatchPanicLayer, CircuitBreakerLayer, DeadLetterHook, DeadLetterLayer, MetricsLayer,
+    RetryLayer, RetryPolicy, TimeoutLayer, TraceLayer,
 };
 use crate::{Backoff, HandlerError, Message};
 
@@ -72,6 +72,7 @@ pub struct Route {
     timeout: Option<Duration>,
     concurrency: usize,
     dead_letter: Option<DeadLetterLayer>,
+    breaker: Option<CircuitBreakerLayer>,
     start: StartFrom,
 }
 
@@ -82,13 +83,14 @@ impl std::fmt::Debug for Route {
             .field("group", &self.group)
             .field("timeout", &self.timeout)
             .field("concurrency", &self.concurrency)
+            .field("circuit_breaker", &self.breaker)
             .finish_non_exhaustive()
     }
 }
 
 impl Route {
     /// A route with the defaults: [`Backoff::default`] retries, no timeout,
-    /// 16 deliveries at once, no dead-letter hook.
+    /// 16 deliveries at once, no dead-letter hook, no circuit breaker.
     pub fn new<S>(topic: impl Into<String>, group: impl Into<String>, handler: S) -> Self
     where
         S: Service<Message, Response = (), Error = HandlerError> + Clone + Send + 'static,
@@ -102,6 +104,7 @@ impl Route {
             timeout: None,
             concurrency: 16,
             dead_letter: None,
+            breaker: None,
             start: StartFrom::Earliest,
         }
     }
@@ -151,6 +154,18 @@ impl Route {
         self
     }
 
+    /// Pauses the route while its handler's dependency is unavailable
+    /// ([`HandlerError::unavailable`]): after `policy.failures_to_open`
+    /// such failures in a row the route takes no deliveries, probes with
+    /// one now and then, and resumes when a probe gets through. Queued
+    /// events keep their attempts meanwhile. See
+    /// [`CircuitBreakerLayer`].
+    #[must_use]
+    pub fn circuit_breaker(mut self, policy: Breaker) -> Self {
+        self.breaker = Some(CircuitBreakerLayer::new(policy));
+        self
+    }
+
     /// Where the group starts if it does not exist yet.
     #[must_use]
     pub fn start_from(mut self, start: StartFrom) -> Self {
@@ -178,6 +193,7 @@ impl Route {
             .layer(TraceLayer)
             .option_layer(self.dead_letter)
             .option_layer(self.retry)
+            .option_layer(self.breaker)
             .option_layer(self.timeout.map(TimeoutLayer::new))
             .layer(CatchPanicLayer)
             .service(self.handler);
@@ -502,6 +518,24 @@ impl Consumer {
                 permit = permits.clone().acquire_owned() => permit,
             };
             let Ok(permit) = permit else { break };
+            // Readiness before a delivery is taken: a stack that is not
+            // ready (an open circuit) pauses the route while the events
+            // wait in the transport, attempts untouched.
+            let mut ready = service.clone();
+            let readiness = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => break,
+                readiness = ready.ready() => readiness.map(drop),
+            };
+            if let Err(e) = readiness {
+                tracing::warn!(topic = %self.topic, group = %self.group, error = %e, "handler not ready; trying again");
+                tokio::select! {
+                    () = self.stop.cancelled() => break,
+                    () = tokio::time::sleep(error_pause) => {}
+                }
+                error_pause = (error_pause * 2).min(Duration::from_secs(5));
+                continue;
+            }
             let next = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => break,
@@ -510,10 +544,9 @@ impl Consumer {
             match next {
                 Some(Ok(delivery)) => {
                     error_pause = Duration::from_millis(50);
-                    let service = service.clone();
                     let stats = self.stats.clone();
                     tasks.spawn(async move {
-                        handle(service, delivery, stats).await;
+                        handle(ready, delivery, stats).await;
                         drop(permit);
                     });
                 }
@@ -577,10 +610,11 @@ impl Consumer {
     }
 }
 
-async fn handle(service: BoxHandler, delivery: Delivery, stats: Arc<RouterStats>) {
+/// Runs `service`, already ready, on one delivery and settles it.
+async fn handle(mut service: BoxHandler, delivery: Delivery, stats: Arc<RouterStats>) {
     let (event, info, settlement) = delivery.into_parts();
     let message = Message::new(event, info);
-    let result = service.oneshot(message).await;
+    let result = service.call(message).await;
     let outcome = decide(&result);
     stats.record(&outcome);
     let label = outcome.label();

@@ -1,10 +1,10 @@
 //! The router and its middleware, end to end over the memory transport.
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventos::middleware::DeadLettered;
+use eventos::middleware::{Breaker, DeadLettered};
 use eventos::{
     Backoff, Bus, Event, HandlerError, Message, Publisher, Route, Router, RouterError, StartFrom,
     Subscriber, Subscription, Transport, TypedEvent, dead_letter_topic, ext, handler_fn, typed,
@@ -616,4 +616,148 @@ fn metrics_count_outcomes() {
         .into_iter()
         .collect()
     );
+}
+
+/// A handler whose dependency is down while `down` is set; it records the
+/// attempt on which each job got through.
+fn flaky_dependency(
+    down: Arc<AtomicBool>,
+    calls: Arc<AtomicU32>,
+    through: Arc<Mutex<Vec<(u32, u32)>>>,
+) -> eventos::BoxHandler {
+    eventos::BoxHandler::new(typed(move |job: Job, msg: Message| {
+        let (down, calls, through) = (down.clone(), calls.clone(), through.clone());
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            if down.load(Ordering::SeqCst) {
+                return Err(HandlerError::unavailable("connection refused"));
+            }
+            through.lock().unwrap().push((job.n, msg.attempt()));
+            Ok(())
+        }
+    }))
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_longer_than_the_retry_budget_pauses_the_route_and_loses_nothing() {
+    let (transport, bus) = setup();
+    let down = Arc::new(AtomicBool::new(true));
+    let calls = Arc::new(AtomicU32::new(0));
+    let through = Arc::new(Mutex::new(Vec::new()));
+    let checks = Arc::new(AtomicU32::new(0));
+    let (up, checked) = (down.clone(), checks.clone());
+    let breaker = Breaker::default()
+        .failures_to_open(3)
+        .pauses(Duration::from_millis(100), Duration::from_secs(1))
+        .probe(move || {
+            checked.fetch_add(1, Ordering::SeqCst);
+            let answered = !up.load(Ordering::SeqCst);
+            async move { answered }
+        });
+    // Three attempts within 200 ms: without the breaker every job would
+    // be dead-lettered long before the outage ends.
+    let running = Router::new(transport.clone())
+        .route(
+            Route::new(
+                "jobs",
+                "worker",
+                flaky_dependency(down.clone(), calls.clone(), through.clone()),
+            )
+            .retry(fast_backoff(3))
+            .concurrency(4)
+            .circuit_breaker(breaker),
+        )
+        .start()
+        .await
+        .unwrap();
+    let events = (0..200)
+        .map(|n| bus.event(&Job { n }).unwrap())
+        .collect::<Vec<_>>();
+    bus.publish("jobs", events).await.unwrap();
+
+    // Ten minutes down.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let during = calls.load(Ordering::SeqCst);
+    assert!(
+        during <= 3 + 4,
+        "the route stopped trying after the circuit opened: {during} calls"
+    );
+    assert!(
+        checks.load(Ordering::SeqCst) >= 590,
+        "probed about every second while down"
+    );
+    assert_eq!(running.stats().snapshot().dead_lettered, 0);
+
+    down.store(false, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while running.stats().snapshot().acked < 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not all jobs went through after the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(running.stats().snapshot().dead_lettered, 0);
+    running.shutdown().await.unwrap();
+    let through = through.lock().unwrap();
+    let mut jobs: Vec<u32> = through.iter().map(|(n, _)| *n).collect();
+    jobs.sort_unstable();
+    assert_eq!(jobs, (0..200).collect::<Vec<_>>(), "every job once");
+    assert!(
+        through.iter().all(|(_, attempt)| *attempt <= 2),
+        "no job spent more than the one attempt that opened the circuit"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_check_one_delivery_probes_and_the_route_resumes() {
+    let (transport, bus) = setup();
+    let down = Arc::new(AtomicBool::new(true));
+    let calls = Arc::new(AtomicU32::new(0));
+    let through = Arc::new(Mutex::new(Vec::new()));
+    let running = Router::new(transport.clone())
+        .route(
+            Route::new(
+                "jobs",
+                "worker",
+                flaky_dependency(down.clone(), calls.clone(), through.clone()),
+            )
+            .retry(Backoff::new(
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+                50,
+            ))
+            .concurrency(1)
+            .circuit_breaker(
+                Breaker::default()
+                    .failures_to_open(2)
+                    .pauses(Duration::from_secs(1), Duration::from_secs(8)),
+            ),
+        )
+        .start()
+        .await
+        .unwrap();
+    let events = (0..20)
+        .map(|n| bus.event(&Job { n }).unwrap())
+        .collect::<Vec<_>>();
+    bus.publish("jobs", events).await.unwrap();
+    // 60 s down: 2 failures open it, then probes at 1, 2, 4, 8, 8, ... s.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let during = calls.load(Ordering::SeqCst);
+    assert!(
+        (2 + 5..=2 + 10).contains(&during),
+        "two failures then a probe every few seconds: {during}"
+    );
+    down.store(false, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while running.stats().snapshot().acked < 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the route did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(running.stats().snapshot().dead_lettered, 0);
+    running.shutdown().await.unwrap();
+    assert_eq!(through.lock().unwrap().len(), 20, "every job once");
 }
