@@ -73,9 +73,14 @@ Settings file (--config eventos.toml), every key optional, defaults shown:
 
   [mail]
   school_inbox = \"admissions@school.example\"
-  retry_base_ms = 1000              # retries: exponential, full jitter
-  retry_cap_ms = 60000
-  max_attempts = 6
+  retry_base_ms = 1000              # retries: exponential, full jitter;
+  retry_cap_ms = 7200000            # a mail refused every time is given
+  max_attempts = 40                 # up about a day after its first try
+  breaker_failures = 5              # unreachable tries in a row that pause
+  breaker_first_pause_ms = 1000     # the mailer; it then checks the server
+  breaker_max_pause_ms = 60000      # (no mail tried) until it answers
+  still_trying_after_ms = 3600000   # the sender of a contact message still
+                                    # not sent is told once it is late
 
   [enrollment]
   mode = \"await_payment\"            # or \"optimistic\"

@@ -6,6 +6,10 @@
 //! and answers `202 Accepted` — the caller never waits for SMTP. The
 //! service then follows the mail: [`EmailSent`] marks the message `sent`,
 //! [`EmailFailed`] marks it `failed` (the notifier tells the student).
+//! A message that has not gone out [`ContactConfig::still_trying_after`]
+//! after it was accepted (the mail server is down, say) gets one
+//! [`ContactMessageDelayed`]: the notifier tells the student it is late, not
+//! lost ([`Contact::run_delay_notices`]).
 //! `GET /contact/{id}` shows the status and the timeline of every event that
 //! touched the message.
 //!
@@ -13,14 +17,18 @@
 //! gives back an HTTP router and event routes; the binary wires them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed_with};
+use eventos::{Context, HandlerError, Message, ResultExt as _, Route, TypedEvent as _, typed_with};
 use eventos_outbox::{Store, enqueue, first_delivery};
-use school_events::{EmailDeferred, EmailFailed, EmailRequested, EmailSent, MailPurpose, topics};
+use school_events::{
+    ContactMessageDelayed, EmailDeferred, EmailFailed, EmailRequested, EmailSent, MailPurpose,
+    topics,
+};
 pub use school_http::TimelineEntry;
 use school_http::{FieldError, MAX_BODY_BYTES, Problem, StrictJson, is_email, now_ms, rfc3339_ms};
 use serde::{Deserialize, Serialize};
@@ -40,15 +48,23 @@ pub const GROUP: &str = "contact";
 pub struct ContactConfig {
     /// Where contact messages are mailed.
     pub school_inbox: String,
+    /// How long after a message is accepted its sender is told, once, that
+    /// it has not gone out yet and is still being tried.
+    pub still_trying_after: Duration,
 }
 
 impl Default for ContactConfig {
+    /// Mail to `admissions@school.example`; "still trying" after an hour.
     fn default() -> Self {
         Self {
             school_inbox: "admissions@school.example".into(),
+            still_trying_after: Duration::from_secs(3600),
         }
     }
 }
+
+/// Most messages one sweep notices; the next sweep takes the rest.
+const DELAY_SWEEP_BATCH: i64 = 500;
 
 /// The contact service.
 #[derive(Debug, Clone)]
@@ -210,6 +226,94 @@ impl Contact {
             Route::new(topics::MAIL_FAILURES, GROUP, failed),
             Route::new(topics::MAIL_DEFERRED, GROUP, deferred),
         ]
+    }
+
+    /// Tells the sender of every message still not sent
+    /// [`ContactConfig::still_trying_after`] after it was accepted, once
+    /// per message, until `shutdown` completes: a sweep every quarter of
+    /// that window (between 50 ms and 30 s). The notice is decided here,
+    /// not by the mailer, because while the mail server is down the mailer
+    /// is paused and tries nothing: only the contact service knows how long
+    /// each message has been waiting.
+    pub async fn run_delay_notices(self, shutdown: impl std::future::Future<Output = ()>) {
+        let every = (self.config.still_trying_after / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(30));
+        tokio::pin!(shutdown);
+        loop {
+            match self.notice_delayed().await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(
+                        messages = n,
+                        "late contact messages; their senders are told"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot look for late contact messages; retrying");
+                }
+            }
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// One sweep of [`Contact::run_delay_notices`]: marks the late
+    /// messages, adds the entry to their timelines and enqueues their
+    /// [`ContactMessageDelayed`], all in one transaction. Returns how many.
+    ///
+    /// # Errors
+    ///
+    /// If the database fails; nothing is marked then.
+    pub async fn notice_delayed(&self) -> Result<usize, eventos::BoxError> {
+        let now = now_ms();
+        let window = i64::try_from(self.config.still_trying_after.as_millis()).unwrap_or(i64::MAX);
+        let mut tx = self.store.begin().await?;
+        let late = sqlx::query(
+            "SELECT id, email, subject, created_ms FROM contact_messages \
+             WHERE delayed_ms IS NULL AND status NOT IN ('sent', 'failed') AND created_ms <= ? \
+             ORDER BY created_ms LIMIT ?",
+        )
+        .bind(now.saturating_sub(window))
+        .bind(DELAY_SWEEP_BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        if late.is_empty() {
+            return Ok(0);
+        }
+        for row in &late {
+            let id: String = row.get("id");
+            let waiting_ms = u64::try_from(now - row.get::<i64, _>("created_ms")).unwrap_or(0);
+            sqlx::query("UPDATE contact_messages SET delayed_ms = ? WHERE id = ?")
+                .bind(now)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            let detail = format!(
+                "not sent after {} s; still trying, the sender is told",
+                waiting_ms / 1000
+            );
+            timeline(
+                &mut tx,
+                &id,
+                ContactMessageDelayed::TYPE,
+                GROUP,
+                0,
+                Some(&detail),
+            )
+            .await?;
+            let delayed = ContactMessageDelayed {
+                message_id: id.clone(),
+                email: row.get("email"),
+                subject: row.get("subject"),
+                waiting_ms,
+            };
+            let event = Context::new_event(SOURCE, &delayed)?;
+            enqueue(&mut tx, topics::CONTACT_DELAYED, &event).await?;
+        }
+        self.store.commit(tx).await?;
+        Ok(late.len())
     }
 
     async fn accept(&self, m: NewMessage) -> Result<Accepted, Problem> {

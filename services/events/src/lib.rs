@@ -22,6 +22,9 @@ pub mod topics {
     /// A mail attempt that failed and will be retried:
     /// [`EmailDeferred`](super::EmailDeferred).
     pub const MAIL_DEFERRED: &str = "school.mail.deferred";
+    /// A contact message still not sent after the first window:
+    /// [`ContactMessageDelayed`](super::ContactMessageDelayed).
+    pub const CONTACT_DELAYED: &str = "school.contact.delayed";
 
     /// A student asked to enroll and pay:
     /// [`PaymentSubmitted`](super::PaymentSubmitted).
@@ -153,6 +156,29 @@ impl TypedEvent for EmailDeferred {
     const TYPE: &'static str = "school.mail.email_deferred.v1";
     fn subject(&self) -> Option<String> {
         Some(self.about.clone())
+    }
+}
+
+/// A contact message has not reached the school within the first window
+/// and is still being tried: the sender can be told, honestly, that it is
+/// late and not lost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContactMessageDelayed {
+    /// The message.
+    pub message_id: String,
+    /// Who sent it.
+    pub email: String,
+    /// Its subject.
+    pub subject: String,
+    /// How long it has been waiting, ms.
+    pub waiting_ms: u64,
+}
+
+impl TypedEvent for ContactMessageDelayed {
+    const TYPE: &'static str = "school.contact.message_delayed.v1";
+    fn subject(&self) -> Option<String> {
+        Some(self.message_id.clone())
     }
 }
 

@@ -28,6 +28,7 @@ pub struct MailerConfig {
     pub(crate) from: String,
     pub(crate) smtp_timeout: Duration,
     pub(crate) attempt_timeout: Duration,
+    pub(crate) breaker: eventos::middleware::Breaker,
 }
 
 impl std::fmt::Debug for MailerConfig {
@@ -38,6 +39,7 @@ impl std::fmt::Debug for MailerConfig {
             .field("from", &self.from)
             .field("smtp_timeout", &self.smtp_timeout)
             .field("attempt_timeout", &self.attempt_timeout)
+            .field("breaker", &self.breaker)
             .finish()
     }
 }
@@ -53,6 +55,7 @@ impl MailerConfig {
             from: DEFAULT_FROM.to_owned(),
             smtp_timeout: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(25),
+            breaker: default_breaker(),
         }
     }
 
@@ -90,6 +93,16 @@ impl MailerConfig {
         self
     }
 
+    /// When the route pauses because the SMTP server is down for every
+    /// mail, and how often it checks whether the server is back (see
+    /// [`default_breaker`]). The probe is the mailer's own check (connect
+    /// and `NOOP`), so no mail spends an attempt while the server is down.
+    #[must_use]
+    pub fn circuit_breaker(mut self, breaker: eventos::middleware::Breaker) -> Self {
+        self.breaker = breaker;
+        self
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
@@ -115,6 +128,15 @@ impl MailerConfig {
 
 /// `scheme://host:port` of an SMTP URL: no user, password or query, so it
 /// can be logged.
+/// The mailer's circuit breaker: 5 mails in a row that find the server
+/// unreachable pause the route; it checks the server after 1 s, then 2, 4,
+/// … up to every 60 s, and resumes on the first answer.
+pub fn default_breaker() -> eventos::middleware::Breaker {
+    eventos::middleware::Breaker::default()
+        .failures_to_open(5)
+        .pauses(Duration::from_secs(1), Duration::from_secs(60))
+}
+
 pub(crate) fn redact_url(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");

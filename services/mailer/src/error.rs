@@ -99,11 +99,15 @@ impl MailerError {
             | MailerError::InvalidMail { .. }
             | MailerError::SmtpPermanent { .. }
             | MailerError::Event(_) => ErrorKind::Permanent,
+            // No answer, or "421 service not available": the server is
+            // down for every mail, not refusing this one; the route's
+            // circuit breaker pauses on it.
+            MailerError::SmtpUnreachable { .. } => ErrorKind::Unavailable,
+            MailerError::SmtpTransient { source, .. } if is_421(source) => ErrorKind::Unavailable,
             // A file system or database failure (disk full, locked, a
             // storage hiccup) may well pass: retry rather than lose mail.
             MailerError::DataDir { .. }
             | MailerError::SmtpTransient { .. }
-            | MailerError::SmtpUnreachable { .. }
             | MailerError::File { .. }
             | MailerError::Store(_) => ErrorKind::Transient,
         }
@@ -111,7 +115,7 @@ impl MailerError {
 
     /// Whether retrying can help.
     pub fn is_transient(&self) -> bool {
-        self.kind() == ErrorKind::Transient
+        self.kind() != ErrorKind::Permanent
     }
 
     /// Classifies lettre's error for `mail_id`: 4xx transient, 5xx
@@ -139,6 +143,11 @@ impl MailerError {
             }
         }
     }
+}
+
+/// "421 Service not available, closing transmission channel" (RFC 5321).
+fn is_421(e: &SmtpError) -> bool {
+    e.status().is_some_and(|code| code.to_string() == "421")
 }
 
 impl From<MailerError> for HandlerError {

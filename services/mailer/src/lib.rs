@@ -43,10 +43,10 @@
 //!   5xx, and a server that is down now may be up soon. A request that can
 //!   never be sent (a bad address or mail id) is permanent.
 //! * **Retries follow [`default_backoff`]:** exponential with full jitter,
-//!   base 1 s, cap 60 s, 6 attempts — waits of up to 1, 2, 4, 8 and 16 s,
-//!   so a mail is given up about half a minute after its first try at the
-//!   latest. Retries are stored by the transport, not slept. Each attempt
-//!   is limited to [`MailerConfig::attempt_timeout`] (25 s), below the
+//!   base 1 s, cap 2 h, 40 attempts, so a mail that keeps being refused is
+//!   given up about a day after its first try. Retries are stored by the
+//!   transport, not slept. Each attempt is limited to
+//!   [`MailerConfig::attempt_timeout`] (25 s), below the
 //!   embedded log's 30 s visibility timeout, so a hung server never gets a
 //!   mail handed to two consumers at once.
 //! * **Each mail is sent once as far as the mailer can tell.** Its own
@@ -61,6 +61,13 @@
 //!   transaction commits makes the retry send it again. SMTP cannot be asked
 //!   whether it already took a message, so delivery stays at-least-once;
 //!   the repeated mail carries the same `Message-ID: <mail_id@eventos>`.
+//! * **A server that is down pauses the route.** No answer at all, or
+//!   `421`, is [unavailable](eventos::HandlerError::unavailable): after five
+//!   in a row the route's circuit breaker ([`default_breaker`]) stops
+//!   taking mail and checks the server (connect, `NOOP`) after 1 s, 2 s, …
+//!   up to every minute; the first answer resumes it. Queued mail keeps its
+//!   attempts however long the outage, so an outage of hours makes no one
+//!   hear that their message failed.
 //! * **Every failed try is an event too.** A transient failure that will be
 //!   retried enqueues [`EmailDeferred`](school_events::EmailDeferred) on
 //!   [`topics::MAIL_DEFERRED`] (the attempt and the error), so a timeline
@@ -87,7 +94,7 @@ use eventos::middleware::DeadLettered;
 use eventos::{Backoff, HandlerError, Message, Route, typed};
 use school_events::{EmailRequested, topics};
 
-pub use config::{DEFAULT_FROM, MailerConfig};
+pub use config::{DEFAULT_FROM, MailerConfig, default_breaker};
 pub use error::{MailerError, SmtpError};
 pub use mailer::{Delivered, Mailer, Reported};
 
@@ -99,18 +106,29 @@ pub const GROUP: &str = "mailer";
 pub const SOURCE: &str = "/school/mailer";
 
 /// The mailer's retry policy: exponential backoff with full jitter, base
-/// 1 s, cap 60 s, 6 attempts in all (the first included).
+/// 1 s, cap 2 h, 40 attempts in all (the first included). The ceilings add
+/// up to 54 h and the jitter draws each pause below its ceiling, so a mail
+/// that keeps failing is given up about a day after its first try (27 h on
+/// average). An outage of the server itself does not spend these attempts:
+/// the route's circuit breaker pauses it ([`default_breaker`]).
 pub fn default_backoff() -> Backoff {
-    Backoff::new(Duration::from_secs(1), Duration::from_secs(60), 6)
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(2 * 3600), 40)
 }
 
 /// The route that consumes [`topics::MAIL_REQUESTS`] as group [`GROUP`]:
 /// [`Mailer::deliver`] for each request, retried per `policy` (usually
 /// [`default_backoff`]), each attempt limited to the configured
-/// [`attempt_timeout`](MailerConfig::attempt_timeout), and
-/// [`Mailer::on_dead_letter`] as the dead-letter hook.
+/// [`attempt_timeout`](MailerConfig::attempt_timeout),
+/// [`Mailer::on_dead_letter`] as the dead-letter hook, and the configured
+/// [circuit breaker](MailerConfig::circuit_breaker) probing with
+/// [`Mailer::reachable`].
 pub fn route(mailer: Mailer, policy: Backoff) -> Route {
     let attempt_timeout = mailer.config().attempt_timeout;
+    let prober = mailer.clone();
+    let breaker = mailer.config().breaker.clone().probe(move || {
+        let mailer = prober.clone();
+        async move { mailer.reachable().await }
+    });
     let max_attempts = policy.max_attempts();
     let ceiling = policy;
     let hook = mailer.clone();
@@ -139,6 +157,7 @@ pub fn route(mailer: Mailer, policy: Backoff) -> Route {
     )
     .retry(policy)
     .timeout(attempt_timeout)
+    .circuit_breaker(breaker)
     .on_dead_letter(move |failed: DeadLettered| {
         let mailer = hook.clone();
         async move {

@@ -142,6 +142,13 @@ impl Mailer {
         Ok(found.is_some())
     }
 
+    /// Whether mail can go out now (the SMTP server answers, or mail is
+    /// written to files): the circuit breaker's probe while the route is
+    /// paused.
+    pub async fn reachable(&self) -> bool {
+        self.inner.outbound.reachable().await
+    }
+
     /// Sends `request` unless its mail was already sent; `attempt` is the
     /// delivery attempt, reported in `EmailSent`.
     ///

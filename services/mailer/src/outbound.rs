@@ -61,6 +61,21 @@ impl Outbound {
     }
 
     /// Sends `message`.
+    /// Whether mail can go out now: the SMTP server accepts a connection
+    /// and answers `NOOP`; files can always be written to.
+    pub(crate) async fn reachable(&self) -> bool {
+        match self {
+            Outbound::Smtp { transport, server } => match transport.test_connection().await {
+                Ok(answered) => answered,
+                Err(e) => {
+                    tracing::debug!(%server, error = %e, "smtp server still unreachable");
+                    false
+                }
+            },
+            Outbound::Files { .. } => true,
+        }
+    }
+
     pub(crate) async fn send(&self, mail_id: &str, message: Message) -> Result<(), MailerError> {
         match self {
             Outbound::Smtp { transport, server } => transport

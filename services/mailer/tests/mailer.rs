@@ -487,10 +487,23 @@ async fn dead_letter_reaction_is_reported_once_and_fails_loudly_without_its_data
 }
 
 #[test]
-fn default_backoff_is_six_attempts_of_up_to_1_2_4_8_16_seconds() {
+fn default_backoff_outlasts_a_day_of_refusals_on_average() {
     let policy = default_backoff();
-    let ceilings: Vec<u64> = (1..6).map(|a| policy.ceiling(a).as_secs()).collect();
-    assert_eq!(ceilings, [1, 2, 4, 8, 16]);
-    assert_eq!(policy.cap, Duration::from_secs(60));
-    assert_eq!(policy.delay(6, &mut rand::rng()), None, "6 attempts in all");
+    let ceilings: Vec<Duration> = (1..40).map(|a| policy.ceiling(a)).collect();
+    assert_eq!(ceilings[..4], [1, 2, 4, 8].map(Duration::from_secs));
+    assert_eq!(
+        ceilings[39 - 1],
+        Duration::from_secs(2 * 3600),
+        "capped at 2 h"
+    );
+    // Full jitter draws each pause uniformly below its ceiling.
+    let most: Duration = ceilings.iter().sum();
+    let mean = most / 2;
+    assert!(most > Duration::from_secs(54 * 3600), "{most:?}");
+    assert!(mean > Duration::from_secs(26 * 3600), "{mean:?}");
+    assert_eq!(
+        policy.delay(40, &mut rand::rng()),
+        None,
+        "40 attempts in all"
+    );
 }

@@ -7,6 +7,11 @@
 //! to a student itself fails, the notification is recorded and nothing more
 //! is mailed — a failing address must not start a loop of failure mail.
 //!
+//! On [`ContactMessageDelayed`] — a message still not sent after the
+//! contact service's first window — it records a "still trying" notice and
+//! mails nothing: the mail server is what is failing, and the final word
+//! (sent, or failed with a mail) comes later.
+//!
 //! The service names no transport: it takes a `Store` and gives back an HTTP
 //! router and event routes.
 
@@ -20,7 +25,7 @@ use axum::routing::get;
 use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed_with};
 use eventos_outbox::{Store, enqueue, first_delivery};
 use futures::Stream;
-use school_events::{EmailFailed, EmailRequested, MailPurpose, topics};
+use school_events::{ContactMessageDelayed, EmailFailed, EmailRequested, MailPurpose, topics};
 use school_http::{FieldError, Problem, is_email, now_ms, rfc3339_ms};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
@@ -42,7 +47,8 @@ pub struct Notification {
     pub id: String,
     /// Whom it is for.
     pub email: String,
-    /// `contact_message_failed` or `notice_failed`.
+    /// `contact_message_failed`, `contact_message_delayed` or
+    /// `notice_failed`.
     pub kind: String,
     /// The entity it is about.
     pub about: String,
@@ -111,14 +117,26 @@ impl Notifier {
 
     /// The event route: react to failed mail.
     pub fn routes(&self) -> Vec<Route> {
-        let this = self.clone();
-        vec![Route::new(
-            topics::MAIL_FAILURES,
-            GROUP,
-            typed_with(this, move |this, e: EmailFailed, msg: Message| async move {
-                this.on_failed(e, msg).await
-            }),
-        )]
+        vec![
+            Route::new(
+                topics::MAIL_FAILURES,
+                GROUP,
+                typed_with(
+                    self.clone(),
+                    |this, e: EmailFailed, msg: Message| async move { this.on_failed(e, msg).await },
+                ),
+            ),
+            Route::new(
+                topics::CONTACT_DELAYED,
+                GROUP,
+                typed_with(
+                    self.clone(),
+                    |this, e: ContactMessageDelayed, msg: Message| async move {
+                        this.on_delayed(e, msg).await
+                    },
+                ),
+            ),
+        ]
     }
 
     /// Notifications for `email`, newest last.
@@ -146,6 +164,23 @@ impl Notifier {
                 created_at: rfc3339_ms(r.get("created_ms")),
             })
             .collect())
+    }
+
+    async fn on_delayed(&self, e: ContactMessageDelayed, msg: Message) -> Result<(), HandlerError> {
+        let text = format!(
+            "Your message \"{}\" has not reached the school yet: the school's mail server is not taking mail right now. We keep trying and will tell you here if it finally fails.",
+            e.subject
+        );
+        let email = e.email.trim().to_ascii_lowercase();
+        self.notify(
+            &msg,
+            email,
+            "contact_message_delayed",
+            e.message_id,
+            text,
+            None,
+        )
+        .await
     }
 
     async fn on_failed(&self, e: EmailFailed, msg: Message) -> Result<(), HandlerError> {
@@ -177,6 +212,20 @@ impl Notifier {
                 None,
             ),
         };
+        self.notify(&msg, email, kind, e.about, text, mail).await
+    }
+
+    /// Records a notification, once per event, and the mail about it if
+    /// any, in one transaction; then tells live listeners.
+    async fn notify(
+        &self,
+        msg: &Message,
+        email: String,
+        kind: &str,
+        about: String,
+        text: String,
+        mail: Option<EmailRequested>,
+    ) -> Result<(), HandlerError> {
         let mut tx = self.store.begin().await.transient()?;
         if !first_delivery(&mut tx, GROUP, msg.event().id())
             .await
@@ -188,7 +237,7 @@ impl Notifier {
             id: uuid::Uuid::now_v7().to_string(),
             email,
             kind: kind.into(),
-            about: e.about.clone(),
+            about,
             text,
             emailed: mail.is_some(),
             created_at: rfc3339_ms(now_ms()),

@@ -147,6 +147,12 @@ pub struct SystemConfig {
     pub smtp: Option<String>,
     /// The mailer's retry policy.
     pub mail_retry: eventos::Backoff,
+    /// When the mailer pauses for an unreachable SMTP server, and how often
+    /// it checks whether it is back.
+    pub mail_breaker: eventos::middleware::Breaker,
+    /// How long after a contact message is accepted its sender is told it
+    /// has not gone out yet.
+    pub still_trying_after: Duration,
     /// The enrollment service.
     pub enrollment: EnrollmentConfig,
     /// The anti-fraud service.
@@ -168,6 +174,8 @@ impl SystemConfig {
             shutdown_timeout: Duration::from_secs(10),
             smtp: None,
             mail_retry: school_mailer::default_backoff(),
+            mail_breaker: school_mailer::default_breaker(),
+            still_trying_after: ContactConfig::default().still_trying_after,
             enrollment: EnrollmentConfig::default(),
             antifraud: AntifraudConfig::default(),
             billing: BillingConfig::default(),
@@ -282,6 +290,7 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
     let mut routes: Vec<Route> = Vec::new();
     let mut http = axum::Router::new();
     let mut payment_metrics: Option<Metrics> = None;
+    let mut delay_notices: Option<school_contact::Contact> = None;
     for service in config.services.iter() {
         match service {
             Service::Enrollment => {
@@ -344,16 +353,19 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                     store("contact").await?,
                     ContactConfig {
                         school_inbox: config.school_inbox.clone(),
+                        still_trying_after: config.still_trying_after,
                     },
                 )
                 .await
                 .context("migrating the contact database")?;
                 stores.push(contact.store().clone());
+                delay_notices = Some(contact.clone());
                 routes.extend(contact.routes());
                 http = http.merge(contact.http());
             }
             Service::Mailer => {
-                let mut mail_config = school_mailer::MailerConfig::new(&config.data_dir);
+                let mut mail_config = school_mailer::MailerConfig::new(&config.data_dir)
+                    .circuit_breaker(config.mail_breaker.clone());
                 if let Some(url) = &config.smtp {
                     mail_config = mail_config.smtp_url(url.clone());
                 }
@@ -388,6 +400,10 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
         let relay = Relay::new(store, transport.clone());
         let stop = stop.clone();
         relays.spawn(async move { relay.run(stop.cancelled_owned()).await });
+    }
+    if let Some(contact) = delay_notices {
+        let stop = stop.clone();
+        relays.spawn(async move { contact.run_delay_notices(stop.cancelled_owned()).await });
     }
 
     let ready = Arc::new(AtomicBool::new(true));

@@ -30,17 +30,38 @@ pub struct MailSettings {
     pub retry_cap_ms: u64,
     /// Attempts in all, the first included.
     pub max_attempts: u32,
+    /// Mails in a row that find the SMTP server unreachable before the
+    /// mailer pauses and checks the server instead of trying mail.
+    pub breaker_failures: u32,
+    /// The first check of a paused mailer, ms after it paused.
+    pub breaker_first_pause_ms: u64,
+    /// The longest pause between checks, ms.
+    pub breaker_max_pause_ms: u64,
+    /// How long after a contact message is accepted its sender is told it
+    /// has not gone out yet (once), ms.
+    pub still_trying_after_ms: u64,
 }
 
 impl Default for MailSettings {
     fn default() -> Self {
+        let retry = school_mailer::default_backoff();
+        let breaker = school_mailer::default_breaker();
+        let contact = school_contact::ContactConfig::default();
         Self {
-            school_inbox: school_contact::ContactConfig::default().school_inbox,
-            retry_base_ms: 1_000,
-            retry_cap_ms: 60_000,
-            max_attempts: 6,
+            school_inbox: contact.school_inbox,
+            retry_base_ms: millis(retry.base),
+            retry_cap_ms: millis(retry.cap),
+            max_attempts: retry.max_attempts,
+            breaker_failures: breaker.threshold(),
+            breaker_first_pause_ms: millis(breaker.first_pause()),
+            breaker_max_pause_ms: millis(breaker.max_pause()),
+            still_trying_after_ms: millis(contact.still_trying_after),
         }
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Which kind of queue holds a group's events on RabbitMQ.
@@ -195,6 +216,13 @@ impl Settings {
             Duration::from_millis(self.mail.retry_cap_ms),
             self.mail.max_attempts,
         );
+        config.mail_breaker = eventos::middleware::Breaker::default()
+            .failures_to_open(self.mail.breaker_failures)
+            .pauses(
+                Duration::from_millis(self.mail.breaker_first_pause_ms),
+                Duration::from_millis(self.mail.breaker_max_pause_ms),
+            );
+        config.still_trying_after = Duration::from_millis(self.mail.still_trying_after_ms);
         config.amqp = self.amqp;
         config.enrollment = self.enrollment;
         config.antifraud = self.antifraud;

@@ -1,10 +1,13 @@
 //! The contact flow end to end: HTTP → contact → log → mailer → a real SMTP
 //! server (aiosmtpd) → back to the contact timeline; and, when mail finally
-//! fails, the notifier's notice.
+//! fails, the notifier's notice; and an SMTP outage far longer than the
+//! whole retry budget, during which nothing is given up.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use eventos::Backoff;
+use eventos::middleware::Breaker;
+use futures::StreamExt as _;
 use school_system::{System, SystemConfig, start};
 use school_testkit::{Mode, SmtpServer};
 
@@ -13,6 +16,10 @@ async fn system(dir: &std::path::Path, smtp: &SmtpServer) -> System {
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.smtp = Some(smtp.url());
     config.mail_retry = Backoff::new(Duration::from_millis(100), Duration::from_millis(400), 5);
+    // These tests follow one message's own retries; the circuit breaker
+    // (which would pause the mailer after a few unreachable tries) has its
+    // own test below.
+    config.mail_breaker = Breaker::default().failures_to_open(1000);
     start(config).await.unwrap()
 }
 
@@ -224,5 +231,110 @@ async fn smtp_down_throughout_shows_growing_retries_then_the_notification() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    system.shutdown().await.unwrap();
+}
+
+/// The SMTP server is down for 40 s — longer than the whole default retry
+/// budget before the circuit breaker (about 31 s), and some 35 times the
+/// budget configured here (at most 1.1 s) — with 200 messages queued. The
+/// mailer pauses after three unreachable tries and checks the server
+/// instead; every sender is told once that their message is late; when
+/// the server is back every message goes out, and nobody hears that their
+/// message failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_smtp_outage_longer_than_the_retry_budget_loses_no_message() {
+    const MESSAGES: usize = 200;
+    const OUTAGE: Duration = Duration::from_secs(40);
+    let dir = tempfile::tempdir().unwrap();
+    let mut smtp = SmtpServer::start();
+    smtp.stop();
+    let mut config = SystemConfig::new(dir.path());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.smtp = Some(smtp.url());
+    config.mail_retry = Backoff::new(Duration::from_millis(100), Duration::from_millis(400), 5);
+    config.mail_breaker = Breaker::default()
+        .failures_to_open(3)
+        .pauses(Duration::from_millis(100), Duration::from_secs(2));
+    config.still_trying_after = Duration::from_secs(3);
+    let system = start(config).await.unwrap();
+    let base = format!("http://{}", system.addr());
+    let outage_ends = Instant::now() + OUTAGE;
+
+    let ids: Vec<String> = futures::stream::iter(0..MESSAGES)
+        .map(|_| submit(&base))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert_eq!(ids.len(), MESSAGES);
+
+    // Every sender hears, once, that the message is late; none that it
+    // failed.
+    let delayed = loop {
+        let list = notifications(&base).await;
+        let failed = list
+            .iter()
+            .filter(|n| n["kind"] == "contact_message_failed")
+            .count();
+        assert_eq!(failed, 0, "a message was given up during the outage");
+        let delayed = list
+            .iter()
+            .filter(|n| n["kind"] == "contact_message_delayed")
+            .count();
+        if delayed == MESSAGES {
+            break list;
+        }
+        assert!(
+            Instant::now() < outage_ends,
+            "{delayed} of {MESSAGES} senders told by the end of the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        delayed[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("We keep trying")
+    );
+    assert!(
+        !delayed[0]["emailed"].as_bool().unwrap(),
+        "no mail about a mail server that is down"
+    );
+
+    // The rest of the outage: still nothing given up.
+    while Instant::now() < outage_ends {
+        let failed = notifications(&base)
+            .await
+            .iter()
+            .filter(|n| n["kind"] == "contact_message_failed")
+            .count();
+        assert_eq!(failed, 0, "a message was given up during the outage");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    smtp.restart();
+
+    let mails = smtp.wait_for(MESSAGES, Duration::from_secs(60)).await;
+    assert_eq!(mails.len(), MESSAGES, "every message reached the school");
+    for id in &ids {
+        let view = status_becomes(&base, id, "sent").await;
+        let timeline = view["timeline"].as_array().unwrap();
+        let kinds: Vec<&str> = timeline
+            .iter()
+            .map(|e| e["type"].as_str().unwrap())
+            .collect();
+        assert!(
+            kinds.contains(&"school.contact.message_delayed.v1"),
+            "{view:#}"
+        );
+        assert!(!kinds.contains(&"school.mail.email_failed.v1"), "{view:#}");
+        // Only the tries before the circuit opened were spent.
+        let sent = timeline.last().unwrap();
+        assert!(sent["attempt"].as_u64().unwrap() <= 3, "{view:#}");
+    }
+    let list = notifications(&base).await;
+    assert_eq!(
+        list.len(),
+        MESSAGES,
+        "one notice each, and no failure: {list:?}"
+    );
     system.shutdown().await.unwrap();
 }
