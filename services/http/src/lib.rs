@@ -299,11 +299,6 @@ pub async fn not_found() -> Problem {
     )
 }
 
-/// Whether `s` is an address [`EmailAddress::parse`] accepts.
-pub fn is_email(s: &str) -> bool {
-    EmailAddress::parse(s).is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
