@@ -236,6 +236,20 @@ mod tests {
             .map(ToString::to_string)
             .collect();
         assert_eq!(to, ["office@xn--exmple-cua.de"]);
+        // Whatever the forms accept, the mailer sends: the edges of the syntax.
+        let longest = format!("{}@{}.example", "l".repeat(64), "d".repeat(63));
+        for good in [
+            "a!#$%&'*+-/=?^_`{|}~@example.com",
+            "o'brien@sub.example.co",
+            "first.last@x-y.example",
+            longest.as_str(),
+        ] {
+            assert!(school_http::EmailAddress::parse(good).is_ok(), "{good}");
+            let mut req = request();
+            req.to = good.into();
+            req.reply_to = Some(good.into());
+            compose(&req, &from).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
         for bad in [
             "x<evil@attacker.example>",
             "Office <office@school.example>",
