@@ -48,7 +48,7 @@ use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed_with}
 use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
 use rand::Rng as _;
 use school_events::{FraudCheckFailed, FraudCheckPassed, PaymentSubmitted, topics};
-use school_http::now_ms;
+use school_http::{EmailAddress, now_ms};
 use serde::{Deserialize, Serialize};
 
 /// The migrations of the anti-fraud database.
@@ -71,6 +71,7 @@ const EMAIL_VELOCITY: u32 = 30;
 const AMOUNT_REVIEW: u32 = 30;
 const AMOUNT_BLOCK: u32 = 70;
 const DISPOSABLE_EMAIL: u32 = 40;
+const UNPARSABLE_EMAIL: u32 = 100;
 const HOLDER_MISMATCH: u32 = 20;
 const HOLDER_DIGITS: u32 = 25;
 
@@ -192,8 +193,16 @@ impl Assessment {
 /// | amount at or above [`amount_block_cents`](AntifraudConfig::amount_block_cents) | 70 |
 /// | otherwise, amount at or above [`amount_review_cents`](AntifraudConfig::amount_review_cents) | 30 |
 /// | e-mail domain is a [disposable one](AntifraudConfig::disposable_domains) | 40 |
+/// | the e-mail is not a plain `local@domain` address ([`EmailAddress`]) | 100 |
 /// | the holder's name shares no word with the student's name nor with the e-mail's local part | 20 |
 /// | the holder's name contains digits | 25 |
+///
+/// The address is read with [`EmailAddress`], the parser enrollment
+/// validated it with, so the domain checked is the domain mail goes to
+/// (lower case, punycode). One that does not parse was not validated by
+/// this system's enrollment: it is refused rather than scored on a domain
+/// guessed from it (`x<evil@mailinator.com>` once scored 0 for a
+/// disposable domain).
 ///
 /// Names are compared word by word, ignoring case and common Latin
 /// accents; words of one letter (initials) are ignored. A holder word of
@@ -204,8 +213,13 @@ pub fn assess(p: &PaymentSubmitted, history: &History, config: &AntifraudConfig)
     let mut a = Assessment::default();
     let card = &p.payment.card;
     let window = window_text(config.velocity_window_secs);
-    let email = p.student.email.trim().to_lowercase();
-    let (local, domain) = email.rsplit_once('@').unwrap_or((email.as_str(), ""));
+    let email = email_key(&p.student.email);
+    let parsed = EmailAddress::parse(p.student.email.trim()).ok();
+    let local = parsed
+        .as_ref()
+        .map(|a| a.local().to_lowercase())
+        .unwrap_or_default();
+    let domain = parsed.as_ref().map_or("", EmailAddress::domain);
 
     if config
         .bin_deny_list
@@ -260,7 +274,12 @@ pub fn assess(p: &PaymentSubmitted, history: &History, config: &AntifraudConfig)
         );
     }
 
-    if !domain.is_empty() && is_disposable(domain, &config.disposable_domains) {
+    if parsed.is_none() {
+        a.add(
+            UNPARSABLE_EMAIL,
+            format!("e-mail {email:?} is not a plain local@domain address"),
+        );
+    } else if is_disposable(domain, &config.disposable_domains) {
         a.add(
             DISPOSABLE_EMAIL,
             format!("e-mail domain {domain} is a disposable-address service"),
@@ -268,7 +287,7 @@ pub fn assess(p: &PaymentSubmitted, history: &History, config: &AntifraudConfig)
     }
 
     let holder = p.payment.holder.trim();
-    if !holder_matches(holder, &p.student.name, local) {
+    if !holder_matches(holder, &p.student.name, &local) {
         a.add(
             HOLDER_MISMATCH,
             format!(
@@ -286,6 +305,17 @@ pub fn assess(p: &PaymentSubmitted, history: &History, config: &AntifraudConfig)
     a
 }
 
+/// The e-mail as velocity counts it: the normalized address, lower-cased
+/// (the local part too: `Ana@` and `ana@` are one person to a fraudster's
+/// advantage otherwise); the raw text, trimmed and lower-cased, if it does
+/// not parse.
+fn email_key(raw: &str) -> String {
+    let raw = raw.trim();
+    EmailAddress::parse(raw)
+        .map_or_else(|_| raw.to_owned(), |a| a.to_string())
+        .to_lowercase()
+}
+
 fn window_text(secs: u64) -> String {
     match secs {
         s if s >= 3600 && s % 3600 == 0 => format!("{} h", s / 3600),
@@ -296,7 +326,11 @@ fn window_text(secs: u64) -> String {
 
 fn is_disposable(domain: &str, disposable: &[String]) -> bool {
     disposable.iter().any(|d| {
-        let d = d.trim().trim_start_matches('@').to_lowercase();
+        let d = d.trim().trim_start_matches('@');
+        // A listed domain is read as an address's domain is, so one written
+        // in Unicode matches its punycode form.
+        let d = EmailAddress::parse(&format!("x@{d}"))
+            .map_or_else(|_| d.to_lowercase(), |a| a.domain().to_owned());
         !d.is_empty()
             && (domain == d
                 || domain
@@ -412,7 +446,7 @@ impl Antifraud {
         }
 
         let fingerprint = p.payment.card.fingerprint.trim();
-        let email = p.student.email.trim().to_lowercase();
+        let email = email_key(&p.student.email);
         let at_ms = p.submitted_at_ms;
         let window_ms = self.config.window_ms();
         let (since_ms, until_ms) = (
@@ -683,6 +717,56 @@ mod tests {
             check(&p, none()).reasons,
             vec!["e-mail domain mailinator.com is a disposable-address service"]
         );
+    }
+
+    /// Regression: `x<evil@mailinator.com>` was read as the domain
+    /// `mailinator.com>`, which is on no list, and scored 0.
+    #[test]
+    fn an_address_that_is_not_plain_is_refused_not_guessed_at() {
+        for email in [
+            "x<evil@mailinator.com>",
+            "x<evil@attacker.example>",
+            "\"a,b\"@example.com",
+            "a(comment)@example.com",
+            "ana@example.com, ana@mailinator.com",
+            "ü@exämple.de",
+            "not-an-address",
+        ] {
+            let mut p = payment();
+            p.student.email = email.into();
+            let a = check(&p, none());
+            assert_eq!(a.score, 100, "{email}: {a:?}");
+            assert!(
+                !a.passes(AntifraudConfig::default().score_threshold),
+                "{email}"
+            );
+            assert_eq!(
+                a.reasons,
+                vec![format!(
+                    "e-mail {:?} is not a plain local@domain address",
+                    email.to_lowercase()
+                )],
+                "{email}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_internationalized_disposable_domain_is_caught_in_punycode() {
+        let config = AntifraudConfig {
+            disposable_domains: vec!["wegwerf-mäil.de".into()],
+            ..AntifraudConfig::default()
+        };
+        let punycode = EmailAddress::parse("ana@wegwerf-mäil.de")
+            .unwrap()
+            .to_string();
+        assert!(punycode.contains("@xn--"), "{punycode}");
+        for email in ["ana@WEGWERF-MÄIL.de", "ana@eu.wegwerf-mäil.de", &punycode] {
+            let mut p = payment();
+            p.student.email = email.to_owned();
+            let a = assess(&p, &none(), &config);
+            assert_eq!(a.score, 40, "{email}: {a:?}");
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -30,7 +30,10 @@ use school_events::{
     topics,
 };
 pub use school_http::TimelineEntry;
-use school_http::{FieldError, MAX_BODY_BYTES, Problem, StrictJson, is_email, now_ms, rfc3339_ms};
+use school_http::{
+    CONTROL_DETAIL, EmailAddress, FieldError, MAX_BODY_BYTES, PathId, Problem, StrictJson,
+    has_control, now_ms, rfc3339_ms,
+};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 
@@ -109,41 +112,57 @@ pub struct MessageView {
     pub timeline: Vec<TimelineEntry>,
 }
 
-fn validate(m: &NewMessage) -> Result<(), Problem> {
+/// A message as checked: trimmed, its address normalized.
+struct Checked {
+    name: String,
+    email: EmailAddress,
+    subject: String,
+    message: String,
+}
+
+fn validate(m: &NewMessage) -> Result<Checked, Problem> {
     let mut errors = Vec::new();
-    let mut check = |ok: bool, pointer: &str, detail: &str| {
-        if !ok {
+    let mut fail = |pointer: &str, detail: &str| {
+        // One error per field: the first thing wrong with it.
+        if !errors.iter().any(|e: &FieldError| e.pointer == pointer) {
             errors.push(FieldError {
                 pointer: pointer.into(),
                 detail: detail.into(),
             });
         }
     };
+    for (pointer, text, multiline) in [
+        ("/name", &m.name, false),
+        ("/email", &m.email, false),
+        ("/subject", &m.subject, false),
+        ("/message", &m.message, true),
+    ] {
+        if has_control(text, multiline) {
+            fail(pointer, CONTROL_DETAIL);
+        }
+    }
     let len = |s: &str| s.trim().chars().count();
-    check(
-        (1..=200).contains(&len(&m.name)),
-        "/name",
-        "give a name of 1 to 200 characters",
-    );
-    check(
-        is_email(m.email.trim()),
-        "/email",
-        "give a valid e-mail address, like ana@example.com",
-    );
-    check(
-        (1..=200).contains(&len(&m.subject)),
-        "/subject",
-        "give a subject of 1 to 200 characters",
-    );
-    check(
-        (1..=10_000).contains(&len(&m.message)),
-        "/message",
-        "write a message of 1 to 10000 characters",
-    );
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(Problem::validation(errors))
+    if !(1..=200).contains(&len(&m.name)) {
+        fail("/name", "give a name of 1 to 200 characters");
+    }
+    let email = EmailAddress::parse(m.email.trim());
+    if let Err(e) = &email {
+        fail("/email", &e.to_string());
+    }
+    if !(1..=200).contains(&len(&m.subject)) {
+        fail("/subject", "give a subject of 1 to 200 characters");
+    }
+    if !(1..=10_000).contains(&len(&m.message)) {
+        fail("/message", "write a message of 1 to 10000 characters");
+    }
+    match email {
+        Ok(email) if errors.is_empty() => Ok(Checked {
+            name: m.name.trim().to_owned(),
+            email,
+            subject: m.subject.trim().to_owned(),
+            message: m.message.clone(),
+        }),
+        _ => Err(Problem::validation(errors)),
     }
 }
 
@@ -317,9 +336,9 @@ impl Contact {
     }
 
     async fn accept(&self, m: NewMessage) -> Result<Accepted, Problem> {
-        validate(&m)?;
+        let m = validate(&m)?;
         let id = uuid::Uuid::now_v7().to_string();
-        let email = m.email.trim().to_owned();
+        let email = m.email.to_string();
         let mail = EmailRequested {
             mail_id: format!("contact-{id}"),
             purpose: MailPurpose::ContactMessage,
@@ -327,8 +346,8 @@ impl Contact {
             to: self.config.school_inbox.clone(),
             reply_to: Some(email.clone()),
             requester_email: email.clone(),
-            subject: format!("[contact] {}", m.subject.trim()),
-            body: format!("From: {} <{}>\n\n{}", m.name.trim(), email, m.message),
+            subject: format!("[contact] {}", m.subject),
+            body: format!("From: {} <{}>\n\n{}", m.name, email, m.message),
         };
         let ev = Context::new_event(SOURCE, &mail).map_err(|e| unavailable(&e))?;
         let now = now_ms();
@@ -337,9 +356,9 @@ impl Contact {
             "INSERT INTO contact_messages (id, name, email, subject, message, status, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
         )
         .bind(&id)
-        .bind(m.name.trim())
+        .bind(&m.name)
         .bind(&email)
-        .bind(m.subject.trim())
+        .bind(&m.subject)
         .bind(&m.message)
         .bind(now)
         .bind(now)
@@ -370,7 +389,7 @@ impl Contact {
             .fetch_optional(self.store.pool())
             .await
             .map_err(|e| unavailable(&e))?
-            .ok_or_else(|| Problem::not_found(&format!("contact message {id}")))?;
+            .ok_or_else(|| Problem::not_found("this contact message"))?;
         let entries = sqlx::query(
             "SELECT at_ms, event_type, service, attempt, detail FROM contact_timeline WHERE message_id = ? ORDER BY seq",
         )
@@ -487,7 +506,8 @@ async fn submit(
 
 async fn show(
     State(contact): State<Contact>,
-    Path(id): Path<String>,
+    id: Result<PathId, Problem>,
 ) -> Result<axum::Json<MessageView>, Problem> {
+    let PathId(id) = id.map_err(|_| Problem::not_found("this contact message"))?;
     contact.view(&id).await.map(axum::Json)
 }

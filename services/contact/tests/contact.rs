@@ -136,12 +136,123 @@ async fn malformed_input_gets_its_documented_problem() {
         assert_eq!(json["type"], format!("/problems/{kind}"), "{name}: {json}");
         assert!(!json["detail"].as_str().unwrap().is_empty(), "{name}");
     }
-    let (status, _, _, json) = call(
-        &contact,
-        Request::get("/contact/nope").body(Body::empty()).unwrap(),
-    )
-    .await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "{json}");
+
+    // Values a hostile client sent, each refused as a 422 naming its field.
+    let good: serde_json::Value = serde_json::from_str(GOOD).unwrap();
+    let fields: Vec<(&str, &str, &str)> = vec![
+        ("name", "Ana\0", "NUL in the name"),
+        ("name", "Ana\u{1b}[31m", "escape in the name"),
+        (
+            "subject",
+            "Visit\u{b}Bcc: evil@attacker.example",
+            "vertical tab in the subject",
+        ),
+        (
+            "subject",
+            "Visit\u{c}Bcc: evil@attacker.example",
+            "form feed in the subject",
+        ),
+        (
+            "subject",
+            "Visit\r\nBcc: evil@attacker.example",
+            "line break in the subject",
+        ),
+        (
+            "subject",
+            "Visit\u{85}Bcc: evil@attacker.example",
+            "C1 next line in the subject",
+        ),
+        (
+            "subject",
+            "Visit\u{2028}Bcc: x",
+            "line separator in the subject",
+        ),
+        ("message", "hello\0world", "NUL in the message"),
+        (
+            "message",
+            "hello\rworld",
+            "lone carriage return in the message",
+        ),
+        ("message", "hello\u{7f}", "DEL in the message"),
+        (
+            "email",
+            "x<evil@attacker.example>",
+            "angle brackets in the address",
+        ),
+        ("email", "Ana <ana@example.com>", "a display name"),
+        ("email", "\"a,b\"@example.com", "a quoted local part"),
+        ("email", "a(comment)@example.com", "a comment"),
+        ("email", "a@example.com,b@example.com", "a list"),
+        ("email", "ana\0@example.com", "NUL in the address"),
+        ("email", "ü@exämple.de", "a non-ASCII local part"),
+        ("email", "ana@exa_mple.com", "a bad domain"),
+    ];
+    for (field, value, name) in fields {
+        let mut body = good.clone();
+        body[field] = value.into();
+        let (got, content_type, _, json) =
+            call(&contact, post(body.to_string(), Some("application/json"))).await;
+        assert_eq!(got, StatusCode::UNPROCESSABLE_ENTITY, "{name}: {json}");
+        assert_eq!(
+            content_type.as_deref(),
+            Some("application/problem+json"),
+            "{name}"
+        );
+        assert_eq!(json["type"], "/problems/validation", "{name}: {json}");
+        assert_eq!(
+            json["errors"].as_array().unwrap().len(),
+            1,
+            "{name}: {json}"
+        );
+        assert_eq!(json["errors"][0]["pointer"], format!("/{field}"), "{name}");
+    }
+    // A message body keeps its line breaks and tabs.
+    let mut multi = good.clone();
+    multi["message"] = "line one\n\tline two".into();
+    let (got, _, _, json) = call(&contact, post(multi.to_string(), Some("application/json"))).await;
+    assert_eq!(got, StatusCode::ACCEPTED, "{json}");
+
+    // Ids that cannot be one are a 404 that does not echo them.
+    let long = "a".repeat(10 * 1024);
+    let unknown = "0190c3f4-6f1e-7a5b-9c2d-3e4f5a6b7c8d";
+    let too_long = format!("{unknown}0");
+    for id in ["nope", long.as_str(), too_long.as_str(), "%FF%FE", unknown] {
+        let (status, content_type, _, json) = call(
+            &contact,
+            Request::get(format!("/contact/{id}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{json}");
+        assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+        assert_eq!(json["type"], "/problems/not-found", "{json}");
+        let text = json.to_string();
+        assert!(!text.contains(id), "{id:.40}… echoed: {text:.200}");
+    }
+}
+
+#[tokio::test]
+async fn the_address_is_stored_and_mailed_normalized() {
+    let (_dir, contact) = service().await;
+    let transport = Arc::new(MemoryTransport::new());
+    let mut requests = transport
+        .subscribe(Subscription::new(topics::MAIL_REQUESTS, "probe").start(StartFrom::Earliest))
+        .await
+        .unwrap();
+    let body = r#"{"name":"Ana","email":" ana@Exämple.DE ","subject":"Visit","message":"Hi"}"#;
+    let (status, _, _, json) = call(&contact, post(body, Some("application/json"))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+    let relay = Relay::new(contact.store().clone(), transport.clone());
+    assert_eq!(relay.relay_once().await.unwrap(), 1);
+    let d = tokio::time::timeout(Duration::from_secs(5), requests.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let mail: EmailRequested = d.event().decode().unwrap();
+    assert_eq!(mail.reply_to.as_deref(), Some("ana@xn--exmple-cua.de"));
+    assert_eq!(mail.requester_email, "ana@xn--exmple-cua.de");
 }
 
 #[tokio::test]

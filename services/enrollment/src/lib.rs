@@ -40,7 +40,7 @@ mod currency;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -54,7 +54,10 @@ use school_events::{
     PaymentDeclined, PaymentDetails, PaymentRefunded, PaymentSubmitted, Student, topics,
 };
 pub use school_http::TimelineEntry;
-use school_http::{FieldError, MAX_BODY_BYTES, Problem, StrictJson, is_email, now_ms, rfc3339_ms};
+use school_http::{
+    CONTROL_DETAIL, EmailAddress, FieldError, MAX_BODY_BYTES, PathId, Problem, StrictJson,
+    has_control, now_ms, rfc3339_ms,
+};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use tokio::sync::broadcast;
@@ -70,6 +73,12 @@ pub const SOURCE: &str = "/school/enrollment";
 
 /// The consumer group of this service.
 pub const GROUP: &str = "enrollment";
+
+/// The largest amount one enrollment may charge, in the currency's minor
+/// units: 1 000 000.00 in a two-decimal currency. Far above any course fee,
+/// and far below where sums of amounts could overflow a 64-bit counter
+/// downstream (metrics, the ledger). Larger amounts are a 422.
+pub const MAX_AMOUNT_CENTS: u64 = 100_000_000;
 
 /// Settings of the enrollment service (the `[enrollment]` section of the
 /// config file).
@@ -118,7 +127,7 @@ pub struct NewPayment {
     pub cvv: String,
     /// The name on the card.
     pub holder: String,
-    /// Amount in the currency's minor unit.
+    /// Amount in the currency's minor unit, 1 to [`MAX_AMOUNT_CENTS`].
     pub amount_cents: u64,
     /// ISO 4217 code, e.g. `EUR`.
     pub currency: String,
@@ -287,20 +296,36 @@ struct Checked {
 fn validate(req: &NewEnrollment, key: &FingerprintKey) -> Result<Checked, Problem> {
     let mut errors = Vec::new();
     let mut fail = |pointer: &str, detail: &str| {
-        errors.push(FieldError {
-            pointer: pointer.into(),
-            detail: detail.into(),
-        });
+        // One error per field: the first thing wrong with it.
+        if !errors.iter().any(|e: &FieldError| e.pointer == pointer) {
+            errors.push(FieldError {
+                pointer: pointer.into(),
+                detail: detail.into(),
+            });
+        }
     };
+    let p = &req.payment;
+    for (pointer, text) in [
+        ("/student/name", &req.student.name),
+        ("/student/email", &req.student.email),
+        ("/course_id", &req.course_id),
+        ("/payment/card_number", &p.card_number),
+        ("/payment/expiry", &p.expiry),
+        ("/payment/cvv", &p.cvv),
+        ("/payment/holder", &p.holder),
+        ("/payment/currency", &p.currency),
+    ] {
+        if has_control(text, false) {
+            fail(pointer, CONTROL_DETAIL);
+        }
+    }
     let len = |s: &str| s.trim().chars().count();
     if !(1..=200).contains(&len(&req.student.name)) {
         fail("/student/name", "give a name of 1 to 200 characters");
     }
-    if !is_email(req.student.email.trim()) {
-        fail(
-            "/student/email",
-            "give a valid e-mail address, like ana@example.com",
-        );
+    let email = EmailAddress::parse(req.student.email.trim());
+    if let Err(e) = &email {
+        fail("/student/email", &e.to_string());
     }
     let course = req.course_id.trim();
     if course.is_empty()
@@ -314,7 +339,6 @@ fn validate(req: &NewEnrollment, key: &FingerprintKey) -> Result<Checked, Proble
             "give a course id of 1 to 64 letters, digits, '-' or '_', like rust-101",
         );
     }
-    let p = &req.payment;
     let digits = match card::digits(&p.card_number) {
         Some(d) if card::luhn(&d) => Some(d),
         Some(_) => {
@@ -352,10 +376,12 @@ fn validate(req: &NewEnrollment, key: &FingerprintKey) -> Result<Checked, Proble
     if !(1..=200).contains(&len(&p.holder)) {
         fail("/payment/holder", "give the name on the card");
     }
-    if p.amount_cents == 0 {
+    if !(1..=MAX_AMOUNT_CENTS).contains(&p.amount_cents) {
         fail(
             "/payment/amount_cents",
-            "give an amount greater than 0, in cents",
+            &format!(
+                "give an amount of 1 to {MAX_AMOUNT_CENTS} minor units (cents), like 49900 for 499.00"
+            ),
         );
     }
     if !currency::is_iso_4217(&p.currency) {
@@ -364,11 +390,11 @@ fn validate(req: &NewEnrollment, key: &FingerprintKey) -> Result<Checked, Proble
             "give an ISO 4217 currency code in capitals, like EUR or USD",
         );
     }
-    match (errors.is_empty(), digits, expiry) {
-        (true, Some(digits), Some((month, year))) => Ok(Checked {
+    match (errors.is_empty(), digits, expiry, email) {
+        (true, Some(digits), Some((month, year)), Ok(email)) => Ok(Checked {
             student: Student {
                 name: req.student.name.trim().to_owned(),
-                email: req.student.email.trim().to_owned(),
+                email: email.to_string(),
             },
             course_id: course.to_owned(),
             payment: PaymentDetails {
@@ -383,9 +409,20 @@ fn validate(req: &NewEnrollment, key: &FingerprintKey) -> Result<Checked, Proble
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
-    let Some(value) = headers.get("idempotency-key") else {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else {
         return Ok(None);
     };
+    // Which of two keys was meant is a guess, and a wrong guess replays
+    // another request's enrollment or makes a second one.
+    if values.next().is_some() {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "duplicate-idempotency-key",
+            "Duplicate Idempotency-Key",
+            "send the Idempotency-Key header once, with one key",
+        ));
+    }
     match value.to_str() {
         Ok(k) if (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()) => {
             Ok(Some(k.to_owned()))
@@ -720,6 +757,7 @@ impl Enrollment {
         .bind(&c.student.name)
         .bind(&c.student.email)
         .bind(&c.course_id)
+        // At most MAX_AMOUNT_CENTS, so it fits.
         .bind(i64::try_from(c.payment.amount_cents).unwrap_or(i64::MAX))
         .bind(&c.payment.currency)
         .bind(&c.payment.card.brand)
@@ -937,7 +975,7 @@ impl Enrollment {
             .fetch_optional(self.store.pool())
             .await
             .map_err(|e| unavailable(&e))?
-            .ok_or_else(|| Problem::not_found(&format!("enrollment {id}")))?;
+            .ok_or_else(|| Problem::not_found("this enrollment"))?;
         let entries = sqlx::query(
             "SELECT at_ms, event_type, service, attempt, detail FROM enrollment_timeline WHERE enrollment_id = ? ORDER BY seq",
         )
@@ -1046,10 +1084,16 @@ async fn submit(
     Ok((StatusCode::ACCEPTED, out, axum::Json(accepted)))
 }
 
+fn path_id(id: Result<PathId, Problem>) -> Result<String, Problem> {
+    id.map(|PathId(id)| id)
+        .map_err(|_| Problem::not_found("this enrollment"))
+}
+
 async fn show(
     State(enrollment): State<Enrollment>,
-    Path(id): Path<String>,
+    id: Result<PathId, Problem>,
 ) -> Result<axum::Json<EnrollmentView>, Problem> {
+    let id = path_id(id)?;
     enrollment.view(&id).await.map(axum::Json)
 }
 
@@ -1057,8 +1101,9 @@ async fn show(
 /// change (`change`) as it is committed.
 async fn stream(
     State(enrollment): State<Enrollment>,
-    Path(id): Path<String>,
+    id: Result<PathId, Problem>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
+    let id = path_id(id)?;
     // Subscribe before reading, so no change falls in between.
     let mut live = enrollment.live.subscribe();
     let view = enrollment.view(&id).await?;

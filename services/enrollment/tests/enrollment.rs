@@ -248,6 +248,134 @@ async fn malformed_input_gets_its_documented_problem_and_never_a_500() {
             Some("/payment/currency"),
         ),
         (
+            "amount above the maximum",
+            with(good.clone(), "/payment/amount_cents", 100_000_001.into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/payment/amount_cents"),
+        ),
+        (
+            "amount of 2^63, which a database integer cannot hold",
+            with(good.clone(), "/payment/amount_cents", (1_u64 << 63).into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/payment/amount_cents"),
+        ),
+        (
+            "amount of u64::MAX",
+            with(good.clone(), "/payment/amount_cents", u64::MAX.into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/payment/amount_cents"),
+        ),
+        (
+            "amount beyond u64",
+            with(
+                good.clone(),
+                "/payment/amount_cents",
+                serde_json::from_str("18446744073709551616").unwrap(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            None,
+        ),
+        (
+            "e-mail with a display name in angle brackets",
+            with(
+                good.clone(),
+                "/student/email",
+                "x<evil@attacker.example>".into(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/student/email"),
+        ),
+        (
+            "e-mail with a quoted local part",
+            with(good.clone(), "/student/email", "\"a,b\"@example.com".into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/student/email"),
+        ),
+        (
+            "e-mail with a comment",
+            with(
+                good.clone(),
+                "/student/email",
+                "a(comment)@example.com".into(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/student/email"),
+        ),
+        (
+            "e-mail with a non-ASCII local part",
+            with(good.clone(), "/student/email", "ü@exämple.de".into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/student/email"),
+        ),
+        (
+            "NUL in the name",
+            with(good.clone(), "/student/name", "Ana\0Lima".into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/student/name"),
+        ),
+        (
+            "form feed in the holder",
+            with(good.clone(), "/payment/holder", "Ana\u{c}Lima".into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/payment/holder"),
+        ),
+        (
+            "NUL in the e-mail",
+            with(good.clone(), "/student/email", "ana\0@example.com".into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/student/email"),
+        ),
+        (
+            "NUL in the card number",
+            with(
+                good.clone(),
+                "/payment/card_number",
+                "4242 4242 4242 4242\0".into(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/payment/card_number"),
+        ),
+        (
+            "vertical tab in the course id",
+            with(good.clone(), "/course_id", "rust-101\u{b}".into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/course_id"),
+        ),
+        (
+            "tab in the expiry",
+            with(good.clone(), "/payment/expiry", "12/30\t".into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/payment/expiry"),
+        ),
+        (
             "lower-case currency",
             with(good.clone(), "/payment/currency", "eur".into()),
             json,
@@ -335,14 +463,44 @@ async fn malformed_input_gets_its_documented_problem_and_never_a_500() {
     let bad_key = call(&service, post(good.to_string(), json, Some("ключ"))).await;
     assert_eq!(bad_key.status, StatusCode::BAD_REQUEST);
     assert_eq!(bad_key.json["type"], "/problems/invalid-idempotency-key");
-    let missing = call(
-        &service,
-        Request::get("/enrollments/nope")
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    let mut two_keys = post(good.to_string(), json, Some("k-1"));
+    two_keys
+        .headers_mut()
+        .append("idempotency-key", "k-2".parse().unwrap());
+    let two_keys = call(&service, two_keys).await;
+    assert_eq!(
+        two_keys.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        two_keys.json
+    );
+    assert_eq!(
+        two_keys.content_type.as_deref(),
+        Some("application/problem+json")
+    );
+    assert_eq!(two_keys.json["type"], "/problems/duplicate-idempotency-key");
+
+    // Ids that cannot be one are a 404 that does not echo them.
+    let long = "a".repeat(10 * 1024);
+    let unknown = "0190c3f4-6f1e-7a5b-9c2d-3e4f5a6b7c8d";
+    let too_long = format!("{unknown}0");
+    for id in ["nope", long.as_str(), too_long.as_str(), "%FF%FE", unknown] {
+        for path in [
+            format!("/enrollments/{id}"),
+            format!("/enrollments/{id}/events"),
+        ] {
+            let missing = call(&service, Request::get(&path).body(Body::empty()).unwrap()).await;
+            assert_eq!(missing.status, StatusCode::NOT_FOUND, "{path:.60}");
+            assert_eq!(
+                missing.content_type.as_deref(),
+                Some("application/problem+json"),
+                "{path:.60}"
+            );
+            assert_eq!(missing.json["type"], "/problems/not-found");
+            let text = missing.json.to_string();
+            assert!(!text.contains(id), "{id:.40}… echoed: {text:.200}");
+        }
+    }
     let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM enrollments")
         .fetch_one(service.store().pool())
         .await

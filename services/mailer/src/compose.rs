@@ -1,9 +1,10 @@
 //! Turning an `EmailRequested` into an RFC 5322 message.
 
-use lettre::Message;
-use lettre::message::Mailbox;
+use lettre::Address;
 use lettre::message::header::ContentType;
+use lettre::message::{Mailbox, Message};
 use school_events::EmailRequested;
+use school_http::EmailAddress;
 
 use crate::MailerError;
 
@@ -51,9 +52,41 @@ pub(crate) fn parse_from(from: &str) -> Result<Mailbox, MailerError> {
     })
 }
 
+/// `text` made safe for a header: every control character (not only CR
+/// and LF: a vertical tab, a form feed or a NEL is a line break to some
+/// readers, and a NUL ends the header for others) and the Unicode line and
+/// paragraph separators become a space, so the value stays one unstructured
+/// field whatever the request says.
+pub(crate) fn header_text(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
+/// `text` without the control characters a plain-text body has no use for
+/// (NUL, escape, form feed…): line breaks and tabs stay.
+fn body_text(text: &str) -> String {
+    text.chars()
+        .filter(|&c| !c.is_control() || matches!(c, '\n' | '\r' | '\t'))
+        .collect()
+}
+
 /// The message for `request`, from `from`: `From`, `To`, `Reply-To` when
 /// given, `Subject`, `Message-ID: <mail_id@eventos>`, `Date`, and the body
 /// as `text/plain; charset=utf-8`.
+///
+/// Addresses are parsed with [`EmailAddress`], the parser the forms use:
+/// a bare `local@domain` only, so what a form accepted is what is sent to,
+/// and a display name or a list smuggled into an address is refused here
+/// too. The domain goes out in punycode, so no mail needs SMTPUTF8.
 ///
 /// # Errors
 ///
@@ -61,25 +94,26 @@ pub(crate) fn parse_from(from: &str) -> Result<Mailbox, MailerError> {
 pub(crate) fn compose(request: &EmailRequested, from: &Mailbox) -> Result<Message, MailerError> {
     check_mail_id(&request.mail_id)?;
     let mailbox = |what: &str, value: &str| -> Result<Mailbox, MailerError> {
-        value.parse().map_err(|e| MailerError::InvalidMail {
+        let invalid = |e: &dyn std::fmt::Display| MailerError::InvalidMail {
             mail_id: request.mail_id.clone(),
-            reason: format!("the {what} {value:?} is not an e-mail address ({e})"),
-        })
+            reason: format!("the {what} {value:?} is not an e-mail address: {e}"),
+        };
+        let parsed = EmailAddress::parse(value).map_err(|e| invalid(&e))?;
+        let address = Address::new(parsed.local(), parsed.domain()).map_err(|e| invalid(&e))?;
+        Ok(Mailbox::new(None, address))
     };
     let mut builder = Message::builder()
         .from(from.clone())
         .to(mailbox("recipient", &request.to)?)
         .message_id(Some(format!("<{}@eventos>", request.mail_id)))
         .date_now()
-        // A line break in a subject would end the header early; the
-        // subject is one line whatever the request says.
-        .subject(request.subject.replace(['\r', '\n'], " "))
+        .subject(header_text(&request.subject))
         .header(ContentType::TEXT_PLAIN);
     if let Some(reply_to) = &request.reply_to {
         builder = builder.reply_to(mailbox("reply-to address", reply_to)?);
     }
     builder
-        .body(request.body.clone())
+        .body(body_text(&request.body))
         .map_err(|e| MailerError::InvalidMail {
             mail_id: request.mail_id.clone(),
             reason: e.to_string(),
@@ -98,7 +132,7 @@ mod tests {
             purpose: MailPurpose::ContactMessage,
             about: "contact-1".into(),
             to: "office@school.example".into(),
-            reply_to: Some("Ana <ana@example.org>".into()),
+            reply_to: Some("ana@example.org".into()),
             requester_email: "ana@example.org".into(),
             subject: "Question\r\nBcc: evil@example.org".into(),
             body: "Hello,\nwhen does the term start?".into(),
@@ -136,10 +170,7 @@ mod tests {
             "{head}"
         );
         assert!(head.contains("To: office@school.example\r\n"), "{head}");
-        assert!(
-            head.contains("Reply-To: Ana <ana@example.org>\r\n"),
-            "{head}"
-        );
+        assert!(head.contains("Reply-To: ana@example.org\r\n"), "{head}");
         assert!(
             head.contains("Message-ID: <0190c3f4-6f1e-7a5b-9c2d-3e4f5a6b7c8d@eventos>\r\n"),
             "{head}"
@@ -150,6 +181,89 @@ mod tests {
             "{head}"
         );
         assert!(!head.lines().any(|l| l.starts_with("Bcc:")), "{head}");
+    }
+
+    #[test]
+    fn no_control_character_reaches_a_header() {
+        let from = parse_from(crate::DEFAULT_FROM).unwrap();
+        for sep in [
+            "\r\n", "\n", "\r", "\u{b}", "\u{c}", "\0", "\u{1b}", "\u{7f}", "\u{85}", "\u{2028}",
+        ] {
+            let mut req = request();
+            req.subject = format!("Question{sep}Bcc: evil@example.org");
+            let text = String::from_utf8(compose(&req, &from).unwrap().formatted()).unwrap();
+            let (head, _body) = text.split_once("\r\n\r\n").unwrap();
+            assert!(
+                !head.lines().any(|l| l.starts_with("Bcc:")),
+                "{sep:?}: {head}"
+            );
+            // Folding may add CRLF + space; nothing else below 0x20 or DEL.
+            assert!(
+                !head
+                    .chars()
+                    .any(|c| c.is_control() && !matches!(c, '\r' | '\n')),
+                "{sep:?}: {head:?}"
+            );
+            assert!(
+                head.contains("Bcc: evil@example.org"),
+                "{sep:?}: one subject {head}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_body_keeps_lines_and_tabs_and_loses_nul() {
+        let from = parse_from(crate::DEFAULT_FROM).unwrap();
+        let mut req = request();
+        req.body = "a\0b\n\tc\u{c}".into();
+        let message = compose(&req, &from).unwrap();
+        let text = String::from_utf8(message.formatted()).unwrap();
+        let (_head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(!body.contains('\0') && !body.contains('\u{c}'), "{body:?}");
+        assert!(body.contains("ab\r\n\tc"), "{body:?}");
+    }
+
+    #[test]
+    fn addresses_are_parsed_as_the_forms_parse_them() {
+        let from = parse_from(crate::DEFAULT_FROM).unwrap();
+        let mut req = request();
+        req.to = "office@Exämple.de".into();
+        let message = compose(&req, &from).unwrap();
+        let to: Vec<String> = message
+            .envelope()
+            .to()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(to, ["office@xn--exmple-cua.de"]);
+        // Whatever the forms accept, the mailer sends: the edges of the syntax.
+        let longest = format!("{}@{}.example", "l".repeat(64), "d".repeat(63));
+        for good in [
+            "a!#$%&'*+-/=?^_`{|}~@example.com",
+            "o'brien@sub.example.co",
+            "first.last@x-y.example",
+            longest.as_str(),
+        ] {
+            assert!(school_http::EmailAddress::parse(good).is_ok(), "{good}");
+            let mut req = request();
+            req.to = good.into();
+            req.reply_to = Some(good.into());
+            compose(&req, &from).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in [
+            "x<evil@attacker.example>",
+            "Office <office@school.example>",
+            "\"a,b\"@school.example",
+            "a(comment)@school.example",
+            "a@school.example, b@attacker.example",
+            "ü@exämple.de",
+        ] {
+            let mut req = request();
+            req.to = bad.into();
+            let e = compose(&req, &from).unwrap_err();
+            assert!(matches!(e, MailerError::InvalidMail { .. }), "{bad}: {e}");
+            assert!(!e.is_transient(), "{bad}");
+        }
     }
 
     #[test]

@@ -121,9 +121,15 @@ impl MailerError {
     /// Classifies lettre's error for `mail_id`: 4xx transient, 5xx
     /// permanent, anything else (no answer) unreachable, hence transient —
     /// lettre reports a refused connection as neither 4xx nor 5xx.
+    ///
+    /// A refusal of the mail's *form* is permanent whatever its code: the
+    /// server (RFC 6531's `5.6.7`, or any answer naming `SMTPUTF8`) or
+    /// lettre itself, before sending, saying that the server lacks
+    /// `SMTPUTF8` or `8BITMIME`. The same mail to the same server will be
+    /// refused again, so retrying only delays the failure notice.
     pub(crate) fn smtp(server: &str, mail_id: &str, source: SmtpError) -> Self {
         let (server, mail_id) = (server.to_owned(), mail_id.to_owned());
-        if source.is_permanent() {
+        if source.is_permanent() || refuses_the_form(&source) {
             MailerError::SmtpPermanent {
                 server,
                 mail_id,
@@ -148,6 +154,22 @@ impl MailerError {
 /// "421 Service not available, closing transmission channel" (RFC 5321).
 fn is_421(e: &SmtpError) -> bool {
     e.status().is_some_and(|code| code.to_string() == "421")
+}
+
+/// Whether `e` (with its sources) refuses the mail for needing an
+/// extension the server does not have.
+fn refuses_the_form(e: &SmtpError) -> bool {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    let text = text.to_ascii_uppercase();
+    ["SMTPUTF8", "5.6.7", "8BITMIME"]
+        .iter()
+        .any(|needle| text.contains(needle))
 }
 
 impl From<MailerError> for HandlerError {

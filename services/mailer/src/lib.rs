@@ -41,7 +41,13 @@
 //!   that attempt; no answer at all (connection refused, timeout, TLS, I/O)
 //!   is transient — lettre reports a refused connection as neither 4xx nor
 //!   5xx, and a server that is down now may be up soon. A request that can
-//!   never be sent (a bad address or mail id) is permanent.
+//!   never be sent (a bad address or mail id) is permanent, and so is a
+//!   refusal of the mail's form (`5.6.7`, `SMTPUTF8`, `8BITMIME`, from the
+//!   server or from lettre before sending), whatever its code.
+//! * **Addresses are parsed as the forms parse them** (`school_http::EmailAddress`):
+//!   a bare `local@domain`, the domain in punycode, so nothing sent needs
+//!   SMTPUTF8. Every header value loses its control characters, not only CR
+//!   and LF; the body keeps line breaks and tabs only.
 //! * **Retries follow [`default_backoff`]:** exponential with full jitter,
 //!   base 1 s, cap 2 h, 40 attempts, so a mail that keeps being refused is
 //!   given up about a day after its first try. Retries are stored by the

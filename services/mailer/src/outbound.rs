@@ -118,3 +118,37 @@ fn write_atomic(dir: &Path, target: &Path, bytes: &[u8]) -> std::io::Result<()> 
     fs::rename(&tmp, target)?;
     fs::File::open(dir)?.sync_all()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use school_testkit::SmtpServer;
+
+    use super::*;
+
+    /// Regression: a mail the client refuses to send because the server
+    /// lacks SMTPUTF8 was classified "unreachable" and retried for ever.
+    /// `compose` no longer builds such a mail; a message built by hand still
+    /// shows how one is classified. aiosmtpd, as the testkit runs it, does
+    /// not offer SMTPUTF8.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_without_smtputf8_is_a_permanent_refusal() {
+        let server = SmtpServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let config = MailerConfig::new(dir.path())
+            .smtp_url(server.url())
+            .smtp_timeout(Duration::from_secs(5));
+        let outbound = Outbound::from_config(&config).unwrap();
+        let message = Message::builder()
+            .from("no-reply@school.example".parse().unwrap())
+            .to("ü@exämple.de".parse().unwrap())
+            .subject("utf-8 envelope")
+            .body(String::from("hello"))
+            .unwrap();
+        let e = outbound.send("utf8-1", message).await.unwrap_err();
+        assert!(matches!(e, MailerError::SmtpPermanent { .. }), "{e}");
+        assert!(!e.is_transient(), "{e}");
+        assert!(e.to_string().contains("SMTPUTF8"), "{e}");
+    }
+}

@@ -38,7 +38,7 @@ fn request(mail_id: &str) -> EmailRequested {
         mail_id: mail_id.to_owned(),
         purpose: MailPurpose::ContactMessage,
         about: format!("contact-{mail_id}"),
-        to: "Secretaria <office@school.example>".to_owned(),
+        to: "office@school.example".to_owned(),
         reply_to: Some("ana@example.org".to_owned()),
         requester_email: "ana@example.org".to_owned(),
         subject: "Matrícula — dúvida".to_owned(),
@@ -212,6 +212,40 @@ async fn accepted_mail_reaches_the_server_and_email_sent_is_published() {
         "EmailSent is caused by the request"
     );
     assert!(h.mailer.is_sent(&req.mail_id).await.unwrap());
+    h.finish().await;
+}
+
+/// Regression: a vertical tab or a form feed in a subject went out raw and
+/// the receiving side read what followed as headers of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_never_reach_the_server_as_headers() {
+    let server = SmtpServer::start();
+    let h = Harness::start(Some(&server), fast_backoff(5)).await;
+    let mut req = request("controls-1");
+    req.to = "office@Exämple.de".to_owned();
+    req.subject = "Visit\u{b}Bcc: evil@attacker.example\u{c}X-Injected: 1\0".to_owned();
+    req.body = "Hello\0,\n\tbye".to_owned();
+    h.request(&req).await;
+
+    let mails = server.wait_for(1, WAIT).await;
+    let mail = &mails[0];
+    assert!(mail.header("Bcc").is_none(), "{}", mail.raw);
+    assert!(mail.header("X-Injected").is_none(), "{}", mail.raw);
+    assert_eq!(
+        mail.subject.as_deref(),
+        Some("Visit Bcc: evil@attacker.example X-Injected: 1")
+    );
+    let (head, _) = mail.raw.split_once("\r\n\r\n").unwrap();
+    assert!(
+        !head
+            .chars()
+            .any(|c| c.is_control() && !matches!(c, '\r' | '\n')),
+        "{head:?}"
+    );
+    assert!(!mail.raw.contains('\0'), "{:?}", mail.raw);
+    assert_eq!(mail.body, "Hello,\n\tbye");
+    let envelope = mail.envelope.as_ref().unwrap();
+    assert_eq!(envelope.rcpt_tos, ["office@xn--exmple-cua.de"]);
     h.finish().await;
 }
 

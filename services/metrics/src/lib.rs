@@ -21,6 +21,13 @@
 //!   cannot drift from them. Histogram buckets are stored non-cumulative and
 //!   the sum in whole milliseconds, so no floating-point error piles up;
 //!   rendering accumulates them as Prometheus requires.
+//! * **Counters saturate, they never wrap or vanish.** Amounts and counts
+//!   are stored as SQLite integers (64-bit, signed); an addition that would
+//!   pass `i64::MAX` stays at `i64::MAX` instead of turning the column into
+//!   a float (what SQLite does on overflow), and reading casts every value
+//!   back to an integer, so a database an older version overflowed still
+//!   renders. A series stuck at `i64::MAX` is visibly wrong; a missing one
+//!   looks like no traffic.
 //! * **Money is never summed across currencies.** Every amount series is
 //!   labelled by its ISO 4217 code.
 //! * **Time to activation comes from the event.** It is
@@ -153,11 +160,12 @@ fn from_db(n: i64) -> u64 {
 }
 
 fn ratio(part: u64, other: u64) -> f64 {
-    let whole = part + other;
-    if whole == 0 {
+    // In floating point, so two counters near the top cannot overflow.
+    let whole = part as f64 + other as f64;
+    if whole == 0.0 {
         0.0
     } else {
-        part as f64 / whole as f64
+        part as f64 / whole
     }
 }
 
@@ -251,7 +259,7 @@ impl Metrics {
                 if let Some(&le_ms) = ACTIVATION_BOUNDS_MS.iter().find(|&&le| ms <= le) {
                     sqlx::query(
                         "INSERT INTO metrics_buckets (metric, le_ms, count) VALUES (?, ?, 1)
-                         ON CONFLICT (metric, le_ms) DO UPDATE SET count = count + 1",
+                         ON CONFLICT (metric, le_ms) DO UPDATE SET count = MIN(count, 9223372036854775806) + 1",
                     )
                     .bind(ACTIVATION)
                     .bind(to_db(le_ms))
@@ -272,18 +280,23 @@ impl Metrics {
     /// [`OutboxError::Database`] if the database cannot be read.
     pub async fn snapshot(&self) -> Result<Snapshot, OutboxError> {
         let mut tx = self.store.begin().await?;
-        let counters =
-            sqlx::query("SELECT metric, label, currency, count, total FROM metrics_counters")
-                .fetch_all(&mut *tx)
-                .await?;
-        let buckets = sqlx::query("SELECT le_ms, count FROM metrics_buckets WHERE metric = ?")
-            .bind(ACTIVATION)
-            .fetch_all(&mut *tx)
-            .await?;
+        // CAST: a column an older version overflowed holds a float, which
+        // would fail to decode as an integer and lose every series.
+        let counters = sqlx::query(
+            "SELECT metric, label, currency, CAST(count AS INTEGER) AS count, CAST(total AS INTEGER) AS total FROM metrics_counters",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let buckets = sqlx::query(
+            "SELECT CAST(le_ms AS INTEGER) AS le_ms, CAST(count AS INTEGER) AS count FROM metrics_buckets WHERE metric = ?",
+        )
+        .bind(ACTIVATION)
+        .fetch_all(&mut *tx)
+        .await?;
         tx.rollback().await?;
 
         let mut s = Snapshot::default();
-        let mut activation_sum_ms = 0;
+        let mut activation_sum_ms = 0_u64;
         for row in &counters {
             let metric: String = row.try_get("metric")?;
             let label: String = row.try_get("label")?;
@@ -298,28 +311,31 @@ impl Metrics {
                 (FRAUD_CHECK, "passed") => (&mut s.fraud_passed, None),
                 (FRAUD_CHECK, "failed") => (&mut s.fraud_failed, None),
                 (ACTIVATION, _) => {
-                    activation_sum_ms += total;
+                    activation_sum_ms = u64::saturating_add(activation_sum_ms, total);
                     (&mut s.activations.count, None)
                 }
                 // A series a later version added and this one does not know.
                 _ => continue,
             };
-            *counter += count;
+            *counter = counter.saturating_add(count);
             if let Some(amounts) = amounts {
-                *amounts.entry(currency).or_default() += total;
+                let sum = amounts.entry(currency).or_default();
+                *sum = sum.saturating_add(total);
             }
         }
 
         let mut per_bound: BTreeMap<u64, u64> = BTreeMap::new();
         for row in &buckets {
             let le_ms = from_db(row.try_get("le_ms")?);
-            *per_bound.entry(le_ms).or_default() += from_db(row.try_get("count")?);
+            let n = per_bound.entry(le_ms).or_default();
+            *n = n.saturating_add(from_db(row.try_get("count")?));
         }
-        let mut cumulative = 0;
+        let mut cumulative = 0_u64;
         s.activations.buckets = ACTIVATION_BOUNDS_MS
             .iter()
             .map(|&le_ms| {
-                cumulative += per_bound.get(&le_ms).copied().unwrap_or(0);
+                cumulative =
+                    u64::saturating_add(cumulative, per_bound.get(&le_ms).copied().unwrap_or(0));
                 Bucket {
                     le_seconds: ms_to_seconds(le_ms),
                     count: cumulative,
@@ -353,7 +369,11 @@ async fn bump(
     sqlx::query(
         "INSERT INTO metrics_counters (metric, label, currency, count, total) VALUES (?, ?, ?, 1, ?)
          ON CONFLICT (metric, label, currency)
-         DO UPDATE SET count = count + 1, total = total + excluded.total",
+         DO UPDATE SET
+             count = MIN(count, 9223372036854775806) + 1,
+             total = CASE WHEN total > 9223372036854775807 - excluded.total
+                          THEN 9223372036854775807
+                          ELSE total + excluded.total END",
     )
     .bind(metric)
     .bind(label)

@@ -448,3 +448,114 @@ async fn aggregates_survive_a_restart() {
     assert_eq!(after.captured_amount_cents["EUR"], 149_700);
     h.router.shutdown().await.unwrap();
 }
+
+/// Every family an exposition must hold, however large its values.
+const FAMILIES: [&str; 8] = [
+    "school_payments_submitted_total",
+    "school_payments_submitted_amount_cents_total",
+    "school_payments_total",
+    "school_payment_amount_cents_total",
+    "school_fraud_checks_total",
+    "school_payment_approval_ratio",
+    "school_fraud_rate",
+    "school_enrollment_activation_seconds",
+];
+
+fn assert_every_family(text: &str) {
+    for family in FAMILIES {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family} missing:\n{text}"
+        );
+    }
+}
+
+/// Regression: an amount of 2^63 or more (stored clamped to `i64::MAX`)
+/// overflowed the SQLite sum into a float, the snapshot failed to decode
+/// it, and every `school_*` series left `/metrics` for good.
+#[tokio::test]
+async fn amounts_past_i64_saturate_and_every_series_stays_rendered() {
+    const MAX: f64 = 9_223_372_036_854_775_807.0;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("metrics.db");
+    let expect = |text: &str| {
+        assert_every_family(text);
+        let samples = parse(text);
+        for (series, value) in [
+            ("school_payments_submitted_total", 3.0),
+            (
+                "school_payments_submitted_amount_cents_total{currency=\"EUR\"}",
+                MAX,
+            ),
+            ("school_payments_total{outcome=\"captured\"}", 2.0),
+            (
+                "school_payment_amount_cents_total{outcome=\"captured\",currency=\"EUR\"}",
+                MAX,
+            ),
+        ] {
+            assert_eq!(
+                samples.get(series).copied(),
+                Some(value),
+                "{series}\n{text}"
+            );
+        }
+    };
+    {
+        let h = Harness::start(&path).await;
+        for (i, amount) in [1_u64 << 63, u64::MAX, 49_900].into_iter().enumerate() {
+            let i = u32::try_from(i).unwrap();
+            h.bus
+                .emit(topics::PAYMENT_SUBMITTED, &submitted(i, amount, "EUR"))
+                .await
+                .unwrap();
+        }
+        for i in 0..2 {
+            h.bus
+                .emit(topics::PAYMENT_CAPTURED, &captured(i, 1 << 63))
+                .await
+                .unwrap();
+        }
+        h.settled(5).await;
+        let s = h.metrics.snapshot().await.unwrap();
+        assert_eq!(s.submitted_amount_cents["EUR"], i64::MAX as u64);
+        expect(&h.metrics.render().await.unwrap());
+        h.router.shutdown().await.unwrap();
+        h.metrics.store().pool().close().await;
+    }
+    let h = Harness::start(&path).await;
+    expect(&h.metrics.render().await.unwrap());
+
+    // A database an older version overflowed holds floats; it still
+    // renders, and the next event puts an integer back.
+    sqlx::query(
+        "INSERT INTO metrics_counters (metric, label, currency, count, total) VALUES ('payment', 'declined', 'EUR', 1, 1.8e19)",
+    )
+    .execute(h.metrics.store().pool())
+    .await
+    .unwrap();
+    let text = h.metrics.render().await.unwrap();
+    assert_every_family(&text);
+    let samples = parse(&text);
+    assert_eq!(
+        samples["school_payment_amount_cents_total{outcome=\"declined\",currency=\"EUR\"}"],
+        MAX
+    );
+    h.bus
+        .emit(topics::PAYMENT_DECLINED, &declined(7, 49_900))
+        .await
+        .unwrap();
+    h.settled(1).await;
+    let kind: String = sqlx::query_scalar(
+        "SELECT typeof(total) FROM metrics_counters WHERE metric = 'payment' AND label = 'declined'",
+    )
+    .fetch_one(h.metrics.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(kind, "integer");
+    let s = h.metrics.snapshot().await.unwrap();
+    assert_eq!(
+        (s.declined, s.declined_amount_cents["EUR"]),
+        (2, i64::MAX as u64)
+    );
+    h.router.shutdown().await.unwrap();
+}

@@ -26,7 +26,7 @@ use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed_with}
 use eventos_outbox::{Store, enqueue, first_delivery};
 use futures::Stream;
 use school_events::{ContactMessageDelayed, EmailFailed, EmailRequested, MailPurpose, topics};
-use school_http::{FieldError, Problem, is_email, now_ms, rfc3339_ms};
+use school_http::{EmailAddress, FieldError, Problem, now_ms, rfc3339_ms};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use tokio::sync::broadcast;
@@ -74,10 +74,18 @@ pub struct ByEmail {
     pub email: Option<String>,
 }
 
+/// The form notifications are kept and looked up under: the address as
+/// the forms normalized it (punycode domain), lower-cased.
+fn email_key(raw: &str) -> Option<String> {
+    EmailAddress::parse(raw.trim())
+        .ok()
+        .map(|a| a.to_string().to_ascii_lowercase())
+}
+
 fn email_param(q: &ByEmail) -> Result<String, Problem> {
-    match q.email.as_deref().map(str::trim) {
-        Some(e) if is_email(e) => Ok(e.to_ascii_lowercase()),
-        _ => Err(Problem::validation(vec![FieldError {
+    match q.email.as_deref().and_then(email_key) {
+        Some(e) => Ok(e),
+        None => Err(Problem::validation(vec![FieldError {
             pointer: "?email".into(),
             detail: "pass the student's e-mail address, e.g. /notifications?email=ana@example.com"
                 .into(),
@@ -171,7 +179,7 @@ impl Notifier {
             "Your message \"{}\" has not reached the school yet: the school's mail server is not taking mail right now. We keep trying and will tell you here if it finally fails.",
             e.subject
         );
-        let email = e.email.trim().to_ascii_lowercase();
+        let email = email_key(&e.email).unwrap_or_else(|| e.email.trim().to_ascii_lowercase());
         self.notify(
             &msg,
             email,
@@ -184,7 +192,11 @@ impl Notifier {
     }
 
     async fn on_failed(&self, e: EmailFailed, msg: Message) -> Result<(), HandlerError> {
-        let email = e.requester_email.trim().to_ascii_lowercase();
+        // An address no form would accept (from an older version) is kept
+        // as it came: the notice is still recorded, and the mailer refuses
+        // to send to it.
+        let email = email_key(&e.requester_email)
+            .unwrap_or_else(|| e.requester_email.trim().to_ascii_lowercase());
         let (kind, text, mail) = match e.purpose {
             MailPurpose::ContactMessage => {
                 let text = format!(

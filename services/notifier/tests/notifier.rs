@@ -123,7 +123,10 @@ async fn the_email_parameter_is_required_and_checked() {
     for uri in [
         "/notifications",
         "/notifications?email=nope",
+        "/notifications?email=x%3Cevil@attacker.example%3E",
+        "/notifications?email=a%00@example.com",
         "/notifications/stream",
+        "/notifications/stream?email=%22a,b%22@example.com",
     ] {
         let (status, json) = get(&notifier, uri).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{uri}: {json}");

@@ -138,7 +138,8 @@ pub struct SystemConfig {
     pub services: Services,
     /// The RabbitMQ transport's settings, when `transport` is `Amqp`.
     pub amqp: AmqpSettings,
-    /// Where contact messages are mailed.
+    /// Where contact messages are mailed: a bare `local@domain` (no display
+    /// name), as `school_http::EmailAddress` parses it.
     pub school_inbox: String,
     /// How long in-flight work may take to finish on shutdown.
     pub shutdown_timeout: Duration,
@@ -349,10 +350,19 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                 payment_metrics = Some(metrics);
             }
             Service::Contact => {
+                // Checked here, not at the first message: the mailer would
+                // refuse every mail to it, one dead letter at a time.
+                let school_inbox = school_http::EmailAddress::parse(config.school_inbox.trim())
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "the school inbox {:?} is not usable: {e}; set mail.school_inbox",
+                            config.school_inbox
+                        )
+                    })?;
                 let contact = Contact::new(
                     store("contact").await?,
                     ContactConfig {
-                        school_inbox: config.school_inbox.clone(),
+                        school_inbox: school_inbox.to_string(),
                         still_trying_after: config.still_trying_after,
                     },
                 )

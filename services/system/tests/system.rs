@@ -209,3 +209,20 @@ async fn a_process_runs_only_its_services() {
     dbs.sort();
     assert_eq!(dbs, vec!["antifraud.db", "contact.db"]);
 }
+
+/// The mailer sends to bare addresses only; a school inbox it would refuse
+/// stops the start instead of dead-lettering every contact message.
+#[tokio::test]
+async fn a_school_inbox_with_a_display_name_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SystemConfig::new(dir.path());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.transport = TransportKind::Memory;
+    config.services = "contact".parse().unwrap();
+    config.school_inbox = "Admissions <admissions@school.example>".into();
+    let Err(e) = start(config).await else {
+        panic!("started with an unusable school inbox");
+    };
+    let text = format!("{e:#}");
+    assert!(text.contains("mail.school_inbox"), "{text}");
+}
