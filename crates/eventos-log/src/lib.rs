@@ -206,6 +206,7 @@ pub struct LogStats {
     events_appended: AtomicU64,
     bytes_written: AtomicU64,
     redeliveries: AtomicU64,
+    failed_rounds: AtomicU64,
 }
 
 /// A snapshot of [`LogStats`].
@@ -219,6 +220,9 @@ pub struct StatsSnapshot {
     pub bytes_written: u64,
     /// Deliveries handed out again because their lease expired.
     pub redeliveries: u64,
+    /// Write rounds that failed (a full disk, an I/O error): their
+    /// requests were refused and the log rewound.
+    pub failed_rounds: u64,
 }
 
 /// Queue counts of one group.
@@ -392,6 +396,7 @@ impl LogTransport {
             events_appended: s.events_appended.load(Ordering::Relaxed),
             bytes_written: s.bytes_written.load(Ordering::Relaxed),
             redeliveries: s.redeliveries.load(Ordering::Relaxed),
+            failed_rounds: s.failed_rounds.load(Ordering::Relaxed),
         }
     }
 

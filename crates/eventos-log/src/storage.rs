@@ -194,6 +194,9 @@ pub enum Fault {
     /// The k-th append fails with an I/O error (after writing half of its
     /// bytes); the storage keeps working.
     FailAppend(u64),
+    /// Every append from the k-th on fails without writing anything, as on
+    /// a full disk, until [`SimStorage::free_space`].
+    FullFrom(u64),
 }
 
 #[derive(Debug, Default)]
@@ -276,6 +279,11 @@ impl SimStorage {
     /// How many syncs (file and directory) have completed.
     pub fn syncs(&self) -> u64 {
         self.lock().syncs
+    }
+
+    /// Ends a [`Fault::FullFrom`]: appends succeed again.
+    pub fn free_space(&self) {
+        self.lock().fault = Fault::None;
     }
 
     /// The disk after a power loss now: only durable directory entries, each
@@ -481,6 +489,11 @@ impl StorageFile for SimFile {
             return Err(crashed());
         }
         st.appends += 1;
+        if let Fault::FullFrom(k) = st.fault
+            && st.appends >= k
+        {
+            return Err(io::Error::from_raw_os_error(28));
+        }
         let fail = st.fault == Fault::FailAppend(st.appends);
         let file = st.files.get_mut(&self.inode).expect("open files exist");
         if fail {

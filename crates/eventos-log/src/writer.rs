@@ -6,9 +6,15 @@
 //! segment with one `write`, and `fdatasync`s each once; then it answers
 //! them all. Under load a single sync covers thousands of events (group
 //! commit); with one lonely publisher it costs one sync per publish, which
-//! is the least durability allows. After an I/O error the writer fails
-//! every later request: whether the failed write reached the disk is
-//! unknown, and only recovery on reopen can tell.
+//! is the least durability allows.
+//!
+//! A round that fails (a full disk, an I/O error) answers all its requests
+//! with the error — none of them is acknowledged — and rewinds every topic
+//! to what the last successful round made durable: buffered records are
+//! dropped and a partly written tail is cut off the active segment, so the
+//! next round writes after the last durable record as if the failed one
+//! never happened. The log recovers by itself when the disk does; until
+//! the rewind itself succeeds, every request fails.
 
 use std::collections::HashMap;
 use std::io;
@@ -122,6 +128,8 @@ pub(crate) struct Writer {
     pub(crate) segment_bytes: u64,
     pub(crate) retention: Retention,
     pub(crate) stats: Arc<LogStats>,
+    /// Set by a failed round until [`Writer::rewind`] succeeds: what the
+    /// files hold past the durable ends is unknown until then.
     pub(crate) failed: Option<String>,
     /// Every topic the transport knows, for retention.
     pub(crate) all_topics: Arc<Mutex<HashMap<String, Arc<TopicLog>>>>,
@@ -214,6 +222,9 @@ impl Writer {
     fn round(&mut self, batch: Vec<Request>) -> Option<oneshot::Sender<()>> {
         let mut pending = Vec::with_capacity(batch.len());
         let mut shutdown = None;
+        if self.failed.is_some() {
+            self.rewind();
+        }
         let mut error: Option<String> = self.failed.clone();
         for request in batch {
             match request {
@@ -254,9 +265,11 @@ impl Writer {
         }
         if let Some(e) = &error {
             if self.failed.is_none() {
-                tracing::error!(error = %e, "the log stopped accepting writes after an I/O error; reopen it to recover");
+                tracing::error!(error = %e, "a log write failed; its requests are refused and the log rewinds to its last durable state");
             }
             self.failed = Some(e.clone());
+            self.stats.failed_rounds.fetch_add(1, Ordering::Relaxed);
+            self.rewind();
         }
         for p in pending {
             match p {
@@ -276,6 +289,50 @@ impl Writer {
             }
         }
         shutdown
+    }
+
+    /// Brings every topic back to its durable state after a failed round:
+    /// drops what is buffered and cuts the active segment back to its
+    /// durable length. Clears [`Writer::failed`] when every cut succeeds.
+    fn rewind(&mut self) {
+        let mut cut_failed = None;
+        for tw in self.topics.values_mut() {
+            tw.buf.clear();
+            tw.new_index.clear();
+            tw.appended_events = false;
+            let Some(active) = tw.active.clone() else {
+                continue;
+            };
+            let durable = active.durable_len.load(Ordering::Acquire);
+            let cut = match active.file.len() {
+                Ok(len) if len == durable => Ok(()),
+                Ok(_) => active.file.set_len(durable),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = cut {
+                cut_failed = Some(format!(
+                    "cannot cut topic `{}` back to its durable end: {e}",
+                    tw.topic.name
+                ));
+                continue;
+            }
+            tw.len = durable;
+            tw.next_offset = active.end_offset.load(Ordering::Acquire);
+            tw.last_indexed = lock(&active.index).last().map(|&(_, pos)| pos);
+        }
+        match cut_failed {
+            None => {
+                if self.failed.take().is_some() {
+                    tracing::info!(
+                        "the log rewound to its last durable state and accepts writes again"
+                    );
+                }
+            }
+            Some(e) => {
+                tracing::warn!(error = %e, "the log cannot rewind yet; writes are refused until it can");
+                self.failed = Some(e);
+            }
+        }
     }
 
     fn writer_for(&mut self, topic: &Arc<TopicLog>) -> &mut TopicWriter {
@@ -437,6 +494,9 @@ impl Writer {
     /// Removes sealed segments every group has consumed, oldest first, as
     /// far as the retention policy allows.
     fn retain(&mut self) {
+        if self.failed.is_some() {
+            self.rewind();
+        }
         if self.failed.is_some() {
             return;
         }

@@ -247,7 +247,7 @@ fn crash_at_every_sync_keeps_every_acknowledged_write() {
 }
 
 #[test]
-fn a_failed_write_fails_that_publish_and_every_later_one_until_reopen() {
+fn a_failed_write_fails_that_publish_and_the_log_recovers_by_itself() {
     let rt = runtime();
     rt.block_on(async {
         let disk = SimStorage::new(Fault::FailAppend(3));
@@ -256,17 +256,60 @@ fn a_failed_write_fails_that_publish_and_every_later_one_until_reopen() {
         for b in 0..5 {
             results.push(log.publish("t", vec![event(0, b)]).await.is_ok());
         }
-        assert_eq!(results, vec![true, true, false, false, false]);
+        assert_eq!(results, vec![true, true, false, true, true]);
+        assert_eq!(log.stats().failed_rounds, 1);
+        // The half-written record was cut at once: consumers and a reopen
+        // see exactly the acknowledged events.
+        let live = read_all(&log, "live").await;
+        let ids: Vec<&str> = live.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, vec!["p0-0000", "p0-0001", "p0-0003", "p0-0004"]);
         log.close().await.unwrap();
-        // The half-written record is cut on reopen; the two Ok ones stay.
         let log = open(&disk);
-        assert_eq!(log.recovery_report().cuts.len(), 1);
+        assert!(log.recovery_report().cuts.is_empty(), "nothing left to cut");
         let all = read_all(&log, "verify").await;
         let ids: Vec<&str> = all.iter().map(|(id, _)| id.as_str()).collect();
-        assert_eq!(ids, vec!["p0-0000", "p0-0001"]);
-        assert!(
-            log.publish("t", vec![event(0, 9)]).await.is_ok(),
-            "a reopened log accepts writes"
-        );
+        assert_eq!(ids, vec!["p0-0000", "p0-0001", "p0-0003", "p0-0004"]);
+    });
+}
+
+#[test]
+fn a_full_disk_refuses_every_publish_until_space_returns_then_takes_them_again() {
+    let rt = runtime();
+    rt.block_on(async {
+        let disk = SimStorage::new(Fault::FullFrom(4));
+        let log = open(&disk);
+        let mut acked = Vec::new();
+        let mut refused = 0;
+        for b in 0..10 {
+            match log.publish("t", vec![event(0, b)]).await {
+                Ok(()) => acked.push(b),
+                Err(e) => {
+                    assert!(e.is_transient(), "a full disk is worth retrying: {e}");
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!(acked, [0, 1, 2]);
+        assert_eq!(refused, 7);
+        disk.free_space();
+        for b in 10..15 {
+            log.publish("t", vec![event(0, b)]).await.unwrap();
+            acked.push(b);
+        }
+        let want: Vec<String> = acked.iter().map(|b| format!("p0-{b:04}")).collect();
+        let live: Vec<String> = read_all(&log, "live")
+            .await
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(live, want, "exactly the acknowledged events, in order");
+        log.close().await.unwrap();
+        let log = open(&disk);
+        let reopened: Vec<String> = read_all(&log, "verify")
+            .await
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(reopened, want);
     });
 }
