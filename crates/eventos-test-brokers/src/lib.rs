@@ -1,6 +1,7 @@
 //! The brokers the eventos tests talk to — RabbitMQ, NATS with JetStream
 //! and a single-node Apache Kafka — as `scripts/test-deps` leaves them
-//! running on 127.0.0.1.
+//! running on 127.0.0.1; and [`TinyFs`], a small real filesystem the
+//! disk-full tests fill up.
 //!
 //! The decision that shaped it: tests never start a broker themselves and
 //! never skip when one is down. `scripts/services` owns every broker
@@ -21,6 +22,10 @@
 //! // ... talk to Kafka at `bootstrap` ...
 //! Broker::Kafka.restart();
 //! ```
+
+mod fs;
+
+pub use fs::TinyFs;
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
