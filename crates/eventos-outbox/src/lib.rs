@@ -354,7 +354,7 @@ impl Relay {
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?pause, "outbox relay failed; the events stay queued");
                     let p = pause;
-                    pause = (pause * 2).min(Duration::from_secs(30));
+                    pause = (pause * 2).min(Duration::from_secs(5));
                     p
                 }
             };

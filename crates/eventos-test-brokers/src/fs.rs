@@ -76,6 +76,18 @@ impl TinyFs {
         }
     }
 
+    /// Gives back `bytes` of what [`TinyFs::fill`] took: a disk nearly
+    /// full, where some writes fit and others do not.
+    pub fn release(&self, bytes: u64) {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.filler())
+            .expect("open the filler");
+        let len = file.metadata().expect("the filler's size").len();
+        file.set_len(len.saturating_sub(bytes))
+            .expect("shrink the filler");
+    }
+
     /// Frees what [`TinyFs::fill`] took.
     pub fn free(&self) {
         let _ = std::fs::remove_file(self.filler());

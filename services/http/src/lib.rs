@@ -116,6 +116,16 @@ impl IntoResponse for Problem {
             header::CONTENT_TYPE,
             HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
         );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // What makes a service unavailable here (a full disk, a
+            // database busy, a dependency down) passes in seconds or is
+            // fixed by an operator; a client that waits a little and sends
+            // the same request again (with its Idempotency-Key) loses
+            // nothing.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        }
         response
     }
 }

@@ -19,7 +19,7 @@
 //! close the transport.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -42,6 +42,7 @@ use school_antifraud::{Antifraud, AntifraudConfig};
 use school_billing::{Billing, BillingConfig, SimulatedGateway};
 use school_contact::{Contact, ContactConfig};
 use school_enrollment::{Enrollment, EnrollmentConfig, FingerprintKey};
+use school_http::Problem;
 use school_metrics::Metrics;
 use school_notifier::Notifier;
 use tokio::task::JoinSet;
@@ -417,6 +418,7 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
     }
 
     let ready = Arc::new(AtomicBool::new(true));
+    let writable = Arc::new(WriteProbe::new(config.data_dir.clone()));
     let app = http
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -424,11 +426,11 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
             get({
                 let ready = ready.clone();
                 move || async move {
-                    if ready.load(Ordering::Acquire) {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+                    if !ready.load(Ordering::Acquire) {
+                        return Err(Problem::unavailable("the service is shutting down"));
                     }
+                    writable.check().await?;
+                    Ok((StatusCode::OK, "ready\n"))
                 }
             }),
         )
@@ -475,6 +477,62 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
         Ok(())
     });
     Ok(System { addr, stop, task })
+}
+
+/// Whether the data directory takes writes, checked by writing: 64 KiB,
+/// synced, then removed. Every database, the log and the mail files live
+/// there, so a full or failing disk shows here first; `/readyz` answers
+/// 503 while it does. One check at a time, and its answer is kept for
+/// half a second, so a busy health checker costs one sync a second at most.
+struct WriteProbe {
+    dir: PathBuf,
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
+}
+
+impl WriteProbe {
+    const FRESH: Duration = Duration::from_millis(500);
+
+    fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn check(&self) -> Result<(), Problem> {
+        let mut last = self.last.lock().await;
+        let result = match &*last {
+            Some((at, result)) if at.elapsed() < Self::FRESH => result.clone(),
+            _ => {
+                let dir = self.dir.clone();
+                let result = tokio::task::spawn_blocking(move || probe_write(&dir))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                if let Err(e) = &result {
+                    tracing::warn!(error = %e, "the data directory does not take writes; not ready");
+                }
+                *last = Some((tokio::time::Instant::now(), result.clone()));
+                result
+            }
+        };
+        result.map_err(|_| {
+            Problem::unavailable(
+                "the service cannot store anything right now (its disk is full or failing); free space and it recovers by itself",
+            )
+        })
+    }
+}
+
+fn probe_write(dir: &Path) -> Result<(), String> {
+    use std::io::Write as _;
+    let path = dir.join(".write-probe");
+    let written = (|| {
+        let mut file = std::fs::File::create(&path)?;
+        file.write_all(&[0u8; 64 * 1024])?;
+        file.sync_data()
+    })();
+    let _ = std::fs::remove_file(&path);
+    written.map_err(|e| format!("cannot write to {}: {e}", dir.display()))
 }
 
 /// Runs the system until `shutdown` completes, then stops it in order.
