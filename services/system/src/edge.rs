@@ -44,10 +44,11 @@ const RETRY_AFTER_SECS: u32 = 1;
 /// Connections over the cap that are answered (503, then closed) at once;
 /// beyond these, a connection over the cap is closed without an answer, so
 /// that a flood cannot turn refusals into a new way of holding sockets.
-const REFUSALS_AT_ONCE: usize = 64;
+const REFUSALS_AT_ONCE: usize = 128;
 
-/// How long a refused connection may take to receive its 503.
-const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a refused connection is kept to deliver its 503: short, so
+/// that the refusals at once are free again for the next ones.
+const REFUSAL_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// The limits, checked, as the edge uses them.
 #[derive(Debug, Clone)]
