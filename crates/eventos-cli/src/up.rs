@@ -51,8 +51,8 @@ pub(crate) struct UpArgs {
     /// [default: admissions@school.example].
     #[arg(long, env = "EVENTOS_SCHOOL_INBOX")]
     school_inbox: Option<String>,
-    /// How long in-flight work may take to finish after Ctrl-C
-    /// [default: 10s].
+    /// How long in-flight work may take to finish after Ctrl-C: HTTP
+    /// connections still open then are dropped [default: 10s].
     #[arg(long, env = "EVENTOS_SHUTDOWN_TIMEOUT", value_parser = crate::demo::parse_duration)]
     shutdown_timeout: Option<Duration>,
 }
@@ -64,12 +64,27 @@ Settings file (--config eventos.toml), every key optional, defaults shown:
   listen = \"127.0.0.1:8080\"
   transport = \"log\"                 # or \"memory\", or \"amqp://user:pass@host:5672/%2f\"
   # smtp = \"smtp://127.0.0.1:2525\"  # unset: .eml files in <data_dir>/mail
-  shutdown_timeout_secs = 10
+  shutdown_timeout_secs = 10        # HTTP connections and in-flight events
+
+  [http]                            # the HTTP edge; each refusal is a problem
+  header_timeout_ms = 10000         # headers must arrive within it of the
+                                    # connection's opening or last answer:
+                                    # also the idle (keep-alive) timeout
+  body_timeout_ms = 10000           # longest pause inside a body (408)
+  request_timeout_ms = 30000        # headers to answer, body included (503)
+  max_connections = 512             # more are answered 503 and closed; keep
+                                    # it well under `ulimit -n`
+  max_requests = 256                # answered at once; more get 503
+  sse_per_client = 8                # event streams per client IP (429)
+  sse_max_streams = 256             # event streams in all (503)
+  sse_keep_alive_ms = 15000         # ping interval; finds clients gone
 
   [amqp]                            # when transport is an amqp:// URL
   namespace = \"eventos\"             # prefix of every exchange and queue
   queue_type = \"quorum\"             # or \"classic\"
   content_mode = \"binary\"           # or \"structured\" (both are read)
+  # queue_expires_secs = 3600       # unset: never; if set, an unused queue
+                                    # is deleted with its events (tests only)
 
   [mail]
   school_inbox = \"admissions@school.example\"
@@ -104,6 +119,8 @@ Settings file (--config eventos.toml), every key optional, defaults shown:
   max_attempts = 8
   attempt_timeout_ms = 10000
   gateway_latency_ms = [100, 300]   # the simulated gateway
+  # gateway_ledger = \"/shared/gateway.db\"  # unset: <data_dir>/gateway.db;
+                                    # workers in several processes share one
 
 Environment: a top-level key is EVENTOS_<KEY> (EVENTOS_DATA_DIR, ...); a key
 in a section is EVENTOS_<SECTION>__<KEY>, e.g. EVENTOS_ANTIFRAUD__SCORE_THRESHOLD=80.
@@ -272,5 +289,25 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(shown, Settings::default(), "{block}");
         assert!(block.contains("[antifraud]") && block.contains("gateway_latency_ms"));
+        // Every key of every section is listed, set or commented out.
+        let defaults = serde_json::to_value(Settings::default()).unwrap();
+        for (key, value) in defaults.as_object().unwrap() {
+            let keys: Vec<String> = match value.as_object() {
+                Some(section) => {
+                    assert!(
+                        CONFIG_HELP.contains(&format!("[{key}]")),
+                        "[{key}] is not in the help"
+                    );
+                    section.keys().cloned().collect()
+                }
+                None => vec![key.clone()],
+            };
+            for key in keys {
+                assert!(
+                    CONFIG_HELP.contains(&format!("{key} =")),
+                    "{key} is not in the help"
+                );
+            }
+        }
     }
 }

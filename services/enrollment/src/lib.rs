@@ -38,16 +38,15 @@ mod card;
 mod currency;
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::{Event as SseEvent, Sse};
 use axum::routing::{get, post};
 use eventos::{Context, HandlerError, Message, ResultExt as _, Route, TypedEvent, typed_with};
 use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use school_events::{
     AcceptanceMode, EmailDeferred, EmailFailed, EmailRequested, EmailSent, EnrollmentActivated,
     EnrollmentRejected, FraudCheckFailed, FraudCheckPassed, MailPurpose, PaymentCaptured,
@@ -55,12 +54,13 @@ use school_events::{
 };
 pub use school_http::TimelineEntry;
 use school_http::{
-    CONTROL_DETAIL, EmailAddress, FieldError, MAX_BODY_BYTES, PathId, Problem, StrictJson,
-    has_control, now_ms, rfc3339_ms,
+    CONTROL_DETAIL, ClientIp, EmailAddress, FieldError, MAX_BODY_BYTES, PathId, Problem,
+    SseStreams, StrictJson, has_control, now_ms, rfc3339_ms,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
 
 pub use card::{FingerprintKey, KeyError, luhn, redact};
 pub use currency::is_iso_4217;
@@ -252,6 +252,7 @@ pub struct Enrollment {
     key: FingerprintKey,
     mode: AcceptanceMode,
     live: broadcast::Sender<Change>,
+    sse: SseStreams,
 }
 
 fn unavailable(e: &dyn std::fmt::Display) -> Problem {
@@ -558,7 +559,15 @@ impl Enrollment {
             key,
             mode,
             live,
+            sse: SseStreams::default(),
         })
+    }
+
+    /// The same service, its event streams counted and bounded by `sse`
+    /// (shared with the process's other streaming endpoints).
+    #[must_use]
+    pub fn with_sse(self, sse: SseStreams) -> Self {
+        Self { sse, ..self }
     }
 
     /// The service's database.
@@ -1098,45 +1107,39 @@ async fn show(
 }
 
 /// Server-sent events: the enrollment as it is now (`snapshot`), then each
-/// change (`change`) as it is committed.
+/// change (`change`) as it is committed; bounded and ended by the
+/// service's [`SseStreams`].
 async fn stream(
     State(enrollment): State<Enrollment>,
+    client: ClientIp,
     id: Result<PathId, Problem>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
     let id = path_id(id)?;
+    let permit = enrollment.sse.open(client)?;
     // Subscribe before reading, so no change falls in between.
-    let mut live = enrollment.live.subscribe();
+    let live = BroadcastStream::new(enrollment.live.subscribe());
     let view = enrollment.view(&id).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
-    tokio::spawn(async move {
-        let first = SseEvent::default()
-            .event("snapshot")
-            .json_data(&view)
-            .unwrap_or_default();
-        if tx.send(first).await.is_err() {
-            return;
-        }
-        loop {
-            match live.recv().await {
-                Ok(change) if change.id == id => {
-                    let event = SseEvent::default()
-                        .event("change")
-                        .json_data(&change)
-                        .unwrap_or_default();
-                    if tx.send(event).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => return,
-            }
-        }
+    let snapshot = SseEvent::default()
+        .event("snapshot")
+        .json_data(&view)
+        .unwrap_or_default();
+    // A lagging stream skips what it missed, as the snapshot it can fetch
+    // again holds it.
+    let changes = live.filter_map(move |change| {
+        std::future::ready(match change {
+            Ok(change) if change.id == id => Some(
+                SseEvent::default()
+                    .event("change")
+                    .json_data(&change)
+                    .unwrap_or_default(),
+            ),
+            _ => None,
+        })
     });
-    let events = futures::stream::unfold(rx, |mut rx| async move {
-        let event = rx.recv().await?;
-        Some((Ok(event), rx))
-    });
-    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    Ok(enrollment.sse.respond(
+        permit,
+        futures::stream::once(std::future::ready(snapshot)).chain(changes),
+    ))
 }
 
 #[cfg(test)]

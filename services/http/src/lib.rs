@@ -8,18 +8,23 @@
 //! [`EmailAddress`] is the one address syntax every service parses with,
 //! [`has_control`] the one check of text fields for control characters,
 //! and [`PathId`] the one extractor of ids from paths.
+//! [`refuse_oversize_body`] answers 413 from `Content-Length` alone, and
+//! [`SseStreams`] bounds and ends the server-sent event streams.
 
 mod email;
+mod sse;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use email::{EmailAddress, EmailError, MAX_EMAIL_LEN};
+pub use sse::{ClientIp, SseLimits, SsePermit, SseStreams};
 
 /// The largest request body any service accepts.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -42,6 +47,10 @@ pub struct Problem {
     /// For validation problems: each invalid field and why.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+    /// Seconds after which retrying may succeed, sent as `Retry-After`
+    /// (for 429 and 503).
+    #[serde(skip)]
+    pub retry_after: Option<u32>,
 }
 
 /// One invalid field.
@@ -63,7 +72,27 @@ impl Problem {
             status: status.as_u16(),
             detail: detail.into(),
             errors: Vec::new(),
+            retry_after: None,
         }
+    }
+
+    /// The same problem, telling the client to retry after `secs` seconds.
+    #[must_use]
+    pub fn retry_after(self, secs: u32) -> Self {
+        Self {
+            retry_after: Some(secs),
+            ..self
+        }
+    }
+
+    /// 413 for a body over [`MAX_BODY_BYTES`].
+    pub fn body_too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "Body too large",
+            format!("the body exceeds {MAX_BODY_BYTES} bytes; send less"),
+        )
     }
 
     /// 422: the body is well-formed but its values are invalid.
@@ -96,7 +125,11 @@ impl Problem {
         )
     }
 
-    /// 503: the service cannot take the request right now; retry later.
+    /// 503: the service cannot take the request right now; retry later
+    /// (`Retry-After: 2`). What makes a service unavailable here (a full
+    /// disk, a database busy, a dependency down) passes in seconds or is
+    /// fixed by an operator; a client that waits a little and sends the
+    /// same request again (with its Idempotency-Key) loses nothing.
     pub fn unavailable(detail: impl Into<String>) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -104,6 +137,7 @@ impl Problem {
             "Service unavailable",
             detail,
         )
+        .retry_after(2)
     }
 }
 
@@ -116,15 +150,10 @@ impl IntoResponse for Problem {
             header::CONTENT_TYPE,
             HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
         );
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            // What makes a service unavailable here (a full disk, a
-            // database busy, a dependency down) passes in seconds or is
-            // fixed by an operator; a client that waits a little and sends
-            // the same request again (with its Idempotency-Key) loses
-            // nothing.
+        if let Some(secs) = self.retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
@@ -177,11 +206,15 @@ fn problem_for(rejection: &JsonRejection) -> Problem {
         JsonRejection::BytesRejection(e) => {
             let text = e.body_text();
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE || text.contains("length limit") {
+                Problem::body_too_large()
+            } else if text.contains("timeout") || text.contains("timed out") {
+                // The edge's body-read timeout (a pause longer than it
+                // between two pieces of the body) surfaces as a body error.
                 Problem::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body-too-large",
-                    "Body too large",
-                    format!("the body exceeds {MAX_BODY_BYTES} bytes; send less"),
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body-timeout",
+                    "Body too slow",
+                    "the body stopped arriving before it was complete; send it without pauses",
                 )
             } else {
                 Problem::new(
@@ -297,6 +330,23 @@ pub fn rfc3339_ms(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_default()
+}
+
+/// Refuses a request whose `Content-Length` is over [`MAX_BODY_BYTES`]
+/// with a 413 before any of the body is read: the body limit alone acts
+/// only on bytes received, so a client announcing a large body and sending
+/// nothing would otherwise be waited for. Install it with
+/// `axum::middleware::from_fn`.
+pub async fn refuse_oversize_body(request: Request, next: Next) -> Response {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match announced {
+        Some(n) if n > MAX_BODY_BYTES as u64 => Problem::body_too_large().into_response(),
+        _ => next.run(request).await,
+    }
 }
 
 /// The fallback for unknown paths: a 404 problem instead of an empty body.

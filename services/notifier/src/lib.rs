@@ -15,21 +15,21 @@
 //! The service names no transport: it takes a `Store` and gives back an HTTP
 //! router and event routes.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::{Event as SseEvent, Sse};
 use axum::routing::get;
 use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed_with};
 use eventos_outbox::{Store, enqueue, first_delivery};
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use school_events::{ContactMessageDelayed, EmailFailed, EmailRequested, MailPurpose, topics};
-use school_http::{EmailAddress, FieldError, Problem, now_ms, rfc3339_ms};
+use school_http::{ClientIp, EmailAddress, FieldError, Problem, SseStreams, now_ms, rfc3339_ms};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
 
 /// The migrations of the notifier database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -65,6 +65,7 @@ pub struct Notification {
 pub struct Notifier {
     store: Store,
     live: broadcast::Sender<Notification>,
+    sse: SseStreams,
 }
 
 /// `?email=` of the notification endpoints.
@@ -107,7 +108,18 @@ impl Notifier {
     pub async fn new(store: Store) -> Result<Self, eventos_outbox::OutboxError> {
         store.migrate(&MIGRATOR).await?;
         let (live, _) = broadcast::channel(256);
-        Ok(Self { store, live })
+        Ok(Self {
+            store,
+            live,
+            sse: SseStreams::default(),
+        })
+    }
+
+    /// The same service, its event streams counted and bounded by `sse`
+    /// (shared with the process's other streaming endpoints).
+    #[must_use]
+    pub fn with_sse(self, sse: SseStreams) -> Self {
+        Self { sse, ..self }
     }
 
     /// The service's database.
@@ -299,54 +311,32 @@ async fn list(
 }
 
 /// Server-sent events: every stored notification for the address, then each
-/// new one as it is recorded.
+/// new one as it is recorded; bounded and ended by the service's
+/// [`SseStreams`].
 async fn stream(
     State(notifier): State<Notifier>,
+    client: ClientIp,
     Query(q): Query<ByEmail>,
-) -> Result<
-    (
-        StatusCode,
-        Sse<impl Stream<Item = Result<SseEvent, Infallible>>>,
-    ),
-    Problem,
-> {
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
     let email = email_param(&q)?;
+    let permit = notifier.sse.open(client)?;
     // Subscribe before reading the backlog, so nothing falls in between.
-    let mut live = notifier.live.subscribe();
+    let live = BroadcastStream::new(notifier.live.subscribe());
     let backlog = notifier.for_email(&email).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Notification>(64);
-    tokio::spawn(async move {
-        let mut seen = std::collections::HashSet::new();
-        for n in backlog {
-            seen.insert(n.id.clone());
-            if tx.send(n).await.is_err() {
-                return;
-            }
-        }
-        loop {
-            match live.recv().await {
-                // The backlog may already hold one that was also broadcast.
-                Ok(n) if n.email == email && seen.insert(n.id.clone()) => {
-                    if tx.send(n).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => return,
-            }
-        }
+    let mut seen: HashSet<String> = backlog.iter().map(|n| n.id.clone()).collect();
+    let new = live.filter_map(move |n| {
+        std::future::ready(match n {
+            // The backlog may already hold one that was also broadcast.
+            Ok(n) if n.email == email && seen.insert(n.id.clone()) => Some(n),
+            _ => None,
+        })
     });
-    let events = futures::stream::unfold(rx, |mut rx| async move {
-        let n = rx.recv().await?;
-        let event = SseEvent::default()
+    let events = futures::stream::iter(backlog).chain(new).map(|n| {
+        SseEvent::default()
             .event("notification")
             .id(n.id.clone())
             .json_data(&n)
-            .unwrap_or_default();
-        Some((Ok(event), rx))
+            .unwrap_or_default()
     });
-    Ok((
-        StatusCode::OK,
-        Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))),
-    ))
+    Ok(notifier.sse.respond(permit, events))
 }

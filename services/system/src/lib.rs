@@ -14,9 +14,15 @@
 //! [`Settings`] is the settings file (`eventos.toml`) with its
 //! `EVENTOS_*` overrides.
 //!
-//! Shutdown runs in dependency order: stop accepting HTTP requests, drain
-//! the router (in-flight deliveries finish and settle), stop the relays,
-//! close the transport.
+//! HTTP is served by the edge (`edge.rs`): header, body and request
+//! timeouts, caps on connections, requests and event streams, each refusal
+//! a problem answer.
+//!
+//! Shutdown runs in dependency order: stop accepting HTTP connections; then,
+//! within one `shutdown_timeout`, close the HTTP connections (event streams
+//! end, idle connections close, the rest after their answer, whatever is
+//! left at the deadline is dropped) and drain the router (in-flight
+//! deliveries finish and settle); stop the relays, close the transport.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,12 +30,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+mod edge;
 mod services;
 mod settings;
 
 pub use services::{Service, Services};
 pub use settings::{
-    AmqpContentMode, AmqpQueueType, AmqpSettings, MailSettings, Settings, SettingsError,
+    AmqpContentMode, AmqpQueueType, AmqpSettings, HttpSettings, MailSettings, Settings,
+    SettingsError,
 };
 
 use anyhow::Context as _;
@@ -142,8 +150,11 @@ pub struct SystemConfig {
     /// Where contact messages are mailed: a bare `local@domain` (no display
     /// name), as `school_http::EmailAddress` parses it.
     pub school_inbox: String,
-    /// How long in-flight work may take to finish on shutdown.
+    /// How long in-flight work may take to finish on shutdown: HTTP
+    /// connections and deliveries each drain within it, side by side.
     pub shutdown_timeout: Duration,
+    /// The HTTP edge's timeouts and limits.
+    pub http: HttpSettings,
     /// The SMTP server (`smtp://host:port`); without one, mail is written
     /// as `.eml` files into `<data-dir>/mail/`.
     pub smtp: Option<String>,
@@ -174,6 +185,7 @@ impl SystemConfig {
             amqp: AmqpSettings::default(),
             school_inbox: ContactConfig::default().school_inbox,
             shutdown_timeout: Duration::from_secs(10),
+            http: HttpSettings::default(),
             smtp: None,
             mail_retry: school_mailer::default_backoff(),
             mail_breaker: school_mailer::default_breaker(),
@@ -240,6 +252,9 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
         )
     })?;
     let metrics = prometheus().clone();
+    let limits = edge::Limits::new(&config.http)?;
+    // One count for every streaming endpoint, so the limits hold across them.
+    let sse = school_http::SseStreams::new(config.http.sse_limits());
     let transport: Arc<dyn Transport> = match &config.transport {
         TransportKind::Amqp(url) => {
             let options = eventos_amqp::AmqpOptions {
@@ -306,7 +321,8 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                 let enrollment =
                     Enrollment::new(store("enrollment").await?, key, config.enrollment.mode)
                         .await
-                        .context("migrating the enrollment database")?;
+                        .context("migrating the enrollment database")?
+                        .with_sse(sse.clone());
                 stores.push(enrollment.store().clone());
                 routes.extend(enrollment.routes());
                 http = http.merge(enrollment.http());
@@ -392,7 +408,8 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
             Service::Notifier => {
                 let notifier = Notifier::new(store("notifier").await?)
                     .await
-                    .context("migrating the notifier database")?;
+                    .context("migrating the notifier database")?
+                    .with_sse(sse.clone());
                 stores.push(notifier.store().clone());
                 routes.extend(notifier.routes());
                 http = http.merge(notifier.http());
@@ -419,6 +436,7 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
 
     let ready = Arc::new(AtomicBool::new(true));
     let writable = Arc::new(WriteProbe::new(config.data_dir.clone()));
+    let streams = sse.clone();
     let app = http
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -439,8 +457,14 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
             get(move || {
                 let metrics = metrics.clone();
                 let payment_metrics = payment_metrics.clone();
+                let streams = streams.live();
                 async move {
                     let mut text = metrics.render();
+                    // Counted per system, not through the process-wide
+                    // recorder, so that each system shows its own.
+                    text.push_str(&format!(
+                        "# HELP school_sse_streams Event streams open now.\n# TYPE school_sse_streams gauge\nschool_sse_streams {streams}\n"
+                    ));
                     if let Some(payments) = payment_metrics {
                         match payments.render().await {
                             Ok(payments) => text.push_str(&payments),
@@ -453,7 +477,8 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                 }
             }),
         )
-        .fallback(school_http::not_found);
+        .fallback(school_http::not_found)
+        .layer(axum::middleware::from_fn(school_http::refuse_oversize_body));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| {
@@ -464,15 +489,27 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
         })?;
     let addr = listener.local_addr()?;
     let http_stop = stop.clone();
+    let shutdown_timeout = config.shutdown_timeout;
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(http_stop.cancelled_owned())
-            .await;
-        ready.store(false, Ordering::Release);
-        let drained = running.shutdown().await;
+        // HTTP and the router drain side by side, so one deadline bounds
+        // both: requests commit to the outbox and never wait on a delivery.
+        let ((), drained) = tokio::join!(
+            edge::serve(
+                listener,
+                app,
+                limits,
+                sse,
+                http_stop.clone(),
+                shutdown_timeout
+            ),
+            async {
+                http_stop.cancelled().await;
+                ready.store(false, Ordering::Release);
+                running.shutdown().await
+            }
+        );
         while relays.join_next().await.is_some() {}
         transport.close().await.context("closing the transport")?;
-        served.context("serving HTTP")?;
         drained.context("draining the router")?;
         Ok(())
     });

@@ -64,6 +64,65 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The HTTP edge (`[http]`): timeouts and limits every connection and
+/// request meets before a service sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// A request's headers must have arrived this long after the
+    /// connection opened or answered its previous request, ms. One timer
+    /// in hyper, so it is also the idle (keep-alive) timeout.
+    pub header_timeout_ms: u64,
+    /// The longest pause while a request body arrives, ms (answered 408).
+    pub body_timeout_ms: u64,
+    /// How long a request may take from its headers to its answer, body
+    /// included, ms (answered 503). An event stream counts until its
+    /// answer starts, not while it streams.
+    pub request_timeout_ms: u64,
+    /// Connections open at once; one more is answered 503 and closed.
+    /// Keep it well under the process's open-file limit (`ulimit -n`).
+    pub max_connections: usize,
+    /// Requests being answered at once; one more is answered 503.
+    pub max_requests: usize,
+    /// Event streams one client (remote IP address) may hold open; one
+    /// more is answered 429.
+    pub sse_per_client: usize,
+    /// Event streams all clients together may hold open; one more is
+    /// answered 503. Each holds a connection, so keep it under
+    /// `max_connections`.
+    pub sse_max_streams: usize,
+    /// How long an event stream may stay silent before a ping, ms; a
+    /// client that has gone is found at the ping and its stream ended.
+    pub sse_keep_alive_ms: u64,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        let sse = school_http::SseLimits::default();
+        Self {
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
+            max_connections: 512,
+            max_requests: 256,
+            sse_per_client: sse.per_client,
+            sse_max_streams: sse.total,
+            sse_keep_alive_ms: millis(sse.keep_alive),
+        }
+    }
+}
+
+impl HttpSettings {
+    /// The limits of the event streams.
+    pub fn sse_limits(&self) -> school_http::SseLimits {
+        school_http::SseLimits {
+            per_client: self.sse_per_client,
+            total: self.sse_max_streams,
+            keep_alive: Duration::from_millis(self.sse_keep_alive_ms),
+        }
+    }
+}
+
 /// Which kind of queue holds a group's events on RabbitMQ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -129,6 +188,8 @@ pub struct Settings {
     pub smtp: Option<String>,
     /// How long in-flight work may take to finish on shutdown, seconds.
     pub shutdown_timeout_secs: u64,
+    /// The HTTP edge.
+    pub http: HttpSettings,
     /// The RabbitMQ transport.
     pub amqp: AmqpSettings,
     /// The mailer.
@@ -149,6 +210,7 @@ impl Default for Settings {
             transport: TransportKind::Log,
             smtp: None,
             shutdown_timeout_secs: 10,
+            http: HttpSettings::default(),
             amqp: AmqpSettings::default(),
             mail: MailSettings::default(),
             enrollment: school_enrollment::EnrollmentConfig::default(),
@@ -224,6 +286,7 @@ impl Settings {
             );
         config.still_trying_after = Duration::from_millis(self.mail.still_trying_after_ms);
         config.amqp = self.amqp;
+        config.http = self.http;
         config.enrollment = self.enrollment;
         config.antifraud = self.antifraud;
         config.billing = self.billing;
