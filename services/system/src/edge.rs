@@ -144,6 +144,7 @@ pub(crate) async fn serve(
                     continue;
                 };
                 let _ = socket.set_nodelay(true);
+                detect_dead_peers(&socket);
                 let service = TowerToHyperService::new(service.clone().map_request(
                     move |mut request: axum::http::Request<hyper::body::Incoming>| {
                         request.extensions_mut().insert(ConnectInfo(remote));
@@ -233,6 +234,27 @@ fn full_answer(max_connections: usize) -> Vec<u8> {
     .into_bytes();
     answer.extend_from_slice(&body);
     answer
+}
+
+/// A client that vanishes without closing (its network gone) sends no FIN:
+/// an event stream to it would go on filling the kernel's buffer, and an
+/// idle keep-alive connection would hold its slot, until the kernel gives
+/// up after many minutes. Keepalive probes (after 30 s idle, every 10 s,
+/// 3 unanswered) and a 60 s limit on unacknowledged data close it within
+/// about a minute.
+fn detect_dead_peers(socket: &TcpStream) {
+    let sock = socket2::SockRef::from(socket);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive on a connection");
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(e) = sock.set_tcp_user_timeout(Some(Duration::from_secs(60))) {
+        tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT on a connection");
+    }
 }
 
 async fn refuse(mut socket: TcpStream, answer: &[u8]) {

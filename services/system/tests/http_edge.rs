@@ -502,3 +502,34 @@ async fn shutdown_drops_a_stuck_request_at_the_deadline() {
     );
     closed(&mut stuck).await;
 }
+
+/// A client that vanishes without closing sends nothing more: the server
+/// finds out through TCP keepalive probes on every accepted connection
+/// (and a limit on unacknowledged data), not only when the kernel gives
+/// up after many minutes. `ss` shows the keepalive timer on the server's
+/// side of the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_connections_probe_for_vanished_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let system = system(&dir, HttpSettings::default()).await;
+    let port = system.addr().port();
+    let _client = connect(system.addr()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = std::process::Command::new("ss")
+            .args(["-Htno", "state", "established"])
+            .arg(format!("( sport = :{port} )"))
+            .output()
+            .expect("run ss");
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains("keepalive") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no keepalive timer on the server side: {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    system.shutdown().await.unwrap();
+}
