@@ -16,7 +16,8 @@
 //!   CVV form) and reduced to a [`CardToken`](school_events::CardToken):
 //!   BIN, last four, and an HMAC fingerprint under a key from the config or
 //!   generated on first run. Neither is stored, logged, put in an event or
-//!   echoed in an error (a parse error quoting the body is redacted).
+//!   echoed in an error (a parse error quotes no value). A card number typed
+//!   into any other field (a name, the holder, the course id) is refused.
 //! * **Two ways to answer, chosen by the school** ([`AcceptanceMode`]):
 //!   `await_payment` (the default) says "your payment is being processed"
 //!   and activates only after the fraud check passed and the charge was
@@ -56,13 +57,18 @@ use school_events::{
 pub use school_http::TimelineEntry;
 use school_http::{
     CONTROL_DETAIL, EmailAddress, FieldError, MAX_BODY_BYTES, PathId, Problem, StrictJson,
-    has_control, now_ms, rfc3339_ms,
+    has_control, holds_card_number, now_ms, rfc3339_ms,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use tokio::sync::broadcast;
 
-pub use card::{FingerprintKey, KeyError, luhn, redact};
+/// The detail of a field error for a card number in a text field. It does
+/// not repeat the number.
+const CARD_IN_TEXT_DETAIL: &str =
+    "remove the card number from this field; give it only in /payment/card_number";
+
+pub use card::{FingerprintKey, KeyError, luhn};
 pub use currency::is_iso_4217;
 
 /// The migrations of the enrollment database.
@@ -317,6 +323,20 @@ fn validate(req: &NewEnrollment, key: &FingerprintKey) -> Result<Checked, Proble
     ] {
         if has_control(text, false) {
             fail(pointer, CONTROL_DETAIL);
+        }
+    }
+    // A card number typed into a text field would be stored, logged,
+    // published and mailed with it; the card goes in its own field only.
+    for (pointer, text) in [
+        ("/student/name", &req.student.name),
+        ("/student/email", &req.student.email),
+        ("/course_id", &req.course_id),
+        ("/payment/expiry", &p.expiry),
+        ("/payment/holder", &p.holder),
+        ("/payment/currency", &p.currency),
+    ] {
+        if holds_card_number(text) {
+            fail(pointer, CARD_IN_TEXT_DETAIL);
         }
     }
     let len = |s: &str| s.trim().chars().count();
@@ -1068,10 +1088,8 @@ async fn submit(
     headers: HeaderMap,
     body: Result<StrictJson<NewEnrollment>, Problem>,
 ) -> Result<impl IntoResponse, Problem> {
-    let StrictJson(req) = body.map_err(|mut p| {
-        p.detail = redact(&p.detail);
-        p
-    })?;
+    // StrictJson's rejections quote no value and no long digit run.
+    let StrictJson(req) = body?;
     let key = idempotency_key(&headers)?;
     let (accepted, replayed) = enrollment.accept(req, key).await?;
     let mut out = HeaderMap::new();

@@ -16,6 +16,7 @@ use school_events::{
     AcceptanceMode, EmailRequested, FraudCheckFailed, PaymentCaptured, PaymentDeclined,
     PaymentSubmitted, topics,
 };
+use school_http::holds_card_number;
 use tower::ServiceExt as _;
 
 const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
@@ -162,6 +163,150 @@ async fn malformed_input_gets_its_documented_problem_and_never_a_500() {
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-body",
             None,
+        ),
+        (
+            "wrong type: cvv as a number",
+            with(good.clone(), "/payment/cvv", 987.into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            None,
+        ),
+        (
+            "wrong type: cvv as a float",
+            with(good.clone(), "/payment/cvv", serde_json::json!(987.5)),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            None,
+        ),
+        (
+            "wrong type: a four-digit cvv as a negative number",
+            with(good.clone(), "/payment/cvv", (-9870).into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            None,
+        ),
+        (
+            "wrong type: card as a float",
+            with(
+                good.clone(),
+                "/payment/card_number",
+                serde_json::json!(4_242_424_242_424_242.0_f64),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            None,
+        ),
+        (
+            "wrong type: a card with dots as the amount",
+            with(
+                good.clone(),
+                "/payment/amount_cents",
+                "4242.4242.4242.4242".into(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            None,
+        ),
+        (
+            "wrong type: a cvv as the amount",
+            with(good.clone(), "/payment/amount_cents", "987".into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            None,
+        ),
+        (
+            "unknown field: CVV in upper case, nested in the student",
+            with(
+                good.clone(),
+                "/student",
+                serde_json::json!({"name": "Ana", "email": "ana@example.com", "CVV": 987}),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            None,
+        ),
+        (
+            "card number in the name, with spaces",
+            with(
+                good.clone(),
+                "/student/name",
+                "Ana 4242 4242 4242 4242".into(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/student/name"),
+        ),
+        (
+            "card number in the name, with dots",
+            with(good.clone(), "/student/name", "4242.4242.4242.4242".into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/student/name"),
+        ),
+        (
+            "card number in the name, with NBSP",
+            with(
+                good.clone(),
+                "/student/name",
+                "4242\u{a0}4242\u{a0}4242\u{a0}4242".into(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/student/name"),
+        ),
+        (
+            "card number in the holder, with slashes",
+            with(
+                good.clone(),
+                "/payment/holder",
+                "Ana 4242/4242/4242/4242".into(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/payment/holder"),
+        ),
+        (
+            "card number in the holder, with tabs",
+            with(
+                good.clone(),
+                "/payment/holder",
+                "4242\t4242\t4242\t4242".into(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/payment/holder"),
+        ),
+        (
+            "card number as the course id",
+            with(good.clone(), "/course_id", "4242424242424242".into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/course_id"),
+        ),
+        (
+            "card number in the e-mail address",
+            with(
+                good.clone(),
+                "/student/email",
+                "4242424242424242@example.com".into(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/student/email"),
         ),
         (
             "missing field: student",
@@ -448,8 +593,11 @@ async fn malformed_input_gets_its_documented_problem_and_never_a_500() {
         );
         let detail = reply.json["detail"].as_str().unwrap();
         assert!(!detail.is_empty(), "{name}");
-        // Even an error quoting the body must not echo a card number.
-        assert!(!detail.contains("4242424242424242"), "{name}: {detail}");
+        // No error echoes a card number (in any form) or a CVV.
+        let text = reply.json.to_string();
+        assert!(!holds_card_number(&text), "{name}: {text}");
+        assert!(!text.contains("4242"), "{name}: {text}");
+        assert!(!text.contains("987"), "{name}: {text}");
         if let Some(pointer) = pointer {
             let pointers: Vec<_> = reply.json["errors"]
                 .as_array()
