@@ -13,6 +13,10 @@
 //! `GET /contact/{id}` shows the status and the timeline of every event that
 //! touched the message.
 //!
+//! A card number in the name, subject or message is masked to its last
+//! four digits (`•••• •••• •••• 4242`) before anything is stored, mailed or
+//! published; in the address it is refused.
+//!
 //! The service names no transport: it takes a `Store` for its database and
 //! gives back an HTTP router and event routes; the binary wires them.
 
@@ -32,7 +36,7 @@ use school_events::{
 pub use school_http::TimelineEntry;
 use school_http::{
     CONTROL_DETAIL, EmailAddress, FieldError, MAX_BODY_BYTES, PathId, Problem, StrictJson,
-    has_control, now_ms, rfc3339_ms,
+    has_control, holds_card_number, mask_card_numbers, now_ms, rfc3339_ms,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
@@ -155,12 +159,22 @@ fn validate(m: &NewMessage) -> Result<Checked, Problem> {
     if !(1..=10_000).contains(&len(&m.message)) {
         fail("/message", "write a message of 1 to 10000 characters");
     }
+    // An address cannot be masked and still be one.
+    if holds_card_number(&m.email) {
+        fail(
+            "/email",
+            "remove the card number from the address; never send card numbers in a message",
+        );
+    }
+    // A card number someone typed into a message would be stored, mailed
+    // and published with it; the school needs none of it but the last four.
+    let masked = |text: &str| mask_card_numbers(text).into_owned();
     match email {
         Ok(email) if errors.is_empty() => Ok(Checked {
-            name: m.name.trim().to_owned(),
+            name: masked(m.name.trim()),
             email,
-            subject: m.subject.trim().to_owned(),
-            message: m.message.clone(),
+            subject: masked(m.subject.trim()),
+            message: masked(&m.message),
         }),
         _ => Err(Problem::validation(errors)),
     }
