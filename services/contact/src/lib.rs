@@ -35,8 +35,8 @@ use school_events::{
 };
 pub use school_http::TimelineEntry;
 use school_http::{
-    CONTROL_DETAIL, EmailAddress, FieldError, MAX_BODY_BYTES, PathId, Problem, StrictJson,
-    has_control, holds_card_number, mask_card_numbers, now_ms, rfc3339_ms,
+    CONTROL_DETAIL, EmailAddress, FieldError, MAX_BODY_BYTES, NotificationKey, PathId, Problem,
+    StrictJson, has_control, holds_card_number, mask_card_numbers, now_ms, rfc3339_ms,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
@@ -58,14 +58,20 @@ pub struct ContactConfig {
     /// How long after a message is accepted its sender is told, once, that
     /// it has not gone out yet and is still being tried.
     pub still_trying_after: Duration,
+    /// The key notifications tokens are issued under: the notifier's.
+    pub notifications_key: NotificationKey,
 }
 
 impl Default for ContactConfig {
-    /// Mail to `admissions@school.example`; "still trying" after an hour.
+    /// Mail to `admissions@school.example`; "still trying" after an hour;
+    /// a random notifications key.
     fn default() -> Self {
         Self {
             school_inbox: "admissions@school.example".into(),
             still_trying_after: Duration::from_secs(3600),
+            // Tokens of a random key open nothing a notifier elsewhere
+            // keeps; the system passes its shared key.
+            notifications_key: NotificationKey::random(),
         }
     }
 }
@@ -101,6 +107,9 @@ pub struct Accepted {
     pub id: String,
     /// `queued`.
     pub status: String,
+    /// What reads the sender's notifications
+    /// (`GET /notifications?email=…&token=…`).
+    pub notifications_token: String,
 }
 
 /// The answer to `GET /contact/{id}`.
@@ -229,6 +238,11 @@ impl Contact {
     /// The service's database.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The settings it runs with.
+    pub fn config(&self) -> &ContactConfig {
+        &self.config
     }
 
     /// `POST /contact` and `GET /contact/{id}`.
@@ -389,6 +403,7 @@ impl Contact {
         Ok(Accepted {
             id,
             status: "queued".into(),
+            notifications_token: self.config.notifications_key.token(&m.email),
         })
     }
 

@@ -21,6 +21,10 @@ async fn service() -> (tempfile::TempDir, Contact) {
     (dir, contact)
 }
 
+fn contact_key(contact: &Contact) -> school_http::NotificationKey {
+    contact.config().notifications_key.clone()
+}
+
 async fn call(
     contact: &Contact,
     req: Request<Body>,
@@ -307,6 +311,13 @@ async fn the_address_is_stored_and_mailed_normalized() {
     let body = r#"{"name":"Ana","email":" ana@Exämple.DE ","subject":"Visit","message":"Hi"}"#;
     let (status, _, _, json) = call(&contact, post(body, Some("application/json"))).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+    // The token opens the normalized address's notifications.
+    let accepted: Accepted = serde_json::from_value(json).unwrap();
+    let key = contact_key(&contact);
+    assert!(key.verify(
+        &"ana@xn--exmple-cua.de".parse().unwrap(),
+        &accepted.notifications_token
+    ));
     let relay = Relay::new(contact.store().clone(), transport.clone());
     assert_eq!(relay.relay_once().await.unwrap(), 1);
     let d = tokio::time::timeout(Duration::from_secs(5), requests.next())

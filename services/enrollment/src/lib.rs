@@ -56,12 +56,16 @@ use school_events::{
 };
 pub use school_http::TimelineEntry;
 use school_http::{
-    CONTROL_DETAIL, EmailAddress, FieldError, MAX_BODY_BYTES, PathId, Problem, StrictJson,
-    has_control, holds_card_number, now_ms, rfc3339_ms,
+    CONTROL_DETAIL, EmailAddress, FieldError, MAX_BODY_BYTES, NotificationKey, PathId, Problem,
+    StrictJson, has_control, holds_card_number, now_ms, rfc3339_ms,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use tokio::sync::broadcast;
+
+/// Why an enrollment is refused after a failed fraud check, as the student
+/// reads it.
+const FRAUD_REFUSED: &str = "the payment did not pass our fraud checks";
 
 /// The detail of a field error for a card number in a text field. It does
 /// not repeat the number.
@@ -159,6 +163,9 @@ pub struct Accepted {
     pub status: String,
     /// What to tell the student.
     pub message: String,
+    /// What reads the student's notifications
+    /// (`GET /notifications?email=…&token=…`).
+    pub notifications_token: String,
 }
 
 /// The payment as `GET /enrollments/{id}` shows it.
@@ -256,6 +263,7 @@ pub fn transition(mode: AcceptanceMode, status: &str, verdict: Verdict) -> Optio
 pub struct Enrollment {
     store: Store,
     key: FingerprintKey,
+    notifications: NotificationKey,
     mode: AcceptanceMode,
     live: broadcast::Sender<Change>,
 }
@@ -576,9 +584,18 @@ impl Enrollment {
         Ok(Self {
             store,
             key,
+            notifications: NotificationKey::random(),
             mode,
             live,
         })
+    }
+
+    /// Issues notifications tokens under `key`, the key the notifier checks
+    /// them with (without it, a random key of this instance's own).
+    #[must_use]
+    pub fn with_notifications_key(mut self, key: NotificationKey) -> Self {
+        self.notifications = key;
+        self
     }
 
     /// The service's database.
@@ -622,13 +639,13 @@ impl Enrollment {
                 )
             }),
             route(self, topics::FRAUD_FAILED, |e: &FraudCheckFailed| {
+                // The rules that fired are the school's to read, not the
+                // student's (nor a fraudster's): they go to the log; the
+                // timeline, the reason and the mail get a plain sentence.
+                tracing::info!(enrollment = %e.enrollment_id, score = e.score, reasons = %e.reasons.join("; "), "fraud check failed");
                 (
                     e.enrollment_id.clone(),
-                    Effect::Verdict(
-                        Verdict::FraudFailed,
-                        1,
-                        Some(format!("score {}: {}", e.score, e.reasons.join("; "))),
-                    ),
+                    Effect::Verdict(Verdict::FraudFailed, 1, Some(FRAUD_REFUSED.to_owned())),
                 )
             }),
             route(self, topics::PAYMENT_CAPTURED, |e: &PaymentCaptured| {
@@ -652,12 +669,15 @@ impl Enrollment {
                 )
             }),
             route(self, topics::PAYMENT_REFUNDED, |e: &PaymentRefunded| {
+                // The reason of a refund is the fraud rule that fired, or
+                // another of the school's own: for the log.
+                tracing::info!(enrollment = %e.enrollment_id, charge = %e.charge_id, reason = %e.reason, "payment refunded");
                 (
                     e.enrollment_id.clone(),
                     Effect::Verdict(
                         Verdict::Refunded,
                         1,
-                        Some(format!("charge {}: {}", e.charge_id, e.reason)),
+                        Some(format!("charge {} refunded", e.charge_id)),
                     ),
                 )
             }),
@@ -700,6 +720,27 @@ impl Enrollment {
         key: Option<String>,
     ) -> Result<(Accepted, bool), Problem> {
         let checked = validate(&req, &self.key)?;
+        let token = EmailAddress::parse(&checked.student.email)
+            .map(|a| self.notifications.token(&a))
+            .unwrap_or_default();
+        let with_token = |(accepted, replayed): (Accepted, bool)| {
+            (
+                Accepted {
+                    notifications_token: token.clone(),
+                    ..accepted
+                },
+                replayed,
+            )
+        };
+        self.accept_checked(req, key, checked).await.map(with_token)
+    }
+
+    async fn accept_checked(
+        &self,
+        req: NewEnrollment,
+        key: Option<String>,
+        checked: Checked,
+    ) -> Result<(Accepted, bool), Problem> {
         // The digest covers the request as parsed, so formatting of the
         // JSON does not matter, only its values.
         let digest = key.as_ref().map(|_| {
@@ -746,6 +787,7 @@ impl Enrollment {
             id: row.get("id"),
             message: message_for(&status).into(),
             status,
+            notifications_token: String::new(),
         }))
     }
 
@@ -830,6 +872,7 @@ impl Enrollment {
             id,
             status: status.into(),
             message: message_for(status).into(),
+            notifications_token: String::new(),
         })
     }
 

@@ -16,8 +16,11 @@ use school_events::{
     AcceptanceMode, EmailRequested, FraudCheckFailed, PaymentCaptured, PaymentDeclined,
     PaymentSubmitted, topics,
 };
-use school_http::holds_card_number;
+use school_http::{NotificationKey, holds_card_number};
 use tower::ServiceExt as _;
+
+static NOTIFICATIONS: std::sync::LazyLock<NotificationKey> =
+    std::sync::LazyLock::new(NotificationKey::random);
 
 const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
@@ -27,7 +30,11 @@ async fn service(mode: AcceptanceMode) -> (tempfile::TempDir, Enrollment) {
         .await
         .unwrap();
     let key = FingerprintKey::from_hex(KEY).unwrap();
-    (dir, Enrollment::new(store, key, mode).await.unwrap())
+    let enrollment = Enrollment::new(store, key, mode)
+        .await
+        .unwrap()
+        .with_notifications_key(NOTIFICATIONS.clone());
+    (dir, enrollment)
 }
 
 struct Reply {
@@ -669,6 +676,10 @@ async fn an_idempotency_key_returns_the_same_enrollment_or_a_conflict() {
     assert_eq!(again.status, StatusCode::ACCEPTED);
     assert!(again.replayed);
     assert_eq!(again.json["id"], first.json["id"]);
+    // Both answers hand out the student's notifications token.
+    let token = first.json["notifications_token"].as_str().unwrap();
+    assert!(NOTIFICATIONS.verify(&"ana@example.com".parse().unwrap(), token));
+    assert_eq!(again.json["notifications_token"], token);
     assert_eq!(again.location, first.location);
     let other = with(body(CARD), "/payment/amount_cents", 100.into());
     let conflict = call(&service, post(other, json, Some("k-1"))).await;
@@ -884,7 +895,16 @@ async fn optimistic_mode_enrolls_at_once_and_suspends_on_a_fraud_verdict() {
         .await
         .unwrap();
     let view = wait_for(&service, &accepted.id, "suspended").await;
-    assert!(view.reason.unwrap().contains("deny list"));
+    // Regression: the reason quoted the anti-fraud rule that fired.
+    assert_eq!(
+        view.reason.as_deref(),
+        Some("the payment did not pass our fraud checks")
+    );
+    let text = serde_json::to_string(&view).unwrap();
+    assert!(
+        !text.contains("deny list") && !text.contains("410000"),
+        "{text}"
+    );
     running.shutdown().await.unwrap();
     let sent: Vec<_> = mails(probe, &transport, &service)
         .await

@@ -9,6 +9,8 @@
 //! [`has_control`] the one check of text fields for control characters,
 //! and [`PathId`] the one extractor of ids from paths. [`holds_card_number`]
 //! and [`mask_card_numbers`] find card numbers typed where no card belongs.
+//! [`NotificationKey`] issues and checks the token that lets a student read
+//! their notifications.
 //!
 //! No rejection echoes a value from the body: serde's messages quote the
 //! value of a field of the wrong type (`invalid type: integer `123``), and
@@ -17,6 +19,7 @@
 
 mod cards;
 mod email;
+mod token;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
@@ -28,6 +31,7 @@ use serde::de::DeserializeOwned;
 
 pub use cards::{MAX_GAP, card_numbers, holds_card_number, mask_card_numbers, redact_digits};
 pub use email::{EmailAddress, EmailError, MAX_EMAIL_LEN};
+pub use token::{NotificationKey, NotificationKeyError};
 
 /// The largest request body any service accepts.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;

@@ -29,7 +29,8 @@ mod settings;
 
 pub use services::{Service, Services};
 pub use settings::{
-    AmqpContentMode, AmqpQueueType, AmqpSettings, MailSettings, Settings, SettingsError,
+    AmqpContentMode, AmqpQueueType, AmqpSettings, MailSettings, NotificationSettings, Settings,
+    SettingsError,
 };
 
 use anyhow::Context as _;
@@ -154,6 +155,9 @@ pub struct SystemConfig {
     /// How long after a contact message is accepted its sender is told it
     /// has not gone out yet.
     pub still_trying_after: Duration,
+    /// The key of notifications tokens, 64 hex digits; without one, the
+    /// key in `<data-dir>/notifications.key` (generated on first run).
+    pub notifications_key: Option<String>,
     /// The enrollment service.
     pub enrollment: EnrollmentConfig,
     /// The anti-fraud service.
@@ -177,6 +181,7 @@ impl SystemConfig {
             mail_retry: school_mailer::default_backoff(),
             mail_breaker: school_mailer::default_breaker(),
             still_trying_after: ContactConfig::default().still_trying_after,
+            notifications_key: None,
             enrollment: EnrollmentConfig::default(),
             antifraud: AntifraudConfig::default(),
             billing: BillingConfig::default(),
@@ -292,6 +297,16 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
     let mut http = axum::Router::new();
     let mut payment_metrics: Option<Metrics> = None;
     let mut delay_notices: Option<school_contact::Contact> = None;
+    // One key for the services that issue notifications tokens (contact,
+    // enrollment) and the one that checks them (the notifier), so the
+    // notifier never asks another service whether a token is good.
+    let notifications_key = match &config.notifications_key {
+        Some(hex) => school_http::NotificationKey::from_hex(hex)
+            .context("the [notifications] token_key setting")?,
+        None => school_http::NotificationKey::load_or_create(
+            &config.data_dir.join("notifications.key"),
+        )?,
+    };
     for service in config.services.iter() {
         match service {
             Service::Enrollment => {
@@ -305,7 +320,8 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                 let enrollment =
                     Enrollment::new(store("enrollment").await?, key, config.enrollment.mode)
                         .await
-                        .context("migrating the enrollment database")?;
+                        .context("migrating the enrollment database")?
+                        .with_notifications_key(notifications_key.clone());
                 stores.push(enrollment.store().clone());
                 routes.extend(enrollment.routes());
                 http = http.merge(enrollment.http());
@@ -364,6 +380,7 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                     ContactConfig {
                         school_inbox: school_inbox.to_string(),
                         still_trying_after: config.still_trying_after,
+                        notifications_key: notifications_key.clone(),
                     },
                 )
                 .await
@@ -389,7 +406,7 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                 routes.push(school_mailer::route(mailer, config.mail_retry));
             }
             Service::Notifier => {
-                let notifier = Notifier::new(store("notifier").await?)
+                let notifier = Notifier::new(store("notifier").await?, notifications_key.clone())
                     .await
                     .context("migrating the notifier database")?;
                 stores.push(notifier.store().clone());
