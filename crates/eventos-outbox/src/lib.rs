@@ -63,11 +63,16 @@ pub enum OutboxError {
     Publish(#[from] TransportError),
 }
 
-/// Makes the database file (created empty if missing) and its `-wal` and
-/// `-shm`, if any, readable by the owner only. SQLite creates the `-wal`
-/// and `-shm` with the database file's mode, so a file created 0600 here
-/// keeps all three private; an older 0644 file is tightened.
-fn owner_only(path: &Path) -> std::io::Result<()> {
+/// Makes the SQLite database at `path` (created empty if missing) and its
+/// `-wal` and `-shm`, if any, readable by the owner only; call it before
+/// opening a database of your own ([`Store::open`] does). SQLite creates
+/// the `-wal` and `-shm` with the database file's mode, so a file created
+/// 0600 here keeps all three private; an older 0644 file is tightened.
+///
+/// # Errors
+///
+/// If the file cannot be created or its mode changed.
+pub fn owner_only_database(path: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
@@ -130,7 +135,7 @@ impl Store {
     ///
     /// [`OutboxError::Database`] if the file cannot be opened or written.
     pub async fn open(path: &Path) -> Result<Self, OutboxError> {
-        owner_only(path).map_err(sqlx::Error::Io)?;
+        owner_only_database(path).map_err(sqlx::Error::Io)?;
         let options = SqliteConnectOptions::from_str("sqlite:")?
             .filename(path)
             .create_if_missing(true)

@@ -382,6 +382,14 @@ async fn without_smtp_mail_is_written_as_an_eml_file() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names, ["file-1.eml"], "no temporary file is left behind");
+    // Regression: mail files were world-readable.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&mail_dir.join("file-1.eml")), 0o600);
+        assert_eq!(mode(&mail_dir), 0o700);
+    }
     h.finish().await;
 }
 
