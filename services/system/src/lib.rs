@@ -243,6 +243,11 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
             config.data_dir.display()
         )
     })?;
+    owner_only_dir(&config.data_dir)?;
+    // Held until the system task ends: one process per data directory,
+    // whatever the transport (the log locks its own directory too, but
+    // the databases beside it are shared by every transport).
+    let dir_lock = lock_data_dir(&config.data_dir)?;
     let metrics = prometheus().clone();
     let transport: Arc<dyn Transport> = match &config.transport {
         TransportKind::Amqp(url) => {
@@ -489,9 +494,68 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
         transport.close().await.context("closing the transport")?;
         served.context("serving HTTP")?;
         drained.context("draining the router")?;
+        drop(dir_lock);
         Ok(())
     });
     Ok(System { addr, stop, task })
+}
+
+/// Makes the data directory owner-only (0700): it holds every database,
+/// the log, the mail and the keys.
+fn owner_only_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(
+            || {
+                format!(
+                    "cannot make the data directory {} private; check that you own it",
+                    dir.display()
+                )
+            },
+        )?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Takes `<data-dir>/LOCK` (an advisory lock the OS drops when the process
+/// dies) and writes who holds it, for the next one's error.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = dir.join("LOCK");
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "another process",
+                h => h,
+            };
+            anyhow::bail!(
+                "the data directory {} is in use by {holder}; stop it or choose another with --data-dir",
+                dir.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    let me = format!("process {}", std::process::id());
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| file.write_all(me.as_bytes()))
+        .with_context(|| format!("cannot write the lock file {}", path.display()))?;
+    Ok(file)
 }
 
 /// Runs the system until `shutdown` completes, then stops it in order.
