@@ -254,7 +254,9 @@ async fn run(title: &str, args: UpArgs, services: Services) -> anyhow::Result<()
         say!("  contact        POST {base}/contact");
     }
     if services.contains(Service::Notifier) {
-        say!("  notifications  GET  {base}/notifications?email=…");
+        say!(
+            "  notifications  GET  {base}/notifications?email=…&token=… (the token is in the answer to POST /contact or /enrollments)"
+        );
     }
     say!("  health         GET  {base}/healthz   {base}/readyz");
     say!("  metrics        GET  {base}/metrics");

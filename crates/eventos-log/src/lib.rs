@@ -269,17 +269,15 @@ impl std::fmt::Debug for LogTransport {
 
 fn lock_dir(dir: &Path) -> Result<File, LogError> {
     let path = dir.join("LOCK");
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|source| LogError::Io {
-            action: "open",
-            path: path.clone(),
-            source,
-        })?;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&path).map_err(|source| LogError::Io {
+        action: "open",
+        path: path.clone(),
+        source,
+    })?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -334,7 +332,7 @@ impl LogTransport {
         let (storage, lock_file) = match config.storage {
             Some(storage) => (storage, None),
             None => {
-                std::fs::create_dir_all(&config.dir).map_err(|source| LogError::Io {
+                storage::create_private_dir(&config.dir).map_err(|source| LogError::Io {
                     action: "create",
                     path: config.dir.clone(),
                     source,

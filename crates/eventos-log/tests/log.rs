@@ -290,3 +290,20 @@ async fn a_flipped_bit_is_detected_and_the_log_cut_there() {
         "and only it"
     );
 }
+
+/// Regression: segments and the lock file were 0644, directories 0755.
+#[cfg(unix)]
+#[tokio::test]
+async fn segments_lock_and_directories_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("log");
+    ten_events(&root).await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for d in [root.clone(), root.join("topics"), root.join("topics/t")] {
+        assert_eq!(mode(&d), 0o700, "{}", d.display());
+    }
+    for f in [segment(&root), root.join("LOCK")] {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+}

@@ -63,6 +63,39 @@ pub enum OutboxError {
     Publish(#[from] TransportError),
 }
 
+/// Makes the SQLite database at `path` (created empty if missing) and its
+/// `-wal` and `-shm`, if any, readable by the owner only; call it before
+/// opening a database of your own ([`Store::open`] does). SQLite creates
+/// the `-wal` and `-shm` with the database file's mode, so a file created
+/// 0600 here keeps all three private; an older 0644 file is tightened.
+///
+/// # Errors
+///
+/// If the file cannot be created or its mode changed.
+pub fn owner_only_database(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS eventos_outbox (
         seq        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -102,6 +135,7 @@ impl Store {
     ///
     /// [`OutboxError::Database`] if the file cannot be opened or written.
     pub async fn open(path: &Path) -> Result<Self, OutboxError> {
+        owner_only_database(path).map_err(sqlx::Error::Io)?;
         let options = SqliteConnectOptions::from_str("sqlite:")?
             .filename(path)
             .create_if_missing(true)

@@ -202,3 +202,32 @@ async fn a_rolled_back_insert_between_commits_sends_each_row_once() {
     assert_eq!(relay.relay_once().await.unwrap(), 0, "nothing sent twice");
     assert_eq!(probe.await.unwrap(), vec![1, 3]);
 }
+
+/// Regression: databases were created world-readable (0644), and with
+/// them their `-wal` and `-shm`.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_database_and_its_wal_and_shm_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (dir, store) = store().await;
+    let mut tx = store.begin().await.unwrap();
+    enqueue(&mut tx, "t", &event(1)).await.unwrap();
+    store.commit(tx).await.unwrap();
+    let mode = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    for name in ["svc.db", "svc.db-wal", "svc.db-shm"] {
+        assert_eq!(mode(name), 0o600, "{name}");
+    }
+    drop(store);
+    // An older, world-readable database is tightened when opened.
+    let old = dir.path().join("old.db");
+    std::fs::write(&old, b"").unwrap();
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let _store = Store::open(&old).await.unwrap();
+    assert_eq!(mode("old.db"), 0o600);
+}

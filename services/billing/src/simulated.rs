@@ -170,6 +170,7 @@ impl SimulatedGateway {
     ///
     /// If the file cannot be opened or its tables created.
     pub async fn open(path: &Path, latency_ms: [u64; 2]) -> Result<Self, sqlx::Error> {
+        eventos_outbox::owner_only_database(path)?;
         let options = SqliteConnectOptions::from_str("sqlite:")?
             .filename(path)
             .create_if_missing(true)

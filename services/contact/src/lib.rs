@@ -13,6 +13,10 @@
 //! `GET /contact/{id}` shows the status and the timeline of every event that
 //! touched the message.
 //!
+//! A card number in the name, subject or message is masked to its last
+//! four digits (`•••• •••• •••• 4242`) before anything is stored, mailed or
+//! published; in the address it is refused.
+//!
 //! The service names no transport: it takes a `Store` for its database and
 //! gives back an HTTP router and event routes; the binary wires them.
 
@@ -31,8 +35,8 @@ use school_events::{
 };
 pub use school_http::TimelineEntry;
 use school_http::{
-    CONTROL_DETAIL, EmailAddress, FieldError, MAX_BODY_BYTES, PathId, Problem, StrictJson,
-    has_control, now_ms, rfc3339_ms,
+    CONTROL_DETAIL, EmailAddress, FieldError, MAX_BODY_BYTES, NotificationKey, PathId, Problem,
+    StrictJson, has_control, holds_card_number, mask_card_numbers, now_ms, rfc3339_ms,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
@@ -54,14 +58,20 @@ pub struct ContactConfig {
     /// How long after a message is accepted its sender is told, once, that
     /// it has not gone out yet and is still being tried.
     pub still_trying_after: Duration,
+    /// The key notifications tokens are issued under: the notifier's.
+    pub notifications_key: NotificationKey,
 }
 
 impl Default for ContactConfig {
-    /// Mail to `admissions@school.example`; "still trying" after an hour.
+    /// Mail to `admissions@school.example`; "still trying" after an hour;
+    /// a random notifications key.
     fn default() -> Self {
         Self {
             school_inbox: "admissions@school.example".into(),
             still_trying_after: Duration::from_secs(3600),
+            // Tokens of a random key open nothing a notifier elsewhere
+            // keeps; the system passes its shared key.
+            notifications_key: NotificationKey::random(),
         }
     }
 }
@@ -97,6 +107,9 @@ pub struct Accepted {
     pub id: String,
     /// `queued`.
     pub status: String,
+    /// What reads the sender's notifications
+    /// (`GET /notifications?email=…&token=…`).
+    pub notifications_token: String,
 }
 
 /// The answer to `GET /contact/{id}`.
@@ -155,12 +168,22 @@ fn validate(m: &NewMessage) -> Result<Checked, Problem> {
     if !(1..=10_000).contains(&len(&m.message)) {
         fail("/message", "write a message of 1 to 10000 characters");
     }
+    // An address cannot be masked and still be one.
+    if holds_card_number(&m.email) {
+        fail(
+            "/email",
+            "remove the card number from the address; never send card numbers in a message",
+        );
+    }
+    // A card number someone typed into a message would be stored, mailed
+    // and published with it; the school needs none of it but the last four.
+    let masked = |text: &str| mask_card_numbers(text).into_owned();
     match email {
         Ok(email) if errors.is_empty() => Ok(Checked {
-            name: m.name.trim().to_owned(),
+            name: masked(m.name.trim()),
             email,
-            subject: m.subject.trim().to_owned(),
-            message: m.message.clone(),
+            subject: masked(m.subject.trim()),
+            message: masked(&m.message),
         }),
         _ => Err(Problem::validation(errors)),
     }
@@ -215,6 +238,11 @@ impl Contact {
     /// The service's database.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The settings it runs with.
+    pub fn config(&self) -> &ContactConfig {
+        &self.config
     }
 
     /// `POST /contact` and `GET /contact/{id}`.
@@ -375,6 +403,7 @@ impl Contact {
         Ok(Accepted {
             id,
             status: "queued".into(),
+            notifications_token: self.config.notifications_key.token(&m.email),
         })
     }
 

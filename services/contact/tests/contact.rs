@@ -21,6 +21,10 @@ async fn service() -> (tempfile::TempDir, Contact) {
     (dir, contact)
 }
 
+fn contact_key(contact: &Contact) -> school_http::NotificationKey {
+    contact.config().notifications_key.clone()
+}
+
 async fn call(
     contact: &Contact,
     req: Request<Body>,
@@ -186,6 +190,11 @@ async fn malformed_input_gets_its_documented_problem() {
         ("email", "ana\0@example.com", "NUL in the address"),
         ("email", "ü@exämple.de", "a non-ASCII local part"),
         ("email", "ana@exa_mple.com", "a bad domain"),
+        (
+            "email",
+            "4242.4242.4242.4242@example.com",
+            "a card number in the address",
+        ),
     ];
     for (field, value, name) in fields {
         let mut body = good.clone();
@@ -205,6 +214,10 @@ async fn malformed_input_gets_its_documented_problem() {
             "{name}: {json}"
         );
         assert_eq!(json["errors"][0]["pointer"], format!("/{field}"), "{name}");
+        assert!(
+            !school_http::holds_card_number(&json.to_string()),
+            "{name}: {json}"
+        );
     }
     // A message body keeps its line breaks and tabs.
     let mut multi = good.clone();
@@ -232,6 +245,61 @@ async fn malformed_input_gets_its_documented_problem() {
     }
 }
 
+/// Regression: a card number typed into a contact message was stored,
+/// published and mailed as it was.
+#[tokio::test]
+async fn card_numbers_in_a_message_are_masked_before_anything_keeps_them() {
+    let (dir, contact) = service().await;
+    let transport = Arc::new(MemoryTransport::new());
+    let mut requests = transport
+        .subscribe(Subscription::new(topics::MAIL_REQUESTS, "probe").start(StartFrom::Earliest))
+        .await
+        .unwrap();
+    let body = serde_json::json!({
+        "name": "Ana 4242.4242.4242.4242",
+        "email": "ana@example.com",
+        "subject": "Card 4242\u{a0}4242\u{a0}4242\u{a0}4242",
+        "message": "My card is 4242\t4242\t4242\t4242, exp 12/30; my friend's is 5555/5555/5555/4444.",
+    });
+    let (status, _, _, json) =
+        call(&contact, post(body.to_string(), Some("application/json"))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+    let relay = Relay::new(contact.store().clone(), transport.clone());
+    assert_eq!(relay.relay_once().await.unwrap(), 1);
+    let d = tokio::time::timeout(Duration::from_secs(5), requests.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let mail: EmailRequested = d.event().decode().unwrap();
+    assert_eq!(mail.subject, "[contact] Card •••• •••• •••• 4242");
+    assert!(
+        mail.body
+            .starts_with("From: Ana •••• •••• •••• 4242 <ana@example.com>"),
+        "{}",
+        mail.body
+    );
+    assert!(
+        mail.body.contains(
+            "My card is •••• •••• •••• 4242, exp 12/30; my friend's is •••• •••• •••• 4444."
+        ),
+        "{}",
+        mail.body
+    );
+    let published = String::from_utf8_lossy(d.event().data().unwrap()).into_owned();
+    assert!(!school_http::holds_card_number(&published), "{published}");
+    drop(d);
+    let needles = [
+        "4242424242424242",
+        "5555555555554444",
+        "4242.4242",
+        "4242\t4242",
+        "5555/5555",
+    ];
+    let found = school_testkit::files_containing(dir.path(), &needles);
+    assert!(found.is_empty(), "card numbers kept: {found:#?}");
+}
+
 #[tokio::test]
 async fn the_address_is_stored_and_mailed_normalized() {
     let (_dir, contact) = service().await;
@@ -243,6 +311,13 @@ async fn the_address_is_stored_and_mailed_normalized() {
     let body = r#"{"name":"Ana","email":" ana@Exämple.DE ","subject":"Visit","message":"Hi"}"#;
     let (status, _, _, json) = call(&contact, post(body, Some("application/json"))).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+    // The token opens the normalized address's notifications.
+    let accepted: Accepted = serde_json::from_value(json).unwrap();
+    let key = contact_key(&contact);
+    assert!(key.verify(
+        &"ana@xn--exmple-cua.de".parse().unwrap(),
+        &accepted.notifications_token
+    ));
     let relay = Relay::new(contact.store().clone(), transport.clone());
     assert_eq!(relay.relay_once().await.unwrap(), 1);
     let d = tokio::time::timeout(Duration::from_secs(5), requests.next())

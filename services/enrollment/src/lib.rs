@@ -16,7 +16,8 @@
 //!   CVV form) and reduced to a [`CardToken`](school_events::CardToken):
 //!   BIN, last four, and an HMAC fingerprint under a key from the config or
 //!   generated on first run. Neither is stored, logged, put in an event or
-//!   echoed in an error (a parse error quoting the body is redacted).
+//!   echoed in an error (a parse error quotes no value). A card number typed
+//!   into any other field (a name, the holder, the course id) is refused.
 //! * **Two ways to answer, chosen by the school** ([`AcceptanceMode`]):
 //!   `await_payment` (the default) says "your payment is being processed"
 //!   and activates only after the fraud check passed and the charge was
@@ -54,15 +55,24 @@ use school_events::{
 };
 pub use school_http::TimelineEntry;
 use school_http::{
-    CONTROL_DETAIL, ClientIp, EmailAddress, FieldError, MAX_BODY_BYTES, PathId, Problem,
-    SseStreams, StrictJson, has_control, now_ms, rfc3339_ms,
+    CONTROL_DETAIL, ClientIp, EmailAddress, FieldError, MAX_BODY_BYTES, NotificationKey, PathId,
+    Problem, SseStreams, StrictJson, has_control, holds_card_number, now_ms, rfc3339_ms,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
-pub use card::{FingerprintKey, KeyError, luhn, redact};
+/// Why an enrollment is refused after a failed fraud check, as the student
+/// reads it.
+const FRAUD_REFUSED: &str = "the payment did not pass our fraud checks";
+
+/// The detail of a field error for a card number in a text field. It does
+/// not repeat the number.
+const CARD_IN_TEXT_DETAIL: &str =
+    "remove the card number from this field; give it only in /payment/card_number";
+
+pub use card::{FingerprintKey, KeyError, luhn};
 pub use currency::is_iso_4217;
 
 /// The migrations of the enrollment database.
@@ -153,6 +163,9 @@ pub struct Accepted {
     pub status: String,
     /// What to tell the student.
     pub message: String,
+    /// What reads the student's notifications
+    /// (`GET /notifications?email=…&token=…`).
+    pub notifications_token: String,
 }
 
 /// The payment as `GET /enrollments/{id}` shows it.
@@ -250,6 +263,7 @@ pub fn transition(mode: AcceptanceMode, status: &str, verdict: Verdict) -> Optio
 pub struct Enrollment {
     store: Store,
     key: FingerprintKey,
+    notifications: NotificationKey,
     mode: AcceptanceMode,
     live: broadcast::Sender<Change>,
     sse: SseStreams,
@@ -318,6 +332,20 @@ fn validate(req: &NewEnrollment, key: &FingerprintKey) -> Result<Checked, Proble
     ] {
         if has_control(text, false) {
             fail(pointer, CONTROL_DETAIL);
+        }
+    }
+    // A card number typed into a text field would be stored, logged,
+    // published and mailed with it; the card goes in its own field only.
+    for (pointer, text) in [
+        ("/student/name", &req.student.name),
+        ("/student/email", &req.student.email),
+        ("/course_id", &req.course_id),
+        ("/payment/expiry", &p.expiry),
+        ("/payment/holder", &p.holder),
+        ("/payment/currency", &p.currency),
+    ] {
+        if holds_card_number(text) {
+            fail(pointer, CARD_IN_TEXT_DETAIL);
         }
     }
     let len = |s: &str| s.trim().chars().count();
@@ -557,6 +585,7 @@ impl Enrollment {
         Ok(Self {
             store,
             key,
+            notifications: NotificationKey::random(),
             mode,
             live,
             sse: SseStreams::default(),
@@ -568,6 +597,14 @@ impl Enrollment {
     #[must_use]
     pub fn with_sse(self, sse: SseStreams) -> Self {
         Self { sse, ..self }
+    }
+
+    /// Issues notifications tokens under `key`, the key the notifier checks
+    /// them with (without it, a random key of this instance's own).
+    #[must_use]
+    pub fn with_notifications_key(mut self, key: NotificationKey) -> Self {
+        self.notifications = key;
+        self
     }
 
     /// The service's database.
@@ -611,13 +648,13 @@ impl Enrollment {
                 )
             }),
             route(self, topics::FRAUD_FAILED, |e: &FraudCheckFailed| {
+                // The rules that fired are the school's to read, not the
+                // student's (nor a fraudster's): they go to the log; the
+                // timeline, the reason and the mail get a plain sentence.
+                tracing::info!(enrollment = %e.enrollment_id, score = e.score, reasons = %e.reasons.join("; "), "fraud check failed");
                 (
                     e.enrollment_id.clone(),
-                    Effect::Verdict(
-                        Verdict::FraudFailed,
-                        1,
-                        Some(format!("score {}: {}", e.score, e.reasons.join("; "))),
-                    ),
+                    Effect::Verdict(Verdict::FraudFailed, 1, Some(FRAUD_REFUSED.to_owned())),
                 )
             }),
             route(self, topics::PAYMENT_CAPTURED, |e: &PaymentCaptured| {
@@ -641,12 +678,15 @@ impl Enrollment {
                 )
             }),
             route(self, topics::PAYMENT_REFUNDED, |e: &PaymentRefunded| {
+                // The reason of a refund is the fraud rule that fired, or
+                // another of the school's own: for the log.
+                tracing::info!(enrollment = %e.enrollment_id, charge = %e.charge_id, reason = %e.reason, "payment refunded");
                 (
                     e.enrollment_id.clone(),
                     Effect::Verdict(
                         Verdict::Refunded,
                         1,
-                        Some(format!("charge {}: {}", e.charge_id, e.reason)),
+                        Some(format!("charge {} refunded", e.charge_id)),
                     ),
                 )
             }),
@@ -689,6 +729,27 @@ impl Enrollment {
         key: Option<String>,
     ) -> Result<(Accepted, bool), Problem> {
         let checked = validate(&req, &self.key)?;
+        let token = EmailAddress::parse(&checked.student.email)
+            .map(|a| self.notifications.token(&a))
+            .unwrap_or_default();
+        let with_token = |(accepted, replayed): (Accepted, bool)| {
+            (
+                Accepted {
+                    notifications_token: token.clone(),
+                    ..accepted
+                },
+                replayed,
+            )
+        };
+        self.accept_checked(req, key, checked).await.map(with_token)
+    }
+
+    async fn accept_checked(
+        &self,
+        req: NewEnrollment,
+        key: Option<String>,
+        checked: Checked,
+    ) -> Result<(Accepted, bool), Problem> {
         // The digest covers the request as parsed, so formatting of the
         // JSON does not matter, only its values.
         let digest = key.as_ref().map(|_| {
@@ -735,6 +796,7 @@ impl Enrollment {
             id: row.get("id"),
             message: message_for(&status).into(),
             status,
+            notifications_token: String::new(),
         }))
     }
 
@@ -819,6 +881,7 @@ impl Enrollment {
             id,
             status: status.into(),
             message: message_for(status).into(),
+            notifications_token: String::new(),
         })
     }
 
@@ -1077,10 +1140,8 @@ async fn submit(
     headers: HeaderMap,
     body: Result<StrictJson<NewEnrollment>, Problem>,
 ) -> Result<impl IntoResponse, Problem> {
-    let StrictJson(req) = body.map_err(|mut p| {
-        p.detail = redact(&p.detail);
-        p
-    })?;
+    // StrictJson's rejections quote no value and no long digit run.
+    let StrictJson(req) = body?;
     let key = idempotency_key(&headers)?;
     let (accepted, replayed) = enrollment.accept(req, key).await?;
     let mut out = HeaderMap::new();

@@ -16,7 +16,11 @@ use school_events::{
     AcceptanceMode, EmailRequested, FraudCheckFailed, PaymentCaptured, PaymentDeclined,
     PaymentSubmitted, topics,
 };
+use school_http::{NotificationKey, holds_card_number};
 use tower::ServiceExt as _;
+
+static NOTIFICATIONS: std::sync::LazyLock<NotificationKey> =
+    std::sync::LazyLock::new(NotificationKey::random);
 
 const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
@@ -26,7 +30,11 @@ async fn service(mode: AcceptanceMode) -> (tempfile::TempDir, Enrollment) {
         .await
         .unwrap();
     let key = FingerprintKey::from_hex(KEY).unwrap();
-    (dir, Enrollment::new(store, key, mode).await.unwrap())
+    let enrollment = Enrollment::new(store, key, mode)
+        .await
+        .unwrap()
+        .with_notifications_key(NOTIFICATIONS.clone());
+    (dir, enrollment)
 }
 
 struct Reply {
@@ -162,6 +170,150 @@ async fn malformed_input_gets_its_documented_problem_and_never_a_500() {
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-body",
             None,
+        ),
+        (
+            "wrong type: cvv as a number",
+            with(good.clone(), "/payment/cvv", 987.into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            None,
+        ),
+        (
+            "wrong type: cvv as a float",
+            with(good.clone(), "/payment/cvv", serde_json::json!(987.5)),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            None,
+        ),
+        (
+            "wrong type: a four-digit cvv as a negative number",
+            with(good.clone(), "/payment/cvv", (-9870).into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            None,
+        ),
+        (
+            "wrong type: card as a float",
+            with(
+                good.clone(),
+                "/payment/card_number",
+                serde_json::json!(4_242_424_242_424_242.0_f64),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            None,
+        ),
+        (
+            "wrong type: a card with dots as the amount",
+            with(
+                good.clone(),
+                "/payment/amount_cents",
+                "4242.4242.4242.4242".into(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            None,
+        ),
+        (
+            "wrong type: a cvv as the amount",
+            with(good.clone(), "/payment/amount_cents", "987".into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            None,
+        ),
+        (
+            "unknown field: CVV in upper case, nested in the student",
+            with(
+                good.clone(),
+                "/student",
+                serde_json::json!({"name": "Ana", "email": "ana@example.com", "CVV": 987}),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            None,
+        ),
+        (
+            "card number in the name, with spaces",
+            with(
+                good.clone(),
+                "/student/name",
+                "Ana 4242 4242 4242 4242".into(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/student/name"),
+        ),
+        (
+            "card number in the name, with dots",
+            with(good.clone(), "/student/name", "4242.4242.4242.4242".into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/student/name"),
+        ),
+        (
+            "card number in the name, with NBSP",
+            with(
+                good.clone(),
+                "/student/name",
+                "4242\u{a0}4242\u{a0}4242\u{a0}4242".into(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/student/name"),
+        ),
+        (
+            "card number in the holder, with slashes",
+            with(
+                good.clone(),
+                "/payment/holder",
+                "Ana 4242/4242/4242/4242".into(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/payment/holder"),
+        ),
+        (
+            "card number in the holder, with tabs",
+            with(
+                good.clone(),
+                "/payment/holder",
+                "4242\t4242\t4242\t4242".into(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/payment/holder"),
+        ),
+        (
+            "card number as the course id",
+            with(good.clone(), "/course_id", "4242424242424242".into()),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/course_id"),
+        ),
+        (
+            "card number in the e-mail address",
+            with(
+                good.clone(),
+                "/student/email",
+                "4242424242424242@example.com".into(),
+            ),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some("/student/email"),
         ),
         (
             "missing field: student",
@@ -448,8 +600,11 @@ async fn malformed_input_gets_its_documented_problem_and_never_a_500() {
         );
         let detail = reply.json["detail"].as_str().unwrap();
         assert!(!detail.is_empty(), "{name}");
-        // Even an error quoting the body must not echo a card number.
-        assert!(!detail.contains("4242424242424242"), "{name}: {detail}");
+        // No error echoes a card number (in any form) or a CVV.
+        let text = reply.json.to_string();
+        assert!(!holds_card_number(&text), "{name}: {text}");
+        assert!(!text.contains("4242"), "{name}: {text}");
+        assert!(!text.contains("987"), "{name}: {text}");
         if let Some(pointer) = pointer {
             let pointers: Vec<_> = reply.json["errors"]
                 .as_array()
@@ -521,6 +676,10 @@ async fn an_idempotency_key_returns_the_same_enrollment_or_a_conflict() {
     assert_eq!(again.status, StatusCode::ACCEPTED);
     assert!(again.replayed);
     assert_eq!(again.json["id"], first.json["id"]);
+    // Both answers hand out the student's notifications token.
+    let token = first.json["notifications_token"].as_str().unwrap();
+    assert!(NOTIFICATIONS.verify(&"ana@example.com".parse().unwrap(), token));
+    assert_eq!(again.json["notifications_token"], token);
     assert_eq!(again.location, first.location);
     let other = with(body(CARD), "/payment/amount_cents", 100.into());
     let conflict = call(&service, post(other, json, Some("k-1"))).await;
@@ -736,7 +895,16 @@ async fn optimistic_mode_enrolls_at_once_and_suspends_on_a_fraud_verdict() {
         .await
         .unwrap();
     let view = wait_for(&service, &accepted.id, "suspended").await;
-    assert!(view.reason.unwrap().contains("deny list"));
+    // Regression: the reason quoted the anti-fraud rule that fired.
+    assert_eq!(
+        view.reason.as_deref(),
+        Some("the payment did not pass our fraud checks")
+    );
+    let text = serde_json::to_string(&view).unwrap();
+    assert!(
+        !text.contains("deny list") && !text.contains("410000"),
+        "{text}"
+    );
     running.shutdown().await.unwrap();
     let sent: Vec<_> = mails(probe, &transport, &service)
         .await

@@ -7,12 +7,22 @@
 //! JSON, wrong types, unknown or missing fields, oversize body) becomes one.
 //! [`EmailAddress`] is the one address syntax every service parses with,
 //! [`has_control`] the one check of text fields for control characters,
-//! and [`PathId`] the one extractor of ids from paths.
-//! [`refuse_oversize_body`] answers 413 from `Content-Length` alone, and
-//! [`SseStreams`] bounds and ends the server-sent event streams.
+//! and [`PathId`] the one extractor of ids from paths. [`holds_card_number`]
+//! and [`mask_card_numbers`] find card numbers typed where no card belongs.
+//! [`NotificationKey`] issues and checks the token that lets a student read
+//! their notifications. [`refuse_oversize_body`] answers 413 from
+//! `Content-Length` alone, and [`SseStreams`] bounds and ends the
+//! server-sent event streams.
+//!
+//! No rejection echoes a value from the body: serde's messages quote the
+//! value of a field of the wrong type (`invalid type: integer `123``), and
+//! the field may be a CVV. The field's name and the expected type are kept,
+//! the value is cut, and any long digit run left is redacted.
 
+mod cards;
 mod email;
 mod sse;
+mod token;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
@@ -23,8 +33,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use cards::{MAX_GAP, card_numbers, holds_card_number, mask_card_numbers, redact_digits};
 pub use email::{EmailAddress, EmailError, MAX_EMAIL_LEN};
 pub use sse::{ClientIp, SseLimits, SsePermit, SseStreams};
+pub use token::{NotificationKey, NotificationKeyError};
 
 /// The largest request body any service accepts.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -177,8 +189,48 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(problem_for(&rejection)),
+            Err(rejection) => {
+                let mut problem = problem_for(&rejection);
+                problem.detail = redact_digits(&without_values(&problem.detail));
+                Err(problem)
+            }
         }
+    }
+}
+
+/// serde's "invalid type: integer `123`, expected a string" without the
+/// value: "invalid type: integer, expected a string". The value is what
+/// was sent in a field of the wrong type, and that field may be a CVV or a
+/// card number, in any type.
+fn without_values(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    loop {
+        let marker = ["invalid type: ", "invalid value: "]
+            .iter()
+            .filter_map(|m| rest.find(m).map(|at| (at, m.len())))
+            .min();
+        let Some((at, len)) = marker else {
+            out.push_str(rest);
+            return out;
+        };
+        let start = at + len;
+        out.push_str(&rest[..start]);
+        // The value ends where serde's "expected" begins; the last one,
+        // because a quoted string may itself contain ", expected".
+        let Some(end) = rest[start..].rfind(", expected").map(|e| start + e) else {
+            // No "expected" to keep: drop everything after the marker.
+            out.push_str("a value of the wrong type");
+            return out;
+        };
+        let unexpected = &rest[start..end];
+        let kind = unexpected
+            .split(['`', '"'])
+            .next()
+            .unwrap_or_default()
+            .trim_end();
+        out.push_str(kind);
+        rest = &rest[end..];
     }
 }
 
@@ -402,6 +454,39 @@ mod tests {
             let p = PathId::parse(bad).unwrap_err();
             assert_eq!(p.status, 404, "{bad}");
             assert!(bad.is_empty() || !p.detail.contains(bad), "{}", p.detail);
+        }
+    }
+
+    #[test]
+    fn values_of_the_wrong_type_are_never_echoed() {
+        for (text, shown) in [
+            (
+                "payment.cvv: invalid type: integer `123`, expected a string at line 1 column 9",
+                "payment.cvv: invalid type: integer, expected a string at line 1 column 9",
+            ),
+            (
+                "x: invalid type: floating point `12.5`, expected a string",
+                "x: invalid type: floating point, expected a string",
+            ),
+            (
+                "x: invalid type: boolean `true`, expected a string",
+                "x: invalid type: boolean, expected a string",
+            ),
+            (
+                "x: invalid type: string \"987, expected u64\", expected u64 at line 1",
+                "x: invalid type: string, expected u64 at line 1",
+            ),
+            (
+                "x: invalid value: integer `-987`, expected u64",
+                "x: invalid value: integer, expected u64",
+            ),
+            ("missing field `cvv`", "missing field `cvv`"),
+            (
+                "x: invalid type: string \"987\"",
+                "x: invalid type: a value of the wrong type",
+            ),
+        ] {
+            assert_eq!(without_values(text), shown, "{text}");
         }
     }
 

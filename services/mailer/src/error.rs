@@ -113,6 +113,28 @@ impl MailerError {
         }
     }
 
+    /// What the person concerned is told about this failure: a plain
+    /// sentence without the server's address, a file path or the server's
+    /// own words, which are for the log (this error's `Display`).
+    pub fn public_reason(&self) -> &'static str {
+        match self {
+            MailerError::SmtpUnreachable { .. } => "the school's mail server did not answer",
+            MailerError::SmtpTransient { source, .. } if is_421(source) => {
+                "the school's mail server did not answer"
+            }
+            MailerError::SmtpTransient { .. } => {
+                "the school's mail server asked us to try again later"
+            }
+            MailerError::SmtpPermanent { .. } => "the mail server refused the message",
+            MailerError::InvalidMail { .. } => "the message cannot be sent to this address",
+            MailerError::Config(_) => "the school's mail service is not set up right",
+            MailerError::DataDir { .. }
+            | MailerError::File { .. }
+            | MailerError::Store(_)
+            | MailerError::Event(_) => "the school's mail service had an internal problem",
+        }
+    }
+
     /// Whether retrying can help.
     pub fn is_transient(&self) -> bool {
         self.kind() != ErrorKind::Permanent

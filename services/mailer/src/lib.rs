@@ -148,6 +148,7 @@ pub fn route(mailer: Mailer, policy: Backoff) -> Route {
                 match mailer.deliver(&request, attempt).await {
                     Ok(_) => Ok::<(), HandlerError>(()),
                     Err(e) => {
+                        mailer.note_failure(&request.mail_id, &e);
                         // The last attempt is reported by the dead-letter
                         // hook as `EmailFailed`, not as deferred.
                         if e.is_transient() && attempt < max_attempts {

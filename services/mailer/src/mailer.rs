@@ -62,6 +62,10 @@ struct Inner {
     store: Store,
     bus: Bus,
     locks: KeyLocks,
+    /// The public reason of each mail's last failure, for its
+    /// `EmailFailed`: the dead-letter hook sees only the error's text,
+    /// which names the server. Lost on a restart; then a generic sentence.
+    last_failure: std::sync::Mutex<std::collections::HashMap<String, &'static str>>,
 }
 
 impl std::fmt::Debug for Mailer {
@@ -108,6 +112,7 @@ impl Mailer {
                 store,
                 bus,
                 locks: KeyLocks::default(),
+                last_failure: std::sync::Mutex::default(),
             }),
         })
     }
@@ -181,7 +186,7 @@ impl Mailer {
         }
         let message = compose(request, &inner.from)?;
         if let Err(e) = inner.outbound.send(mail_id, message).await {
-            tracing::debug!(mail_id, attempt, error = %e, "mail not sent");
+            tracing::info!(mail_id, attempt, error = %e, "mail not sent");
             return Err(e);
         }
 
@@ -236,7 +241,8 @@ impl Mailer {
                 mail_id: request.mail_id.clone(),
                 about: request.about.clone(),
                 attempt,
-                error: error.to_string(),
+                // Timelines show it; the detail is in the log.
+                error: error.public_reason().to_owned(),
                 retry_within_ms: u64::try_from(retry_within.as_millis()).unwrap_or(u64::MAX),
             })?;
             let store = &self.inner.store;
@@ -250,6 +256,14 @@ impl Mailer {
         };
         if let Err(e) = recorded.await {
             tracing::warn!(mail_id = %request.mail_id, attempt, error = %e, "cannot record the deferred attempt");
+        }
+    }
+
+    /// Remembers why `mail_id` failed last, for its `EmailFailed` should
+    /// it be given up.
+    pub fn note_failure(&self, mail_id: &str, error: &MailerError) {
+        if let Ok(mut last) = self.inner.last_failure.lock() {
+            last.insert(mail_id.to_owned(), error.public_reason());
         }
     }
 
@@ -270,14 +284,26 @@ impl Mailer {
                 return Ok(Reported::Undecodable);
             }
         };
+        let public = self
+            .inner
+            .last_failure
+            .lock()
+            .ok()
+            .and_then(|last| last.get(&request.mail_id).copied())
+            .unwrap_or("the mail could not be delivered");
+        let attempts = failed.info.attempt;
         let event = self.inner.bus.event(&EmailFailed {
             mail_id: request.mail_id.clone(),
             purpose: request.purpose,
             about: request.about.clone(),
             requester_email: request.requester_email.clone(),
             subject: request.subject.clone(),
-            reason: format!("{}: {}", failed.reason, failed.error),
-            attempts: failed.info.attempt,
+            // The student reads this; the error itself goes to the log.
+            reason: format!(
+                "{public}; given up after {attempts} attempt{}",
+                if attempts == 1 { "" } else { "s" }
+            ),
+            attempts,
         })?;
         let store = &self.inner.store;
         let mut tx = store.begin().await?;
@@ -286,11 +312,15 @@ impl Mailer {
         }
         enqueue(&mut tx, topics::MAIL_FAILURES, &event).await?;
         store.commit(tx).await?;
+        if let Ok(mut last) = self.inner.last_failure.lock() {
+            last.remove(&request.mail_id);
+        }
         tracing::warn!(
             mail_id = %request.mail_id,
             about = %request.about,
             attempts = failed.info.attempt,
             reason = %failed.reason,
+            error = %failed.error,
             "mail given up; email_failed emitted"
         );
         Ok(Reported::Failed)

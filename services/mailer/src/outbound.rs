@@ -43,10 +43,12 @@ impl Outbound {
             }
             None => {
                 let dir = config.data_dir.join("mail");
-                fs::create_dir_all(&dir).map_err(|source| MailerError::DataDir {
-                    path: dir.clone(),
-                    source,
-                })?;
+                fs::create_dir_all(&dir)
+                    .and_then(|()| owner_only_dir(&dir))
+                    .map_err(|source| MailerError::DataDir {
+                        path: dir.clone(),
+                        source,
+                    })?;
                 Ok(Outbound::Files { dir })
             }
         }
@@ -101,6 +103,18 @@ impl Outbound {
     }
 }
 
+/// Makes `dir` owner-only (0700).
+fn owner_only_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
 /// Writes `bytes` to `target` so a reader sees all of it or nothing: into a
 /// hidden temporary file, synced, renamed over `target`, and the directory
 /// synced so the rename survives a crash.
@@ -111,7 +125,12 @@ fn write_atomic(dir: &Path, target: &Path, bytes: &[u8]) -> std::io::Result<()> 
         .unwrap_or_default();
     // Hidden and not ending in `.eml`: nothing looking for mail picks it up.
     let tmp = dir.join(format!(".{name}.tmp"));
-    let mut file = fs::File::create(&tmp)?;
+    // The mail holds a sender's words: owner-only, like every data file.
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     drop(file);

@@ -12,6 +12,15 @@
 //! mails nothing: the mail server is what is failing, and the final word
 //! (sent, or failed with a mail) comes later.
 //!
+//! Reading notifications takes the address and its token
+//! (`?token=…` or `Authorization: Bearer …`): an HMAC of the address under
+//! the system's [`NotificationKey`], handed out by the contact and
+//! enrollment services when they accept a message or an enrollment. The
+//! notifier checks it by computing it again, so it asks no other service
+//! and stores nothing about tokens. No token is a 401; a token that is not
+//! the address's is a 404, the same answer as for an address with nothing
+//! to read.
+//!
 //! The service names no transport: it takes a `Store` and gives back an HTTP
 //! router and event routes.
 
@@ -19,13 +28,17 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 
 use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed_with};
 use eventos_outbox::{Store, enqueue, first_delivery};
 use futures::{Stream, StreamExt as _};
 use school_events::{ContactMessageDelayed, EmailFailed, EmailRequested, MailPurpose, topics};
-use school_http::{ClientIp, EmailAddress, FieldError, Problem, SseStreams, now_ms, rfc3339_ms};
+use school_http::{
+    ClientIp, EmailAddress, FieldError, NotificationKey, Problem, SseStreams, now_ms, rfc3339_ms,
+};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use tokio::sync::broadcast;
@@ -64,15 +77,71 @@ pub struct Notification {
 #[derive(Debug, Clone)]
 pub struct Notifier {
     store: Store,
+    key: NotificationKey,
     live: broadcast::Sender<Notification>,
     sse: SseStreams,
 }
 
-/// `?email=` of the notification endpoints.
+/// `?email=&token=` of the notification endpoints.
 #[derive(Debug, Deserialize)]
 pub struct ByEmail {
     /// Whose notifications.
     pub email: Option<String>,
+    /// The address's token (else in `Authorization: Bearer`).
+    pub token: Option<String>,
+}
+
+/// Why a reader is turned away: a problem, with `WWW-Authenticate` on a 401.
+struct Refused(Problem);
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        let unauthorized = self.0.status == StatusCode::UNAUTHORIZED.as_u16();
+        let mut response = self.0.into_response();
+        if unauthorized {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"notifications\""),
+            );
+        }
+        response
+    }
+}
+
+impl From<Problem> for Refused {
+    fn from(p: Problem) -> Self {
+        Self(p)
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// The address asked for, if the request carries its token.
+fn authorized(key: &NotificationKey, q: &ByEmail, headers: &HeaderMap) -> Result<String, Refused> {
+    let email = email_param(q)?;
+    let Some(token) = q.token.as_deref().or_else(|| bearer(headers)) else {
+        return Err(Refused(Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "token-required",
+            "Token required",
+            "pass the notifications token the school gave you when it accepted your message or enrollment, as ?token= or Authorization: Bearer",
+        )));
+    };
+    let address = EmailAddress::parse(&email).map_err(|_| Problem::not_found("notifications"))?;
+    if key.verify(&address, token) {
+        Ok(email)
+    } else {
+        Err(Refused(Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            "no notifications for this address and token; use the token from the answer to your message or enrollment",
+        )))
+    }
 }
 
 /// The form notifications are kept and looked up under: the address as
@@ -100,16 +169,17 @@ fn unavailable(e: &dyn std::fmt::Display) -> Problem {
 }
 
 impl Notifier {
-    /// The service on `store` (its migrations are run).
-    ///
-    /// # Errors
-    ///
-    /// If the migrations fail.
-    pub async fn new(store: Store) -> Result<Self, eventos_outbox::OutboxError> {
+    /// The service on `store` (its migrations are run); `key` checks the tokens readers present; it must be the key the
+    /// contact and enrollment services issue them with.
+    pub async fn new(
+        store: Store,
+        key: NotificationKey,
+    ) -> Result<Self, eventos_outbox::OutboxError> {
         store.migrate(&MIGRATOR).await?;
         let (live, _) = broadcast::channel(256);
         Ok(Self {
             store,
+            key,
             live,
             sse: SseStreams::default(),
         })
@@ -127,7 +197,8 @@ impl Notifier {
         &self.store
     }
 
-    /// `GET /notifications?email=` and `GET /notifications/stream?email=`.
+    /// `GET /notifications?email=&token=` and
+    /// `GET /notifications/stream?email=&token=`.
     pub fn http(&self) -> axum::Router {
         axum::Router::new()
             .route("/notifications", get(list))
@@ -292,6 +363,20 @@ impl Notifier {
     }
 }
 
+/// The query, or a 400 that does not repeat it (it may hold the token).
+fn query(
+    q: Result<Query<ByEmail>, axum::extract::rejection::QueryRejection>,
+) -> Result<ByEmail, Problem> {
+    q.map(|Query(q)| q).map_err(|_| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-query",
+            "Invalid query",
+            "pass only ?email= and ?token=, each once",
+        )
+    })
+}
+
 #[derive(Serialize)]
 struct Listing {
     email: String,
@@ -300,9 +385,10 @@ struct Listing {
 
 async fn list(
     State(notifier): State<Notifier>,
-    Query(q): Query<ByEmail>,
-) -> Result<axum::Json<Listing>, Problem> {
-    let email = email_param(&q)?;
+    headers: HeaderMap,
+    q: Result<Query<ByEmail>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<Listing>, Refused> {
+    let email = authorized(&notifier.key, &query(q)?, &headers)?;
     let notifications = notifier.for_email(&email).await?;
     Ok(axum::Json(Listing {
         email,
@@ -316,9 +402,10 @@ async fn list(
 async fn stream(
     State(notifier): State<Notifier>,
     client: ClientIp,
-    Query(q): Query<ByEmail>,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
-    let email = email_param(&q)?;
+    headers: HeaderMap,
+    q: Result<Query<ByEmail>, axum::extract::rejection::QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Refused> {
+    let email = authorized(&notifier.key, &query(q)?, &headers)?;
     let permit = notifier.sse.open(client)?;
     // Subscribe before reading the backlog, so nothing falls in between.
     let live = BroadcastStream::new(notifier.live.subscribe());

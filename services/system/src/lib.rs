@@ -36,8 +36,8 @@ mod settings;
 
 pub use services::{Service, Services};
 pub use settings::{
-    AmqpContentMode, AmqpQueueType, AmqpSettings, HttpSettings, MailSettings, Settings,
-    SettingsError,
+    AmqpContentMode, AmqpQueueType, AmqpSettings, HttpSettings, MailSettings, NotificationSettings,
+    Settings, SettingsError,
 };
 
 use anyhow::Context as _;
@@ -166,6 +166,9 @@ pub struct SystemConfig {
     /// How long after a contact message is accepted its sender is told it
     /// has not gone out yet.
     pub still_trying_after: Duration,
+    /// The key of notifications tokens, 64 hex digits; without one, the
+    /// key in `<data-dir>/notifications.key` (generated on first run).
+    pub notifications_key: Option<String>,
     /// The enrollment service.
     pub enrollment: EnrollmentConfig,
     /// The anti-fraud service.
@@ -190,6 +193,7 @@ impl SystemConfig {
             mail_retry: school_mailer::default_backoff(),
             mail_breaker: school_mailer::default_breaker(),
             still_trying_after: ContactConfig::default().still_trying_after,
+            notifications_key: None,
             enrollment: EnrollmentConfig::default(),
             antifraud: AntifraudConfig::default(),
             billing: BillingConfig::default(),
@@ -251,6 +255,11 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
             config.data_dir.display()
         )
     })?;
+    owner_only_dir(&config.data_dir)?;
+    // Held until the system task ends: one process per data directory,
+    // whatever the transport (the log locks its own directory too, but
+    // the databases beside it are shared by every transport).
+    let dir_lock = lock_data_dir(&config.data_dir)?;
     let metrics = prometheus().clone();
     let limits = edge::Limits::new(&config.http)?;
     // One count for every streaming endpoint, so the limits hold across them.
@@ -308,6 +317,16 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
     let mut http = axum::Router::new();
     let mut payment_metrics: Option<Metrics> = None;
     let mut delay_notices: Option<school_contact::Contact> = None;
+    // One key for the services that issue notifications tokens (contact,
+    // enrollment) and the one that checks them (the notifier), so the
+    // notifier never asks another service whether a token is good.
+    let notifications_key = match &config.notifications_key {
+        Some(hex) => school_http::NotificationKey::from_hex(hex)
+            .context("the [notifications] token_key setting")?,
+        None => school_http::NotificationKey::load_or_create(
+            &config.data_dir.join("notifications.key"),
+        )?,
+    };
     for service in config.services.iter() {
         match service {
             Service::Enrollment => {
@@ -322,7 +341,8 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                     Enrollment::new(store("enrollment").await?, key, config.enrollment.mode)
                         .await
                         .context("migrating the enrollment database")?
-                        .with_sse(sse.clone());
+                        .with_sse(sse.clone())
+                        .with_notifications_key(notifications_key.clone());
                 stores.push(enrollment.store().clone());
                 routes.extend(enrollment.routes());
                 http = http.merge(enrollment.http());
@@ -381,6 +401,7 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                     ContactConfig {
                         school_inbox: school_inbox.to_string(),
                         still_trying_after: config.still_trying_after,
+                        notifications_key: notifications_key.clone(),
                     },
                 )
                 .await
@@ -406,7 +427,7 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                 routes.push(school_mailer::route(mailer, config.mail_retry));
             }
             Service::Notifier => {
-                let notifier = Notifier::new(store("notifier").await?)
+                let notifier = Notifier::new(store("notifier").await?, notifications_key.clone())
                     .await
                     .context("migrating the notifier database")?
                     .with_sse(sse.clone());
@@ -511,6 +532,7 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
         while relays.join_next().await.is_some() {}
         transport.close().await.context("closing the transport")?;
         drained.context("draining the router")?;
+        drop(dir_lock);
         Ok(())
     });
     Ok(System { addr, stop, task })
@@ -570,6 +592,64 @@ fn probe_write(dir: &Path) -> Result<(), String> {
     })();
     let _ = std::fs::remove_file(&path);
     written.map_err(|e| format!("cannot write to {}: {e}", dir.display()))
+}
+
+/// Makes the data directory owner-only (0700): it holds every database,
+/// the log, the mail and the keys.
+fn owner_only_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(
+            || {
+                format!(
+                    "cannot make the data directory {} private; check that you own it",
+                    dir.display()
+                )
+            },
+        )?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Takes `<data-dir>/LOCK` (an advisory lock the OS drops when the process
+/// dies) and writes who holds it, for the next one's error.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = dir.join("LOCK");
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "another process",
+                h => h,
+            };
+            anyhow::bail!(
+                "the data directory {} is in use by {holder}; stop it or choose another with --data-dir",
+                dir.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    let me = format!("process {}", std::process::id());
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| file.write_all(me.as_bytes()))
+        .with_context(|| format!("cannot write the lock file {}", path.display()))?;
+    Ok(file)
 }
 
 /// Runs the system until `shutdown` completes, then stops it in order.

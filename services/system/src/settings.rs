@@ -123,6 +123,17 @@ impl HttpSettings {
     }
 }
 
+/// Who may read notifications (`[notifications]`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotificationSettings {
+    /// The key of notifications tokens, 64 hex digits. Without one, a key
+    /// is generated on first run and kept in the data directory; processes
+    /// that split the contact or enrollment service from the notifier must
+    /// be given the same key here.
+    pub token_key: Option<String>,
+}
+
 /// Which kind of queue holds a group's events on RabbitMQ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -194,6 +205,8 @@ pub struct Settings {
     pub amqp: AmqpSettings,
     /// The mailer.
     pub mail: MailSettings,
+    /// Who may read notifications.
+    pub notifications: NotificationSettings,
     /// The enrollment service.
     pub enrollment: school_enrollment::EnrollmentConfig,
     /// The anti-fraud service.
@@ -213,6 +226,7 @@ impl Default for Settings {
             http: HttpSettings::default(),
             amqp: AmqpSettings::default(),
             mail: MailSettings::default(),
+            notifications: NotificationSettings::default(),
             enrollment: school_enrollment::EnrollmentConfig::default(),
             antifraud: school_antifraud::AntifraudConfig::default(),
             billing: school_billing::BillingConfig::default(),
@@ -287,6 +301,7 @@ impl Settings {
         config.still_trying_after = Duration::from_millis(self.mail.still_trying_after_ms);
         config.amqp = self.amqp;
         config.http = self.http;
+        config.notifications_key = self.notifications.token_key;
         config.enrollment = self.enrollment;
         config.antifraud = self.antifraud;
         config.billing = self.billing;

@@ -178,7 +178,63 @@ async fn enrollment_works_on_the_memory_transport_with_eml_mail() {
     }
     let mail = std::fs::read_to_string(&welcome).unwrap();
     assert!(mail.contains("Subject: Welcome to rust-101"), "{mail}");
+    // Regression: data files were 0644 and directories 0755.
+    #[cfg(unix)]
+    {
+        let open = not_owner_only(dir.path());
+        assert!(open.is_empty(), "readable by others: {open:#?}");
+    }
     system.shutdown().await.unwrap();
+}
+
+/// Every file under `dir` not 0600 and every directory not 0700.
+#[cfg(unix)]
+fn not_owner_only(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut found = Vec::new();
+    let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+    if mode != 0o700 {
+        found.push(format!("{} is {mode:o}", dir.display()));
+    }
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(not_owner_only(&path));
+        } else if let Ok(meta) = std::fs::metadata(&path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode != 0o600 {
+                found.push(format!("{} is {mode:o}", path.display()));
+            }
+        }
+    }
+    found
+}
+
+/// Regression: `--transport memory` took no lock on the data directory, so
+/// two processes shared its databases.
+#[tokio::test]
+async fn a_data_directory_has_one_system_whatever_the_transport() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |transport: TransportKind| {
+        let mut config = SystemConfig::new(dir.path());
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.transport = transport;
+        config
+    };
+    let first = start(config(TransportKind::Memory)).await.unwrap();
+    for transport in [TransportKind::Memory, TransportKind::Log] {
+        let e = start(config(transport.clone())).await.unwrap_err();
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("is in use by process")
+                && text.contains("choose another with --data-dir")
+                && !text.contains('\n'),
+            "{transport:?}: {text}"
+        );
+    }
+    first.shutdown().await.unwrap();
+    let again = start(config(TransportKind::Memory)).await.unwrap();
+    again.shutdown().await.unwrap();
 }
 
 /// A process runs only the services it is given: their endpoints and their
