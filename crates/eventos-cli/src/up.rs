@@ -97,6 +97,12 @@ Settings file (--config eventos.toml), every key optional, defaults shown:
   still_trying_after_ms = 3600000   # the sender of a contact message still
                                     # not sent is told once it is late
 
+  [notifications]
+  # token_key = \"<64 hex digits>\"  # unset: generated once, kept in
+                                    # <data_dir>/notifications.key; processes
+                                    # that run contact or enrollment apart
+                                    # from the notifier need the same one
+
   [enrollment]
   mode = \"await_payment\"            # or \"optimistic\"
   # card_fingerprint_key = \"<64 hex digits>\"  # unset: generated once, kept

@@ -1,44 +1,20 @@
 //! Card data at the edge: checked, then reduced to a token before anything
 //! is stored, logged or emitted.
 
-use std::io::Write as _;
 use std::path::Path;
 
-use hmac::{Hmac, Mac as _};
+use hmac::Mac as _;
 use school_events::CardToken;
-use sha2::Sha256;
-
-type HmacSha256 = Hmac<Sha256>;
+pub use school_http::KeyError;
+use school_http::SecretKey;
 
 /// The key of card fingerprints (HMAC-SHA256). Without it a fingerprint
 /// says nothing about the number; with it, the same card always gives the
 /// same fingerprint, which is what velocity rules need.
-#[derive(Clone)]
-pub struct FingerprintKey([u8; 32]);
+#[derive(Debug, Clone)]
+pub struct FingerprintKey(SecretKey);
 
-impl std::fmt::Debug for FingerprintKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FingerprintKey(…)")
-    }
-}
-
-/// Why a fingerprint key could not be had.
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    /// The configured key is not 64 hex digits.
-    #[error(
-        "the card fingerprint key must be 64 hexadecimal digits (32 bytes); generate one with `openssl rand -hex 32`"
-    )]
-    Malformed,
-    /// The key file could not be read or written.
-    #[error("cannot use the card fingerprint key file {path}: {source}")]
-    File {
-        /// The file.
-        path: std::path::PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-}
+const WHAT: &str = "card fingerprint";
 
 impl FingerprintKey {
     /// A key from 64 hex digits (as given in the config file).
@@ -47,46 +23,21 @@ impl FingerprintKey {
     ///
     /// [`KeyError::Malformed`].
     pub fn from_hex(hex_key: &str) -> Result<Self, KeyError> {
-        let bytes = hex::decode(hex_key.trim()).map_err(|_| KeyError::Malformed)?;
-        Ok(Self(bytes.try_into().map_err(|_| KeyError::Malformed)?))
+        SecretKey::from_hex(WHAT, hex_key).map(Self)
     }
 
-    /// The key stored in `path`, generated and written there (owner-only)
-    /// on first use, so fingerprints stay stable across restarts.
+    /// The key stored in `path`, generated there (owner-only) on first
+    /// use, so fingerprints stay stable across restarts.
     ///
     /// # Errors
     ///
-    /// [`KeyError::File`] if it cannot be read or created;
-    /// [`KeyError::Malformed`] if the file holds something else.
+    /// As [`SecretKey::load_or_create`].
     pub fn load_or_create(path: &Path) -> Result<Self, KeyError> {
-        let file_error = |source| KeyError::File {
-            path: path.to_owned(),
-            source,
-        };
-        match std::fs::read_to_string(path) {
-            Ok(text) => return Self::from_hex(&text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(file_error(e)),
-        }
-        let key: [u8; 32] = rand::random();
-        let tmp = path.with_extension("tmp");
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&tmp).map_err(file_error)?;
-        file.write_all(hex::encode(key).as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(file_error)?;
-        // A rename is atomic: a crash leaves no key or the whole key, never
-        // half of one that would change every fingerprint after it.
-        std::fs::rename(&tmp, path).map_err(file_error)?;
-        Ok(Self(key))
+        SecretKey::load_or_create(WHAT, path).map(Self)
     }
 
     fn fingerprint(&self, digits: &str) -> String {
-        // HMAC accepts keys of any length; 32 bytes is always fine.
-        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
+        let mut mac = self.0.hmac();
         mac.update(digits.as_bytes());
         hex::encode(mac.finalize().into_bytes())
     }
@@ -94,7 +45,7 @@ impl FingerprintKey {
     /// A keyed digest of arbitrary bytes (for request fingerprints that must
     /// not be reversible by guessing the card number in them).
     pub fn digest(&self, bytes: &[u8]) -> String {
-        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
+        let mut mac = self.0.hmac();
         mac.update(b"request\0");
         mac.update(bytes);
         hex::encode(mac.finalize().into_bytes())
@@ -224,8 +175,8 @@ mod tests {
 
     #[test]
     fn tokens_keep_no_number_and_depend_on_the_key() {
-        let a = FingerprintKey([1; 32]);
-        let b = FingerprintKey([2; 32]);
+        let a = FingerprintKey::from_hex(&"01".repeat(32)).unwrap();
+        let b = FingerprintKey::from_hex(&"02".repeat(32)).unwrap();
         let t = tokenize(&a, "4242424242424242", 12, 2030);
         assert_eq!(
             (t.bin.as_str(), t.last4.as_str(), t.brand.as_str()),

@@ -21,6 +21,7 @@
 
 mod cards;
 mod email;
+mod key;
 mod sse;
 mod token;
 
@@ -35,8 +36,9 @@ use serde::de::DeserializeOwned;
 
 pub use cards::{MAX_GAP, card_numbers, holds_card_number, mask_card_numbers, redact_digits};
 pub use email::{EmailAddress, EmailError, MAX_EMAIL_LEN};
+pub use key::{HmacSha256, KeyError, SecretKey};
 pub use sse::{ClientIp, SseLimits, SsePermit, SseStreams};
-pub use token::{NotificationKey, NotificationKeyError};
+pub use token::NotificationKey;
 
 /// The largest request body any service accepts.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
