@@ -14,8 +14,23 @@ use tokio::net::{TcpSocket, TcpStream};
 /// until it holds or this passes.
 const PATIENCE: Duration = Duration::from_secs(10);
 
+/// The notifications token key of every system here, so a test can hand
+/// out Ana's token as the contact form would.
+const TOKEN_KEY: &str = "0707070707070707070707070707070707070707070707070707070707070707";
+
+/// The request that opens Ana's notification stream, with her token.
+fn stream_request() -> Vec<u8> {
+    let key = school_http::NotificationKey::from_hex(TOKEN_KEY).unwrap();
+    let token = key.token(&"ana@example.com".parse().unwrap());
+    format!(
+        "GET /notifications/stream?email=ana@example.com&token={token} HTTP/1.1\r\nhost: x\r\n\r\n"
+    )
+    .into_bytes()
+}
+
 async fn system(dir: &tempfile::TempDir, http: HttpSettings) -> System {
     let mut config = SystemConfig::new(dir.path());
+    config.notifications_key = Some(TOKEN_KEY.to_owned());
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.transport = TransportKind::Memory;
     config.http = http;
@@ -135,10 +150,7 @@ where
 
 /// Opens a notification stream and reads its answer's head.
 async fn open_stream(stream: &mut TcpStream) -> String {
-    stream
-        .write_all(b"GET /notifications/stream?email=ana@example.com HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
+    stream.write_all(&stream_request()).await.unwrap();
     read_head(stream).await.expect("closed before answering")
 }
 
@@ -408,10 +420,7 @@ async fn event_streams_are_capped_per_client_and_in_total() {
         open.push(s);
     }
     let mut third = connect_from([127, 0, 0, 1], addr).await;
-    third
-        .write_all(b"GET /notifications/stream?email=ana@example.com HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
+    third.write_all(&stream_request()).await.unwrap();
     let (status, head, body) = read_response(&mut third).await;
     assert_eq!(status, 429, "{head}");
     assert!(head.contains("retry-after: 5"), "{head}");
