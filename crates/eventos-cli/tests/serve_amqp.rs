@@ -166,14 +166,7 @@ async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
     while !pending.is_empty() {
         let mut still = Vec::new();
         for i in pending {
-            let view: serde_json::Value = http
-                .get(format!("{base}/enrollments/{}", ids[i]))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let view = common::get_json(&http, &format!("{base}/enrollments/{}", ids[i])).await;
             if view["status"] != card_of(i).1 {
                 last.insert(i, view);
                 still.push(i);

@@ -109,24 +109,7 @@ async fn a_broker_restart_mid_run_loses_nothing() {
         } else {
             "active"
         };
-        loop {
-            let view: serde_json::Value = http
-                .get(format!("{base}/enrollments/{id}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if view["status"] == want {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "enrollment {i} never became {want}: {view:#}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        common::status_becomes(&http, &format!("{base}/enrollments/{id}"), want, deadline).await;
     }
     worker.interrupt();
     api.interrupt();

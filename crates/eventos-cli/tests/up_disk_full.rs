@@ -9,7 +9,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use eventos_test_brokers::TinyFs;
@@ -31,19 +30,8 @@ retry_cap_ms = 400
 "#;
 
 fn up(dir: &Path, port: u16, config: &Path, log: &Path) -> common::Serving {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
     common::spawn_serving(
-        Command::new(env!("CARGO_BIN_EXE_eventos"))
-            .args(["up", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--config")
-            .arg(config)
-            .stderr(log),
+        &mut common::eventos_up(dir, port, config, log),
         "eventos up",
     )
 }
@@ -109,22 +97,6 @@ async fn readyz(http: &reqwest::Client, base: &str) -> u16 {
         .as_u16()
 }
 
-async fn status_of(http: &reqwest::Client, base: &str, kind: Kind, id: &str) -> String {
-    let path = match kind {
-        Kind::Contact => "contact",
-        Kind::Enrollment => "enrollments",
-    };
-    let view: serde_json::Value = http
-        .get(format!("{base}/{path}/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    view["status"].as_str().unwrap_or_default().to_owned()
-}
-
 /// Waits until every accepted request has reached its final state.
 async fn all_done(
     http: &reqwest::Client,
@@ -134,21 +106,11 @@ async fn all_done(
 ) {
     let deadline = Instant::now() + within;
     for (kind, id) in accepted {
-        let want = match kind {
-            Kind::Contact => "sent",
-            Kind::Enrollment => "active",
+        let (path, want) = match kind {
+            Kind::Contact => ("contact", "sent"),
+            Kind::Enrollment => ("enrollments", "active"),
         };
-        loop {
-            let status = status_of(http, base, *kind, id).await;
-            if status == want {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{kind:?} {id} is {status:?}, not {want}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        common::status_becomes(http, &format!("{base}/{path}/{id}"), want, deadline).await;
     }
 }
 

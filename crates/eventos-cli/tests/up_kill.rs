@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -56,29 +55,13 @@ retry_cap_ms = 400
 /// Starts `eventos up`; returns once it serves, with its logs going to
 /// `log` (appended: both runs are scanned).
 fn up(dir: &Path, port: u16, smtp: &str, config: &Path, log: &Path) -> common::Serving {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
     common::spawn_serving(
-        Command::new(env!("CARGO_BIN_EXE_eventos"))
-            .args([
-                "up",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--smtp",
-                smtp,
-            ])
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--config")
-            .arg(config)
+        common::eventos_up(dir, port, config, log)
+            .args(["--smtp", smtp])
             // Everything the services log, for the scan at the end.
             .env("EVENTOS_LOG", "debug")
             // An override through the environment, on top of the file.
-            .env("EVENTOS_ANTIFRAUD__SCORE_THRESHOLD", "70")
-            .stderr(log),
+            .env("EVENTOS_ANTIFRAUD__SCORE_THRESHOLD", "70"),
         "eventos up",
     )
 }
@@ -189,14 +172,7 @@ async fn sigkill_with_200_enrollments_in_flight_loses_nothing_and_charges_once()
     while !pending.is_empty() {
         let mut still = Vec::new();
         for i in pending {
-            let view: serde_json::Value = http
-                .get(format!("{base}/enrollments/{}", ids[&i]))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let view = common::get_json(&http, &format!("{base}/enrollments/{}", ids[&i])).await;
             if view["status"] == card_of(i).1 {
                 views.insert(i, view);
             } else {

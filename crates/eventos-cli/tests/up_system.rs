@@ -1,22 +1,16 @@
 //! `eventos up` as a user runs it: start the binary, use the HTTP API as the
 //! README's curl lines do, press Ctrl-C (SIGINT), and find the mail on disk.
 
+mod common;
+
 use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn up_serves_the_contact_form_and_drains_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_eventos"))
         .args(["up", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir.path())
@@ -54,21 +48,7 @@ async fn up_serves_the_contact_form_and_drains_on_ctrl_c() {
         .unwrap();
     let id = accepted["id"].as_str().unwrap().to_owned();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let view: serde_json::Value = http
-            .get(format!("{base}/contact/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if view["status"] == "sent" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "never sent: {view}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::status_becomes(&http, &format!("{base}/contact/{id}"), "sent", deadline).await;
     let bad = http
         .post(format!("{base}/contact"))
         .body("{")
@@ -108,7 +88,7 @@ async fn up_serves_the_contact_form_and_drains_on_ctrl_c() {
 #[test]
 fn a_second_up_on_the_same_data_dir_is_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let mut first = Command::new(env!("CARGO_BIN_EXE_eventos"))
         .args(["up", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir.path())
@@ -121,7 +101,7 @@ fn a_second_up_on_the_same_data_dir_is_refused_in_one_line() {
         .args([
             "up",
             "--listen",
-            &format!("127.0.0.1:{}", free_port()),
+            &format!("127.0.0.1:{}", common::free_port()),
             "--data-dir",
         ])
         .arg(dir.path())

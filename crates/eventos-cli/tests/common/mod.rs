@@ -65,6 +65,57 @@ pub(crate) fn spawn_serving(command: &mut Command, what: &str) -> Serving {
     panic!("{what} exited before serving ({status})");
 }
 
+/// `GET url` as JSON.
+pub(crate) async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// Polls the resource at `url` until its `status` is `want`, and returns
+/// it; fails, showing the last view, once `deadline` has passed.
+pub(crate) async fn status_becomes(
+    http: &reqwest::Client,
+    url: &str,
+    want: &str,
+    deadline: std::time::Instant,
+) -> serde_json::Value {
+    loop {
+        let view = get_json(http, url).await;
+        if view["status"] == want {
+            return view;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{url} never became {want}: {view:#}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// `eventos up` on `dir` and `127.0.0.1:port` with the settings file
+/// `config`, its stderr appended to `log`; add to it, then
+/// [`spawn_serving`].
+pub(crate) fn eventos_up(
+    dir: &std::path::Path,
+    port: u16,
+    config: &std::path::Path,
+    log: &std::path::Path,
+) -> Command {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_eventos"));
+    command
+        .args(["up", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--config")
+        .arg(config)
+        .stderr(log);
+    command
+}
+
 /// The RabbitMQ every broker test talks to.
 pub(crate) const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
