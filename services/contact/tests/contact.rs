@@ -21,6 +21,31 @@ async fn service() -> (tempfile::TempDir, Contact) {
     (dir, contact)
 }
 
+/// A consumer of the mail requests the service publishes.
+async fn mail_probe() -> (Arc<MemoryTransport>, eventos::core::DeliveryStream) {
+    let transport = Arc::new(MemoryTransport::new());
+    let requests = transport
+        .subscribe(Subscription::new(topics::MAIL_REQUESTS, "probe").start(StartFrom::Earliest))
+        .await
+        .unwrap();
+    (transport, requests)
+}
+
+/// Relays the one event `contact` enqueued and returns its delivery.
+async fn relay_one(
+    contact: &Contact,
+    transport: &Arc<MemoryTransport>,
+    requests: &mut eventos::core::DeliveryStream,
+) -> eventos::Delivery {
+    let relay = Relay::new(contact.store().clone(), transport.clone());
+    assert_eq!(relay.relay_once().await.unwrap(), 1);
+    tokio::time::timeout(Duration::from_secs(5), requests.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+}
+
 fn contact_key(contact: &Contact) -> school_http::NotificationKey {
     contact.config().notifications_key.clone()
 }
@@ -250,11 +275,7 @@ async fn malformed_input_gets_its_documented_problem() {
 #[tokio::test]
 async fn card_numbers_in_a_message_are_masked_before_anything_keeps_them() {
     let (dir, contact) = service().await;
-    let transport = Arc::new(MemoryTransport::new());
-    let mut requests = transport
-        .subscribe(Subscription::new(topics::MAIL_REQUESTS, "probe").start(StartFrom::Earliest))
-        .await
-        .unwrap();
+    let (transport, mut requests) = mail_probe().await;
     let body = serde_json::json!({
         "name": "Ana 4242.4242.4242.4242",
         "email": "ana@example.com",
@@ -264,13 +285,7 @@ async fn card_numbers_in_a_message_are_masked_before_anything_keeps_them() {
     let (status, _, _, json) =
         call(&contact, post(body.to_string(), Some("application/json"))).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{json}");
-    let relay = Relay::new(contact.store().clone(), transport.clone());
-    assert_eq!(relay.relay_once().await.unwrap(), 1);
-    let d = tokio::time::timeout(Duration::from_secs(5), requests.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let d = relay_one(&contact, &transport, &mut requests).await;
     let mail: EmailRequested = d.event().decode().unwrap();
     assert_eq!(mail.subject, "[contact] Card •••• •••• •••• 4242");
     assert!(
@@ -303,11 +318,7 @@ async fn card_numbers_in_a_message_are_masked_before_anything_keeps_them() {
 #[tokio::test]
 async fn the_address_is_stored_and_mailed_normalized() {
     let (_dir, contact) = service().await;
-    let transport = Arc::new(MemoryTransport::new());
-    let mut requests = transport
-        .subscribe(Subscription::new(topics::MAIL_REQUESTS, "probe").start(StartFrom::Earliest))
-        .await
-        .unwrap();
+    let (transport, mut requests) = mail_probe().await;
     let body = r#"{"name":"Ana","email":" ana@Exämple.DE ","subject":"Visit","message":"Hi"}"#;
     let (status, _, _, json) = call(&contact, post(body, Some("application/json"))).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{json}");
@@ -318,13 +329,7 @@ async fn the_address_is_stored_and_mailed_normalized() {
         &"ana@xn--exmple-cua.de".parse().unwrap(),
         &accepted.notifications_token
     ));
-    let relay = Relay::new(contact.store().clone(), transport.clone());
-    assert_eq!(relay.relay_once().await.unwrap(), 1);
-    let d = tokio::time::timeout(Duration::from_secs(5), requests.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let d = relay_one(&contact, &transport, &mut requests).await;
     let mail: EmailRequested = d.event().decode().unwrap();
     assert_eq!(mail.reply_to.as_deref(), Some("ana@xn--exmple-cua.de"));
     assert_eq!(mail.requester_email, "ana@xn--exmple-cua.de");
@@ -333,11 +338,7 @@ async fn the_address_is_stored_and_mailed_normalized() {
 #[tokio::test]
 async fn a_message_is_accepted_at_once_and_follows_its_mail() {
     let (_dir, contact) = service().await;
-    let transport = Arc::new(MemoryTransport::new());
-    let mut requests = transport
-        .subscribe(Subscription::new(topics::MAIL_REQUESTS, "probe").start(StartFrom::Earliest))
-        .await
-        .unwrap();
+    let (transport, mut requests) = mail_probe().await;
     let (status, _, location, json) = call(&contact, post(GOOD, Some("application/json"))).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{json}");
     let accepted: Accepted = serde_json::from_value(json).unwrap();
@@ -345,13 +346,7 @@ async fn a_message_is_accepted_at_once_and_follows_its_mail() {
     assert_eq!(location, format!("/contact/{}", accepted.id));
 
     // The outbox relay publishes the mail request.
-    let relay = Relay::new(contact.store().clone(), transport.clone());
-    assert_eq!(relay.relay_once().await.unwrap(), 1);
-    let d = tokio::time::timeout(Duration::from_secs(5), requests.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let d = relay_one(&contact, &transport, &mut requests).await;
     let mail: EmailRequested = d.event().decode().unwrap();
     assert_eq!(mail.about, accepted.id);
     assert_eq!(mail.reply_to.as_deref(), Some("ana@example.com"));
