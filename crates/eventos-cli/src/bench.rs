@@ -37,6 +37,10 @@ enum BenchTarget {
     /// of raw lapin doing the same work on the same broker in the same run;
     /// and publish -> router -> ack end to end.
     Amqp(crate::bench_amqp::AmqpBenchArgs),
+    /// POST /contact and POST /enrollments against a running system, at a
+    /// fixed number of clients, next to GET /healthz measured the same way
+    /// in the same run; with the syncs each accepted message cost.
+    Accept(crate::bench_accept::AcceptBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -78,6 +82,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.target {
         BenchTarget::Log(args) => log(args).await,
         BenchTarget::Amqp(args) => crate::bench_amqp::run(args).await,
+        BenchTarget::Accept(args) => crate::bench_accept::run(args).await,
     }
 }
 

@@ -14,6 +14,7 @@
 //! the disk's own bound.
 
 mod bench;
+mod bench_accept;
 mod bench_amqp;
 mod demo;
 mod log;

@@ -72,6 +72,18 @@ async fn count(db: &Path, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
 }
 
+/// [`count`], or 0 while the database or its table does not exist yet.
+async fn try_count(db: &Path, sql: &str) -> i64 {
+    let url = format!("sqlite://{}?mode=ro", db.display());
+    let Ok(mut conn) = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await else {
+        return 0;
+    };
+    sqlx::query_scalar(sql)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
     let dir = tempfile::tempdir().unwrap();
@@ -125,10 +137,22 @@ async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
             json["id"].as_str().unwrap().to_owned()
         }));
     }
-    // Kill one worker with work in flight: a third of the enrollments in.
+    // Kill one worker with work in flight: a third of the enrollments in,
+    // and the worker busy with them (its first fraud checks committed; the
+    // API accepts far faster than the workers check).
     let deadline = Instant::now() + Duration::from_secs(60);
-    while accepted.load(Ordering::SeqCst) < ENROLLMENTS / 3 {
-        assert!(Instant::now() < deadline, "the API stalled");
+    let w1_checks = dir.path().join("w1").join("antifraud.db");
+    loop {
+        let busy = accepted.load(Ordering::SeqCst) >= ENROLLMENTS / 3
+            && w1_checks.exists()
+            && try_count(&w1_checks, "SELECT COUNT(*) FROM antifraud_checks").await > 0;
+        if busy {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "in 60 s, the API did not accept a third of the enrollments or w1 checked none"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut w1 = w1;

@@ -6,24 +6,25 @@
 //! without being reopened.
 
 use eventos_core::Event;
-use eventos_outbox::{Store, enqueue};
+use eventos_outbox::{OutboxError, Store, enqueue};
 use eventos_test_brokers::TinyFs;
+use sqlx::SqliteConnection;
 
 /// One request's work: a row of its own and an outbox event, in one
 /// transaction. `Ok` means committed.
 async fn write(store: &Store, id: i64) -> Result<(), String> {
-    let mut tx = store.begin().await.map_err(|e| e.to_string())?;
-    sqlx::query("INSERT INTO requests (id, body) VALUES (?, ?)")
-        .bind(id)
-        .bind(vec![7u8; 3000])
-        .execute(&mut *tx)
+    store
+        .write(async move |c: &mut SqliteConnection| {
+            sqlx::query("INSERT INTO requests (id, body) VALUES (?, ?)")
+                .bind(id)
+                .bind(vec![7u8; 3000])
+                .execute(&mut *c)
+                .await?;
+            let event = Event::builder("/test", "test.request.v1").build().unwrap();
+            enqueue(c, "requests", &event).await
+        })
         .await
-        .map_err(|e| e.to_string())?;
-    let event = Event::builder("/test", "test.request.v1").build().unwrap();
-    enqueue(&mut tx, "requests", &event)
-        .await
-        .map_err(|e| e.to_string())?;
-    store.commit(tx).await.map_err(|e| e.to_string())
+        .map_err(|e: OutboxError| e.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,7 +74,7 @@ async fn a_full_disk_fails_commits_cleanly_and_the_store_recovers_when_space_ret
     // What was acknowledged is there, and nothing else: live, and after a
     // reopen.
     assert_eq!(stored(&store).await, acked);
-    store.pool().close().await;
+    store.close().await;
     let reopened = Store::open(&path).await.unwrap();
     assert_eq!(stored(&reopened).await, acked);
     assert_eq!(

@@ -6,8 +6,28 @@ use std::time::Duration;
 
 use eventos_core::{Event, StartFrom, Subscriber, Subscription, Transport};
 use eventos_memory::MemoryTransport;
-use eventos_outbox::{Relay, Store, enqueue, first_delivery};
+use eventos_outbox::{OutboxError, Relay, Store, enqueue, first_delivery};
 use futures::StreamExt as _;
+use sqlx::SqliteConnection;
+
+/// A write that changes something and then refuses: rolled back.
+#[derive(Debug)]
+enum Refused {
+    Refused,
+    Store(#[expect(dead_code, reason = "shown by Debug when a test fails")] OutboxError),
+}
+
+impl From<OutboxError> for Refused {
+    fn from(e: OutboxError) -> Self {
+        Self::Store(e)
+    }
+}
+
+impl From<sqlx::Error> for Refused {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Store(e.into())
+    }
+}
 
 fn event(n: u32) -> Event {
     Event::builder("/svc", "test.n.v1")
@@ -57,23 +77,28 @@ async fn committed_state_and_events_go_together() {
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     for n in 0..3 {
-        let mut tx = store.begin().await.unwrap();
-        sqlx::query("INSERT INTO things (n) VALUES (?)")
-            .bind(n)
-            .execute(&mut *tx)
+        store
+            .write(async move |c: &mut SqliteConnection| {
+                sqlx::query("INSERT INTO things (n) VALUES (?)")
+                    .bind(n)
+                    .execute(&mut *c)
+                    .await?;
+                enqueue(c, "things", &event(n)).await
+            })
             .await
             .unwrap();
-        enqueue(&mut tx, "things", &event(n)).await.unwrap();
-        store.commit(tx).await.unwrap();
     }
-    // A rolled-back transaction leaves neither state nor event.
-    let mut tx = store.begin().await.unwrap();
-    sqlx::query("INSERT INTO things (n) VALUES (99)")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    enqueue(&mut tx, "things", &event(99)).await.unwrap();
-    tx.rollback().await.unwrap();
+    // A write that fails leaves neither state nor event.
+    let refused = store
+        .write(async |c: &mut SqliteConnection| {
+            sqlx::query("INSERT INTO things (n) VALUES (99)")
+                .execute(&mut *c)
+                .await?;
+            enqueue(c, "things", &event(99)).await?;
+            Err::<(), _>(Refused::Refused)
+        })
+        .await;
+    assert!(matches!(refused, Err(Refused::Refused)), "{refused:?}");
 
     assert_eq!(store.unsent().await.unwrap(), 3);
     let relay = Relay::new(store.clone(), Arc::new(transport.clone()));
@@ -93,18 +118,21 @@ async fn unsent_rows_survive_a_failed_publish_and_a_restart() {
     let path = dir.path().join("svc.db");
     {
         let store = Store::open(&path).await.unwrap();
-        let mut tx = store.begin().await.unwrap();
-        enqueue(&mut tx, "a", &event(1)).await.unwrap();
-        enqueue(&mut tx, "b", &event(2)).await.unwrap();
-        enqueue(&mut tx, "a", &event(3)).await.unwrap();
-        store.commit(tx).await.unwrap();
+        store
+            .write(async |c: &mut SqliteConnection| {
+                enqueue(c, "a", &event(1)).await?;
+                enqueue(c, "b", &event(2)).await?;
+                enqueue(c, "a", &event(3)).await
+            })
+            .await
+            .unwrap();
         // The transport is down: nothing is marked sent.
         let down = MemoryTransport::new();
         down.close().await.unwrap();
         let relay = Relay::new(store.clone(), Arc::new(down));
         assert!(relay.relay_once().await.is_err());
         assert_eq!(store.unsent().await.unwrap(), 3);
-        store.pool().close().await;
+        store.close().await;
     }
     // After a restart the relay sends everything, in order per topic.
     let store = Store::open(&path).await.unwrap();
@@ -144,9 +172,10 @@ async fn the_relay_wakes_on_commit() {
     let running = tokio::spawn(relay.run(std::future::pending()));
     tokio::time::sleep(Duration::from_millis(50)).await;
     let started = std::time::Instant::now();
-    let mut tx = store.begin().await.unwrap();
-    enqueue(&mut tx, "things", &event(5)).await.unwrap();
-    store.commit(tx).await.unwrap();
+    store
+        .write(async |c: &mut SqliteConnection| enqueue(c, "things", &event(5)).await)
+        .await
+        .unwrap();
     assert_eq!(probe.await.unwrap(), vec![5]);
     assert!(
         started.elapsed() < Duration::from_millis(900),
@@ -159,36 +188,53 @@ async fn the_relay_wakes_on_commit() {
 #[tokio::test]
 async fn the_inbox_admits_each_event_once_per_consumer() {
     let (_dir, store) = store().await;
-    let mut tx = store.begin().await.unwrap();
-    assert!(first_delivery(&mut tx, "billing", "e1").await.unwrap());
-    assert!(!first_delivery(&mut tx, "billing", "e1").await.unwrap());
-    assert!(
-        first_delivery(&mut tx, "metrics", "e1").await.unwrap(),
-        "consumers are independent"
-    );
-    store.commit(tx).await.unwrap();
+    let firsts = store
+        .write(async |c: &mut SqliteConnection| {
+            Ok::<_, OutboxError>([
+                first_delivery(c, "billing", "e1").await?,
+                first_delivery(c, "billing", "e1").await?,
+                first_delivery(c, "metrics", "e1").await?,
+            ])
+        })
+        .await
+        .unwrap();
+    assert_eq!(firsts, [true, false, true], "consumers are independent");
 
-    // A handler whose transaction rolls back did not handle the event.
-    let mut tx = store.begin().await.unwrap();
-    assert!(first_delivery(&mut tx, "billing", "e2").await.unwrap());
-    tx.rollback().await.unwrap();
-    let mut tx = store.begin().await.unwrap();
-    assert!(first_delivery(&mut tx, "billing", "e2").await.unwrap());
-    assert!(!first_delivery(&mut tx, "billing", "e1").await.unwrap());
-    store.commit(tx).await.unwrap();
+    // A handler whose write fails did not handle the event.
+    let failed = store
+        .write(async |c: &mut SqliteConnection| {
+            assert!(first_delivery(c, "billing", "e2").await?);
+            Err::<(), _>(Refused::Refused)
+        })
+        .await;
+    assert!(failed.is_err());
+    let again = store
+        .write(async |c: &mut SqliteConnection| {
+            Ok::<_, OutboxError>([
+                first_delivery(c, "billing", "e2").await?,
+                first_delivery(c, "billing", "e1").await?,
+            ])
+        })
+        .await
+        .unwrap();
+    assert_eq!(again, [true, false]);
 }
 
 #[tokio::test]
 async fn a_rolled_back_insert_between_commits_sends_each_row_once() {
     let (_dir, store) = store().await;
     for (n, commit) in [(1, true), (2, false), (3, true)] {
-        let mut tx = store.begin().await.unwrap();
-        enqueue(&mut tx, "things", &event(n)).await.unwrap();
-        if commit {
-            store.commit(tx).await.unwrap();
-        } else {
-            tx.rollback().await.unwrap();
-        }
+        let done = store
+            .write(async move |c: &mut SqliteConnection| {
+                enqueue(c, "things", &event(n)).await?;
+                if commit {
+                    Ok(())
+                } else {
+                    Err(Refused::Refused)
+                }
+            })
+            .await;
+        assert_eq!(done.is_ok(), commit);
     }
     let transport = MemoryTransport::new();
     let probe = {
@@ -210,9 +256,10 @@ async fn a_rolled_back_insert_between_commits_sends_each_row_once() {
 async fn the_database_and_its_wal_and_shm_are_owner_only() {
     use std::os::unix::fs::PermissionsExt as _;
     let (dir, store) = store().await;
-    let mut tx = store.begin().await.unwrap();
-    enqueue(&mut tx, "t", &event(1)).await.unwrap();
-    store.commit(tx).await.unwrap();
+    store
+        .write(async |c: &mut SqliteConnection| enqueue(c, "t", &event(1)).await)
+        .await
+        .unwrap();
     let mode = |name: &str| {
         std::fs::metadata(dir.path().join(name))
             .unwrap()

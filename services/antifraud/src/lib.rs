@@ -50,6 +50,7 @@ use rand::Rng as _;
 use school_events::{FraudCheckFailed, FraudCheckPassed, PaymentSubmitted, topics};
 use school_http::{EmailAddress, now_ms};
 use serde::{Deserialize, Serialize};
+use sqlx::SqliteConnection;
 
 /// The migrations of the anti-fraud database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -445,89 +446,94 @@ impl Antifraud {
             tokio::time::sleep(pause).await;
         }
 
-        let fingerprint = p.payment.card.fingerprint.trim();
-        let email = email_key(&p.student.email);
-        let at_ms = p.submitted_at_ms;
-        let window_ms = self.config.window_ms();
-        let (since_ms, until_ms) = (
-            at_ms.saturating_sub(window_ms),
-            at_ms.saturating_add(window_ms),
-        );
+        let config = Arc::clone(&self.config);
+        let event_id = msg.event().id().to_owned();
+        let verdict = self
+            .store
+            .write(async move |tx: &mut SqliteConnection| {
+                let fingerprint = p.payment.card.fingerprint.trim().to_owned();
+                let email = email_key(&p.student.email);
+                let at_ms = p.submitted_at_ms;
+                let window_ms = config.window_ms();
+                let (since_ms, until_ms) = (
+                    at_ms.saturating_sub(window_ms),
+                    at_ms.saturating_add(window_ms),
+                );
+                // The inbox insert is the write's first statement: the
+                // counts below see every check committed before, and the
+                // writer runs no other write until this one is done.
+                if !first_delivery(tx, GROUP, &event_id).await? {
+                    return Ok(None);
+                }
+                let card_count: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM antifraud_checks WHERE fingerprint = ? AND at_ms > ? AND at_ms < ?",
+                )
+                .bind(&fingerprint)
+                .bind(since_ms)
+                .bind(until_ms)
+                .fetch_one(&mut *tx)
+                .await
+                .transient()?;
+                let email_count: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM antifraud_checks WHERE email = ? AND at_ms > ? AND at_ms < ?",
+                )
+                .bind(&email)
+                .bind(since_ms)
+                .bind(until_ms)
+                .fetch_one(&mut *tx)
+                .await
+                .transient()?;
+                let history = History {
+                    card_count: u32::try_from(card_count).unwrap_or(u32::MAX),
+                    email_count: u32::try_from(email_count).unwrap_or(u32::MAX),
+                };
 
-        let mut tx = self.store.begin().await.transient()?;
-        // The inbox insert is the transaction's first statement, a write: it
-        // takes SQLite's write lock at once, so the counts below cannot be
-        // outdated by a concurrent check before this one commits.
-        if !first_delivery(&mut tx, GROUP, msg.event().id())
-            .await
-            .transient()?
-        {
+                let assessment = assess(&p, &history, &config);
+                let passed = assessment.passes(config.score_threshold);
+                let reasons = serde_json::to_string(&assessment.reasons).permanent()?;
+                sqlx::query(
+                    "INSERT INTO antifraud_checks (event_id, enrollment_id, fingerprint, email, at_ms, score, passed, reasons, checked_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&event_id)
+                .bind(&p.enrollment_id)
+                .bind(&fingerprint)
+                .bind(&email)
+                .bind(at_ms)
+                .bind(i64::from(assessment.score))
+                .bind(i64::from(passed))
+                .bind(reasons)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await
+                .transient()?;
+
+                let enrollment_id = p.enrollment_id.clone();
+                let score = assessment.score;
+                let (topic, event) = if passed {
+                    let verdict = FraudCheckPassed {
+                        enrollment_id: p.enrollment_id,
+                        score,
+                        reasons: assessment.reasons,
+                        payment: p.payment,
+                        mode: p.mode,
+                    };
+                    (topics::FRAUD_PASSED, Context::new_event(SOURCE, &verdict)?)
+                } else {
+                    let verdict = FraudCheckFailed {
+                        enrollment_id: p.enrollment_id,
+                        score,
+                        reasons: assessment.reasons,
+                        mode: p.mode,
+                    };
+                    (topics::FRAUD_FAILED, Context::new_event(SOURCE, &verdict)?)
+                };
+                enqueue(tx, topic, &event).await?;
+                Ok::<_, HandlerError>(Some((enrollment_id, score, passed)))
+            })
+            .await?;
+        let Some((enrollment_id, score, passed)) = verdict else {
             return Ok(());
-        }
-        let card_count: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM antifraud_checks WHERE fingerprint = ? AND at_ms > ? AND at_ms < ?",
-        )
-        .bind(fingerprint)
-        .bind(since_ms)
-        .bind(until_ms)
-        .fetch_one(&mut *tx)
-        .await
-        .transient()?;
-        let email_count: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM antifraud_checks WHERE email = ? AND at_ms > ? AND at_ms < ?",
-        )
-        .bind(&email)
-        .bind(since_ms)
-        .bind(until_ms)
-        .fetch_one(&mut *tx)
-        .await
-        .transient()?;
-        let history = History {
-            card_count: u32::try_from(card_count).unwrap_or(u32::MAX),
-            email_count: u32::try_from(email_count).unwrap_or(u32::MAX),
         };
-
-        let assessment = assess(&p, &history, &self.config);
-        let passed = assessment.passes(self.config.score_threshold);
-        let reasons = serde_json::to_string(&assessment.reasons).permanent()?;
-        sqlx::query(
-            "INSERT INTO antifraud_checks (event_id, enrollment_id, fingerprint, email, at_ms, score, passed, reasons, checked_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(msg.event().id())
-        .bind(&p.enrollment_id)
-        .bind(fingerprint)
-        .bind(&email)
-        .bind(at_ms)
-        .bind(i64::from(assessment.score))
-        .bind(i64::from(passed))
-        .bind(reasons)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await
-        .transient()?;
-
-        let enrollment_id = p.enrollment_id.clone();
-        let score = assessment.score;
-        let (topic, event) = if passed {
-            let verdict = FraudCheckPassed {
-                enrollment_id: p.enrollment_id,
-                score,
-                reasons: assessment.reasons,
-                payment: p.payment,
-                mode: p.mode,
-            };
-            (topics::FRAUD_PASSED, Context::new_event(SOURCE, &verdict)?)
-        } else {
-            let verdict = FraudCheckFailed {
-                enrollment_id: p.enrollment_id,
-                score,
-                reasons: assessment.reasons,
-                mode: p.mode,
-            };
-            (topics::FRAUD_FAILED, Context::new_event(SOURCE, &verdict)?)
-        };
-        enqueue(&mut tx, topic, &event).await.transient()?;
-        self.store.commit(tx).await.transient()?;
         tracing::info!(%enrollment_id, score, passed, "fraud check done");
         Ok(())
     }

@@ -11,7 +11,7 @@ use school_events::{
     PaymentDetails, PaymentRefunded, PaymentSubmitted, topics,
 };
 use school_http::now_ms;
-use sqlx::Row as _;
+use sqlx::{Row as _, SqliteConnection};
 
 use crate::config::BillingConfig;
 use crate::gateway::{Charge, ChargeRequest, GatewayError, PaymentGateway, RefundRequest};
@@ -325,27 +325,35 @@ impl Billing {
         payment: &PaymentDetails,
     ) -> Result<bool, OutboxError> {
         let now = now_ms();
-        let mut tx = self.inner.store.begin().await?;
-        sqlx::query(
-            "INSERT INTO billing_payments (enrollment_id, status, amount_cents, currency, last4, created_ms, updated_ms)
-             VALUES (?, 'charging', ?, ?, ?, ?, ?)
-             ON CONFLICT (enrollment_id) DO NOTHING",
-        )
-        .bind(enrollment_id)
-        .bind(cents_to_sql(payment.amount_cents))
-        .bind(&payment.currency)
-        .bind(&payment.card.last4)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let status: String =
-            sqlx::query_scalar("SELECT status FROM billing_payments WHERE enrollment_id = ?")
-                .bind(enrollment_id)
-                .fetch_one(&mut *tx)
+        let enrollment_id = enrollment_id.to_owned();
+        let amount = cents_to_sql(payment.amount_cents);
+        let currency = payment.currency.clone();
+        let last4 = payment.card.last4.clone();
+        let status: String = self
+            .inner
+            .store
+            .write(async move |tx: &mut SqliteConnection| {
+                sqlx::query(
+                    "INSERT INTO billing_payments (enrollment_id, status, amount_cents, currency, last4, created_ms, updated_ms)
+                     VALUES (?, 'charging', ?, ?, ?, ?, ?)
+                     ON CONFLICT (enrollment_id) DO NOTHING",
+                )
+                .bind(&enrollment_id)
+                .bind(amount)
+                .bind(&currency)
+                .bind(&last4)
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
                 .await?;
-        // Nothing to publish, so the relay need not be woken.
-        tx.commit().await?;
+                let status =
+                    sqlx::query_scalar("SELECT status FROM billing_payments WHERE enrollment_id = ?")
+                        .bind(&enrollment_id)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                Ok::<_, OutboxError>(status)
+            })
+            .await?;
         Ok(status == PaymentStatus::Charging.as_str())
     }
 
@@ -367,39 +375,44 @@ impl Billing {
                 attempt,
             },
         )?;
-        let store = &self.inner.store;
-        let mut tx = store.begin().await.transient()?;
-        if !first_delivery(&mut tx, GROUP, msg.event().id())
-            .await
-            .transient()?
-        {
-            return Ok(());
+        let event_id = msg.event().id().to_owned();
+        let id = enrollment_id.to_owned();
+        let charge = charge.clone();
+        let recorded = self
+            .inner
+            .store
+            .write(async move |tx: &mut SqliteConnection| {
+                if !first_delivery(tx, GROUP, &event_id).await? {
+                    return Ok(false);
+                }
+                let updated = sqlx::query(
+                    "UPDATE billing_payments
+                     SET status = 'captured', charge_id = ?, amount_cents = ?, currency = ?, attempt = ?, updated_ms = ?
+                     WHERE enrollment_id = ? AND status = 'charging'",
+                )
+                .bind(&charge.charge_id)
+                .bind(cents_to_sql(charge.amount_cents))
+                .bind(&charge.currency)
+                .bind(attempt)
+                .bind(now_ms())
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+                if updated.rows_affected() == 0 {
+                    // Another billing process sharing this database
+                    // recorded the outcome first; the gateway gave it the
+                    // same charge.
+                    return Ok(false);
+                }
+                enqueue(tx, topics::PAYMENT_CAPTURED, &event).await?;
+                Ok::<_, OutboxError>(true)
+            })
+            .await?;
+        if recorded {
+            tracing::info!(enrollment_id, last4, attempt, "payment captured");
+        } else {
+            tracing::debug!(enrollment_id, "capture already recorded");
         }
-        let updated = sqlx::query(
-            "UPDATE billing_payments
-             SET status = 'captured', charge_id = ?, amount_cents = ?, currency = ?, attempt = ?, updated_ms = ?
-             WHERE enrollment_id = ? AND status = 'charging'",
-        )
-        .bind(&charge.charge_id)
-        .bind(cents_to_sql(charge.amount_cents))
-        .bind(&charge.currency)
-        .bind(attempt)
-        .bind(now_ms())
-        .bind(enrollment_id)
-        .execute(&mut *tx)
-        .await
-        .transient()?;
-        if updated.rows_affected() == 0 {
-            // Another billing process sharing this database recorded the
-            // outcome first; the gateway gave it the same charge.
-            tracing::debug!(enrollment_id, "capture already recorded elsewhere");
-            return Ok(());
-        }
-        enqueue(&mut tx, topics::PAYMENT_CAPTURED, &event)
-            .await
-            .transient()?;
-        store.commit(tx).await.transient()?;
-        tracing::info!(enrollment_id, last4, attempt, "payment captured");
         Ok(())
     }
 
@@ -423,34 +436,37 @@ impl Billing {
                 attempt,
             },
         )?;
-        let store = &self.inner.store;
-        let mut tx = store.begin().await.transient()?;
-        if !first_delivery(&mut tx, GROUP, msg.event().id())
-            .await
-            .transient()?
-        {
+        let event_id = msg.event().id().to_owned();
+        let (id, code_, reason) = (enrollment_id.to_owned(), code.to_owned(), reason.to_owned());
+        let recorded = self
+            .inner
+            .store
+            .write(async move |tx: &mut SqliteConnection| {
+                if !first_delivery(tx, GROUP, &event_id).await? {
+                    return Ok(false);
+                }
+                let updated = sqlx::query(
+                    "UPDATE billing_payments
+                     SET status = 'declined', code = ?, reason = ?, attempt = ?, updated_ms = ?
+                     WHERE enrollment_id = ? AND status = 'charging'",
+                )
+                .bind(&code_)
+                .bind(&reason)
+                .bind(attempt)
+                .bind(now_ms())
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+                if updated.rows_affected() == 0 {
+                    return Ok(false);
+                }
+                enqueue(tx, topics::PAYMENT_DECLINED, &event).await?;
+                Ok::<_, OutboxError>(true)
+            })
+            .await?;
+        if !recorded {
             return Ok(());
         }
-        let updated = sqlx::query(
-            "UPDATE billing_payments
-             SET status = 'declined', code = ?, reason = ?, attempt = ?, updated_ms = ?
-             WHERE enrollment_id = ? AND status = 'charging'",
-        )
-        .bind(code)
-        .bind(reason)
-        .bind(attempt)
-        .bind(now_ms())
-        .bind(enrollment_id)
-        .execute(&mut *tx)
-        .await
-        .transient()?;
-        if updated.rows_affected() == 0 {
-            return Ok(());
-        }
-        enqueue(&mut tx, topics::PAYMENT_DECLINED, &event)
-            .await
-            .transient()?;
-        store.commit(tx).await.transient()?;
         tracing::info!(
             enrollment_id,
             last4 = %payment.card.last4,
@@ -486,44 +502,49 @@ impl Billing {
                 attempt,
             },
         )?;
-        let store = &self.inner.store;
-        let mut tx = store.begin().await.transient()?;
-        let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM billing_payments WHERE enrollment_id = ?")
-                .bind(&enrollment_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .transient()?;
-        if status.is_some_and(|s| s != PaymentStatus::Charging.as_str()) {
+        let id = enrollment_id.clone();
+        let last4 = payment.card.last4.clone();
+        let declined = self
+            .inner
+            .store
+            .write(async move |tx: &mut SqliteConnection| {
+                let status: Option<String> =
+                    sqlx::query_scalar("SELECT status FROM billing_payments WHERE enrollment_id = ?")
+                        .bind(&id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if status.is_some_and(|s| s != PaymentStatus::Charging.as_str()) {
+                    return Ok(false);
+                }
+                let now = now_ms();
+                sqlx::query(
+                    "INSERT INTO billing_payments (enrollment_id, status, amount_cents, currency, last4, code, reason, attempt, created_ms, updated_ms)
+                     VALUES (?, 'declined', ?, ?, ?, ?, ?, ?, ?, ?)
+                     ON CONFLICT (enrollment_id) DO UPDATE SET
+                        status = 'declined', code = excluded.code, reason = excluded.reason,
+                        attempt = excluded.attempt, updated_ms = excluded.updated_ms",
+                )
+                .bind(&id)
+                .bind(cents_to_sql(payment.amount_cents))
+                .bind(&payment.currency)
+                .bind(&payment.card.last4)
+                .bind(GATEWAY_UNAVAILABLE)
+                .bind(GATEWAY_UNAVAILABLE_REASON)
+                .bind(attempt)
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                enqueue(tx, topics::PAYMENT_DECLINED, &event).await?;
+                Ok::<_, OutboxError>(true)
+            })
+            .await?;
+        if !declined {
             return Ok(());
         }
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO billing_payments (enrollment_id, status, amount_cents, currency, last4, code, reason, attempt, created_ms, updated_ms)
-             VALUES (?, 'declined', ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (enrollment_id) DO UPDATE SET
-                status = 'declined', code = excluded.code, reason = excluded.reason,
-                attempt = excluded.attempt, updated_ms = excluded.updated_ms",
-        )
-        .bind(&enrollment_id)
-        .bind(cents_to_sql(payment.amount_cents))
-        .bind(&payment.currency)
-        .bind(&payment.card.last4)
-        .bind(GATEWAY_UNAVAILABLE)
-        .bind(GATEWAY_UNAVAILABLE_REASON)
-        .bind(attempt)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .transient()?;
-        enqueue(&mut tx, topics::PAYMENT_DECLINED, &event)
-            .await
-            .transient()?;
-        store.commit(tx).await.transient()?;
         tracing::warn!(
             enrollment_id = %enrollment_id,
-            last4 = %payment.card.last4,
+            last4 = %last4,
             code = GATEWAY_UNAVAILABLE,
             attempts = attempt,
             reason = %failed.reason,
@@ -568,32 +589,45 @@ impl Billing {
         reason: &str,
         event_id: &str,
     ) -> Result<(), HandlerError> {
-        let store = &self.inner.store;
-        let mut tx = store.begin().await.transient()?;
-        if !first_delivery(&mut tx, GROUP, event_id).await.transient()? {
+        let (event_id, id, reason) = (
+            event_id.to_owned(),
+            enrollment_id.to_owned(),
+            reason.to_owned(),
+        );
+        let blocked = self
+            .inner
+            .store
+            .write(async move |tx: &mut SqliteConnection| {
+                if !first_delivery(tx, GROUP, &event_id).await? {
+                    return Ok(false);
+                }
+                let now = now_ms();
+                let inserted = sqlx::query(
+                    "INSERT INTO billing_payments (enrollment_id, status, reason, created_ms, updated_ms)
+                     VALUES (?, 'blocked', ?, ?, ?)
+                     ON CONFLICT (enrollment_id) DO NOTHING",
+                )
+                .bind(&id)
+                .bind(&reason)
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .transient()?;
+                if inserted.rows_affected() == 0 {
+                    // Another process started a charge since we looked;
+                    // decide again on the next attempt, against what it
+                    // recorded (the inbox entry rolls back with this).
+                    return Err(HandlerError::transient(
+                        "the payment changed while the fraud verdict was applied; it is applied again",
+                    ));
+                }
+                Ok(true)
+            })
+            .await?;
+        if !blocked {
             return Ok(());
         }
-        let now = now_ms();
-        let inserted = sqlx::query(
-            "INSERT INTO billing_payments (enrollment_id, status, reason, created_ms, updated_ms)
-             VALUES (?, 'blocked', ?, ?, ?)
-             ON CONFLICT (enrollment_id) DO NOTHING",
-        )
-        .bind(enrollment_id)
-        .bind(reason)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .transient()?;
-        if inserted.rows_affected() == 0 {
-            // Another process started a charge since we looked; decide
-            // again on the next attempt, against what it recorded.
-            return Err(HandlerError::transient(
-                "the payment changed while the fraud verdict was applied; it is applied again",
-            ));
-        }
-        tx.commit().await.transient()?;
         tracing::info!(
             enrollment_id,
             "fraud check failed before any charge; none will be made"
@@ -644,29 +678,38 @@ impl Billing {
                 reason: reason.to_owned(),
             },
         )?;
-        let store = &self.inner.store;
-        let mut tx = store.begin().await.transient()?;
-        if !first_delivery(&mut tx, GROUP, event_id).await.transient()? {
+        let (event_id, id, reason) = (
+            event_id.to_owned(),
+            enrollment_id.to_owned(),
+            reason.to_owned(),
+        );
+        let refunded = self
+            .inner
+            .store
+            .write(async move |tx: &mut SqliteConnection| {
+                if !first_delivery(tx, GROUP, &event_id).await? {
+                    return Ok(false);
+                }
+                let updated = sqlx::query(
+                    "UPDATE billing_payments SET status = 'refunded', refund_id = ?, reason = ?, updated_ms = ?
+                     WHERE enrollment_id = ? AND status = 'captured'",
+                )
+                .bind(&refund.refund_id)
+                .bind(&reason)
+                .bind(now_ms())
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+                if updated.rows_affected() == 0 {
+                    return Ok(false);
+                }
+                enqueue(tx, topics::PAYMENT_REFUNDED, &event).await?;
+                Ok::<_, OutboxError>(true)
+            })
+            .await?;
+        if !refunded {
             return Ok(());
         }
-        let updated = sqlx::query(
-            "UPDATE billing_payments SET status = 'refunded', refund_id = ?, reason = ?, updated_ms = ?
-             WHERE enrollment_id = ? AND status = 'captured'",
-        )
-        .bind(&refund.refund_id)
-        .bind(reason)
-        .bind(now_ms())
-        .bind(enrollment_id)
-        .execute(&mut *tx)
-        .await
-        .transient()?;
-        if updated.rows_affected() == 0 {
-            return Ok(());
-        }
-        enqueue(&mut tx, topics::PAYMENT_REFUNDED, &event)
-            .await
-            .transient()?;
-        store.commit(tx).await.transient()?;
         tracing::info!(
             enrollment_id,
             last4,

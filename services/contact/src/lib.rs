@@ -27,8 +27,8 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use eventos::{Context, HandlerError, Message, ResultExt as _, Route, TypedEvent as _, typed_with};
-use eventos_outbox::{Store, enqueue, first_delivery};
+use eventos::{Context, HandlerError, Message, Route, TypedEvent as _, typed_with};
+use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
 use school_events::{
     ContactMessageDelayed, EmailDeferred, EmailFailed, EmailRequested, EmailSent, MailPurpose,
     topics,
@@ -39,7 +39,7 @@ use school_http::{
     StrictJson, has_control, holds_card_number, mask_card_numbers, now_ms, rfc3339_ms,
 };
 use serde::{Deserialize, Serialize};
-use sqlx::Row as _;
+use sqlx::{Row as _, SqliteConnection};
 
 /// The migrations of the contact database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -316,51 +316,46 @@ impl Contact {
     pub async fn notice_delayed(&self) -> Result<usize, eventos::BoxError> {
         let now = now_ms();
         let window = i64::try_from(self.config.still_trying_after.as_millis()).unwrap_or(i64::MAX);
-        let mut tx = self.store.begin().await?;
-        let late = sqlx::query(
-            "SELECT id, email, subject, created_ms FROM contact_messages \
-             WHERE delayed_ms IS NULL AND status NOT IN ('sent', 'failed') AND created_ms <= ? \
-             ORDER BY created_ms LIMIT ?",
-        )
-        .bind(now.saturating_sub(window))
-        .bind(DELAY_SWEEP_BATCH)
-        .fetch_all(&mut *tx)
-        .await?;
-        if late.is_empty() {
-            return Ok(0);
-        }
-        for row in &late {
-            let id: String = row.get("id");
-            let waiting_ms = u64::try_from(now - row.get::<i64, _>("created_ms")).unwrap_or(0);
-            sqlx::query("UPDATE contact_messages SET delayed_ms = ? WHERE id = ?")
-                .bind(now)
-                .bind(&id)
-                .execute(&mut *tx)
+        let batch = DELAY_SWEEP_BATCH;
+        let count = self
+            .store
+            .write(async move |tx: &mut SqliteConnection| {
+                let late = sqlx::query(
+                    "SELECT id, email, subject, created_ms FROM contact_messages \
+                     WHERE delayed_ms IS NULL AND status NOT IN ('sent', 'failed') AND created_ms <= ? \
+                     ORDER BY created_ms LIMIT ?",
+                )
+                .bind(now.saturating_sub(window))
+                .bind(batch)
+                .fetch_all(&mut *tx)
                 .await?;
-            let detail = format!(
-                "not sent after {} s; still trying, the sender is told",
-                waiting_ms / 1000
-            );
-            timeline(
-                &mut tx,
-                &id,
-                ContactMessageDelayed::TYPE,
-                GROUP,
-                0,
-                Some(&detail),
-            )
+                for row in &late {
+                    let id: String = row.get("id");
+                    let waiting_ms =
+                        u64::try_from(now - row.get::<i64, _>("created_ms")).unwrap_or(0);
+                    sqlx::query("UPDATE contact_messages SET delayed_ms = ? WHERE id = ?")
+                        .bind(now)
+                        .bind(&id)
+                        .execute(&mut *tx)
+                        .await?;
+                    let detail = format!(
+                        "not sent after {} s; still trying, the sender is told",
+                        waiting_ms / 1000
+                    );
+                    timeline(tx, &id, ContactMessageDelayed::TYPE, GROUP, 0, Some(&detail)).await?;
+                    let delayed = ContactMessageDelayed {
+                        message_id: id.clone(),
+                        email: row.get("email"),
+                        subject: row.get("subject"),
+                        waiting_ms,
+                    };
+                    let event = Context::new_event(SOURCE, &delayed)?;
+                    enqueue(tx, topics::CONTACT_DELAYED, &event).await?;
+                }
+                Ok::<_, eventos::BoxError>(late.len())
+            })
             .await?;
-            let delayed = ContactMessageDelayed {
-                message_id: id.clone(),
-                email: row.get("email"),
-                subject: row.get("subject"),
-                waiting_ms,
-            };
-            let event = Context::new_event(SOURCE, &delayed)?;
-            enqueue(&mut tx, topics::CONTACT_DELAYED, &event).await?;
-        }
-        self.store.commit(tx).await?;
-        Ok(late.len())
+        Ok(count)
     }
 
     async fn accept(&self, m: NewMessage) -> Result<Accepted, Problem> {
@@ -379,31 +374,31 @@ impl Contact {
         };
         let ev = Context::new_event(SOURCE, &mail).map_err(|e| unavailable(&e))?;
         let now = now_ms();
-        let mut tx = self.store.begin().await.map_err(|e| unavailable(&e))?;
-        sqlx::query(
-            "INSERT INTO contact_messages (id, name, email, subject, message, status, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
-        )
-        .bind(&id)
-        .bind(&m.name)
-        .bind(&email)
-        .bind(&m.subject)
-        .bind(&m.message)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| unavailable(&e))?;
-        timeline(&mut tx, &id, "received", "contact", 1, None)
+        let notifications_token = self.config.notifications_key.token(&m.email);
+        let row_id = id.clone();
+        self.store
+            .write(async move |tx: &mut SqliteConnection| {
+                sqlx::query(
+                    "INSERT INTO contact_messages (id, name, email, subject, message, status, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+                )
+                .bind(&row_id)
+                .bind(&m.name)
+                .bind(&email)
+                .bind(&m.subject)
+                .bind(&m.message)
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                timeline(tx, &row_id, "received", "contact", 1, None).await?;
+                enqueue(tx, topics::MAIL_REQUESTS, &ev).await
+            })
             .await
             .map_err(|e| unavailable(&e))?;
-        enqueue(&mut tx, topics::MAIL_REQUESTS, &ev)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        self.store.commit(tx).await.map_err(|e| unavailable(&e))?;
         Ok(Accepted {
             id,
             status: "queued".into(),
-            notifications_token: self.config.notifications_key.token(&m.email),
+            notifications_token,
         })
     }
 
@@ -454,37 +449,43 @@ impl Contact {
         attempt: u32,
         detail: Option<&str>,
     ) -> Result<(), HandlerError> {
-        let mut tx = self.store.begin().await.transient()?;
-        if !first_delivery(&mut tx, GROUP, msg.event().id())
-            .await
-            .transient()?
-        {
-            return Ok(());
-        }
-        // A deferral arriving after the final outcome must not undo it.
-        let updated = sqlx::query(
-            "UPDATE contact_messages SET status = COALESCE(?, status), updated_ms = ? WHERE id = ?",
-        )
-        .bind(status)
-        .bind(now_ms())
-        .bind(about)
-        .execute(&mut *tx)
-        .await
-        .transient()?;
-        // Mail about other things (student notices) is not ours to track.
-        if updated.rows_affected() == 1 {
-            let service = msg
-                .event()
-                .source()
-                .rsplit('/')
-                .next()
-                .unwrap_or("mailer")
-                .to_owned();
-            timeline(&mut tx, about, msg.event().ty(), &service, attempt, detail)
-                .await
-                .transient()?;
-        }
-        self.store.commit(tx).await.transient()?;
+        let event_id = msg.event().id().to_owned();
+        let ty = msg.event().ty().to_owned();
+        let service = msg
+            .event()
+            .source()
+            .rsplit('/')
+            .next()
+            .unwrap_or("mailer")
+            .to_owned();
+        let (about, status, detail) = (
+            about.to_owned(),
+            status.map(str::to_owned),
+            detail.map(str::to_owned),
+        );
+        self.store
+            .write(async move |tx: &mut SqliteConnection| {
+                if !first_delivery(tx, GROUP, &event_id).await? {
+                    return Ok(());
+                }
+                // A deferral arriving after the final outcome must not
+                // undo it.
+                let updated = sqlx::query(
+                    "UPDATE contact_messages SET status = COALESCE(?, status), updated_ms = ? WHERE id = ?",
+                )
+                .bind(&status)
+                .bind(now_ms())
+                .bind(&about)
+                .execute(&mut *tx)
+                .await?;
+                // Mail about other things (student notices) is not ours to
+                // track.
+                if updated.rows_affected() == 1 {
+                    timeline(tx, &about, &ty, &service, attempt, detail.as_deref()).await?;
+                }
+                Ok::<_, OutboxError>(())
+            })
+            .await?;
         Ok(())
     }
 

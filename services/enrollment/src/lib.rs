@@ -59,7 +59,7 @@ use school_http::{
     Problem, SseStreams, StrictJson, has_control, holds_card_number, now_ms, rfc3339_ms,
 };
 use serde::{Deserialize, Serialize};
-use sqlx::Row as _;
+use sqlx::{Row as _, SqliteConnection};
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
@@ -302,6 +302,7 @@ fn message_for(status: &str) -> &'static str {
     }
 }
 
+#[derive(Clone)]
 struct Checked {
     student: Student,
     course_id: String,
@@ -819,63 +820,69 @@ impl Enrollment {
             mode: self.mode,
             submitted_at_ms: now,
         };
-        let mut tx = self.store.begin().await?;
-        sqlx::query(
-            "INSERT INTO enrollments (id, student_name, student_email, course_id, amount_cents, currency, card_brand, card_last4, mode, status, payment_status, created_ms, updated_ms)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-        )
-        .bind(&id)
-        .bind(&c.student.name)
-        .bind(&c.student.email)
-        .bind(&c.course_id)
-        // At most MAX_AMOUNT_CENTS, so it fits.
-        .bind(i64::try_from(c.payment.amount_cents).unwrap_or(i64::MAX))
-        .bind(&c.payment.currency)
-        .bind(&c.payment.card.brand)
-        .bind(&c.payment.card.last4)
-        .bind(mode_name(self.mode))
-        .bind(status)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if let Some((key, digest)) = idempotency {
-            sqlx::query(
-                "INSERT INTO enrollment_idempotency (idempotency_key, request_digest, enrollment_id, created_ms) VALUES (?, ?, ?, ?)",
-            )
-            .bind(key)
-            .bind(digest)
-            .bind(&id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
         let event = Context::new_event(SOURCE, &submitted)?;
-        enqueue(&mut tx, topics::PAYMENT_SUBMITTED, &event).await?;
-        let detail = format!(
-            "{} {} on {} •••• {}",
-            c.payment.amount_cents, c.payment.currency, c.payment.card.brand, c.payment.card.last4
-        );
-        add_entry(
-            &mut tx,
-            &id,
-            &own_entry(PaymentSubmitted::TYPE, Some(detail), now),
-            now,
-        )
-        .await?;
-        if self.mode == AcceptanceMode::Optimistic {
-            let row = Row {
-                status: status.into(),
-                mode: self.mode,
-                course_id: c.course_id.clone(),
-                student_name: c.student.name.clone(),
-                student_email: c.student.email.clone(),
-                created_ms: now,
-            };
-            self.announce(&mut tx, &id, &row, "active", None, now)
+        let mode = self.mode;
+        let idempotency = idempotency.map(|(key, digest)| (key.to_owned(), digest.to_owned()));
+        let (row_id, checked) = (id.clone(), c.clone());
+        self.store
+            .write(async move |tx: &mut SqliteConnection| {
+                let (id, c) = (row_id, checked);
+                sqlx::query(
+                    "INSERT INTO enrollments (id, student_name, student_email, course_id, amount_cents, currency, card_brand, card_last4, mode, status, payment_status, created_ms, updated_ms)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                )
+                .bind(&id)
+                .bind(&c.student.name)
+                .bind(&c.student.email)
+                .bind(&c.course_id)
+                // At most MAX_AMOUNT_CENTS, so it fits.
+                .bind(i64::try_from(c.payment.amount_cents).unwrap_or(i64::MAX))
+                .bind(&c.payment.currency)
+                .bind(&c.payment.card.brand)
+                .bind(&c.payment.card.last4)
+                .bind(mode_name(mode))
+                .bind(status)
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
                 .await?;
-        }
-        self.store.commit(tx).await?;
+                if let Some((key, digest)) = idempotency {
+                    sqlx::query(
+                        "INSERT INTO enrollment_idempotency (idempotency_key, request_digest, enrollment_id, created_ms) VALUES (?, ?, ?, ?)",
+                    )
+                    .bind(key)
+                    .bind(digest)
+                    .bind(&id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                enqueue(tx, topics::PAYMENT_SUBMITTED, &event).await?;
+                let detail = format!(
+                    "{} {} on {} •••• {}",
+                    c.payment.amount_cents, c.payment.currency, c.payment.card.brand, c.payment.card.last4
+                );
+                add_entry(
+                    tx,
+                    &id,
+                    &own_entry(PaymentSubmitted::TYPE, Some(detail), now),
+                    now,
+                )
+                .await?;
+                if mode == AcceptanceMode::Optimistic {
+                    let row = Row {
+                        status: status.into(),
+                        mode,
+                        course_id: c.course_id.clone(),
+                        student_name: c.student.name.clone(),
+                        student_email: c.student.email.clone(),
+                        created_ms: now,
+                    };
+                    Self::announce(tx, &id, &row, "active", None, now).await?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await?;
         tracing::info!(enrollment = %id, course = %c.course_id, last4 = %c.payment.card.last4, status, "enrollment accepted");
         Ok(Accepted {
             id,
@@ -888,7 +895,6 @@ impl Enrollment {
     /// Enqueues what reaching `status` causes: the lifecycle event and the
     /// student's mail, with their timeline entries.
     async fn announce(
-        &self,
         tx: &mut sqlx::SqliteConnection,
         id: &str,
         row: &Row,
@@ -973,66 +979,69 @@ impl Enrollment {
             attempt,
             detail,
         };
-        let mut tx = self.store.begin().await.transient()?;
-        if !first_delivery(&mut tx, GROUP, event.id())
-            .await
-            .transient()?
-        {
-            return Ok(());
-        }
-        let Some(row) = load(&mut tx, id).await.transient()? else {
-            // Mail about other things (contact messages) and verdicts for
-            // enrollments this database does not hold are not ours.
-            self.store.commit(tx).await.transient()?;
+        let event_id = event.id().to_owned();
+        let (id, shown) = (id.to_owned(), entry.clone());
+        let changed = self
+            .store
+            .write(async move |tx: &mut SqliteConnection| {
+                if !first_delivery(tx, GROUP, &event_id).await? {
+                    return Ok(None);
+                }
+                let Some(row) = load(tx, &id).await.transient()? else {
+                    // Mail about other things (contact messages) and
+                    // verdicts for enrollments this database does not hold
+                    // are not ours.
+                    return Ok(None);
+                };
+                add_entry(tx, &id, &entry, now).await.transient()?;
+                let mut status = row.status.clone();
+                if let Effect::Verdict(verdict, ..) = what {
+                    let payment_status = match verdict {
+                        Verdict::Captured => Some("captured"),
+                        Verdict::Declined => Some("declined"),
+                        Verdict::Refunded => Some("refunded"),
+                        Verdict::FraudPassed | Verdict::FraudFailed => None,
+                    };
+                    if let Some(p) = payment_status {
+                        sqlx::query(
+                            "UPDATE enrollments SET payment_status = ?, updated_ms = ? WHERE id = ?",
+                        )
+                        .bind(p)
+                        .bind(now)
+                        .bind(&id)
+                        .execute(&mut *tx)
+                        .await
+                        .transient()?;
+                    }
+                    if let Some(next) = transition(row.mode, &row.status, verdict) {
+                        // Only a refusal has a reason to show.
+                        let reason = entry.detail.as_deref().filter(|_| next != "active");
+                        sqlx::query(
+                            "UPDATE enrollments SET status = ?, reason = ?, updated_ms = ? WHERE id = ? AND status = ?",
+                        )
+                        .bind(next)
+                        .bind(reason)
+                        .bind(now)
+                        .bind(&id)
+                        .bind(&row.status)
+                        .execute(&mut *tx)
+                        .await
+                        .transient()?;
+                        Self::announce(tx, &id, &row, next, reason, now)
+                            .await
+                            .transient()?;
+                        next.clone_into(&mut status);
+                    }
+                }
+                Ok::<_, HandlerError>(Some((id, status)))
+            })
+            .await?;
+        let Some((id, status)) = changed else {
             return Ok(());
         };
-        add_entry(&mut tx, id, &entry, now).await.transient()?;
-        let mut status = row.status.clone();
-        if let Effect::Verdict(verdict, ..) = what {
-            let payment_status = match verdict {
-                Verdict::Captured => Some("captured"),
-                Verdict::Declined => Some("declined"),
-                Verdict::Refunded => Some("refunded"),
-                Verdict::FraudPassed | Verdict::FraudFailed => None,
-            };
-            if let Some(p) = payment_status {
-                sqlx::query(
-                    "UPDATE enrollments SET payment_status = ?, updated_ms = ? WHERE id = ?",
-                )
-                .bind(p)
-                .bind(now)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .transient()?;
-            }
-            if let Some(next) = transition(row.mode, &row.status, verdict) {
-                // Only a refusal has a reason to show.
-                let reason = entry.detail.as_deref().filter(|_| next != "active");
-                sqlx::query(
-                    "UPDATE enrollments SET status = ?, reason = ?, updated_ms = ? WHERE id = ? AND status = ?",
-                )
-                .bind(next)
-                .bind(reason)
-                .bind(now)
-                .bind(id)
-                .bind(&row.status)
-                .execute(&mut *tx)
-                .await
-                .transient()?;
-                self.announce(&mut tx, id, &row, next, reason, now)
-                    .await
-                    .transient()?;
-                next.clone_into(&mut status);
-            }
-        }
-        self.store.commit(tx).await.transient()?;
+        let entry = shown;
         // Nobody listening is fine: the change is stored.
-        let _ = self.live.send(Change {
-            id: id.to_owned(),
-            status,
-            entry,
-        });
+        let _ = self.live.send(Change { id, status, entry });
         Ok(())
     }
 

@@ -859,7 +859,7 @@ async fn the_card_is_tokenized_and_a_capture_activates_once() {
     assert_eq!(welcome[0].to, "ana@example.com");
 
     // The card number is nowhere in the database files.
-    service.store().pool().close().await;
+    service.store().close().await;
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         let bytes = std::fs::read(entry.unwrap().path()).unwrap();
         let text = String::from_utf8_lossy(&bytes);

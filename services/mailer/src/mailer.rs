@@ -5,9 +5,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use eventos::middleware::DeadLettered;
 use eventos::{Bus, Publisher};
-use eventos_outbox::{KeyLocks, Relay, Store, enqueue, first_delivery};
+use eventos_outbox::{KeyLocks, OutboxError, Relay, Store, enqueue, first_delivery};
 use lettre::message::Mailbox;
 use school_events::{EmailDeferred, EmailFailed, EmailRequested, EmailSent, topics};
+use sqlx::SqliteConnection;
 
 use crate::compose::{compose, parse_from};
 use crate::outbound::Outbound;
@@ -195,8 +196,32 @@ impl Mailer {
             about: request.about.clone(),
             attempt,
         })?;
-        let mut tx = inner.store.begin().await?;
-        if !first_delivery(&mut tx, GROUP, mail_id).await? {
+        let (id, about, via) = (
+            mail_id.to_owned(),
+            request.about.clone(),
+            inner.outbound.via(),
+        );
+        let recorded = inner
+            .store
+            .write(async move |tx: &mut SqliteConnection| {
+                if !first_delivery(tx, GROUP, &id).await? {
+                    return Ok(false);
+                }
+                sqlx::query(
+                    "INSERT INTO mailer_sent (mail_id, about, attempt, via, sent_ms) VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(&id)
+                .bind(&about)
+                .bind(attempt)
+                .bind(via)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
+                enqueue(tx, topics::MAIL_SENT, &sent).await?;
+                Ok::<_, OutboxError>(true)
+            })
+            .await?;
+        if !recorded {
             // Recorded by another process between our check and now; the
             // mail went out twice (the edge described above). Its event is
             // already in the outbox.
@@ -206,19 +231,6 @@ impl Mailer {
             );
             return Ok(Delivered::AlreadySent);
         }
-        sqlx::query(
-            "INSERT INTO mailer_sent (mail_id, about, attempt, via, sent_ms) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(mail_id)
-        .bind(&request.about)
-        .bind(attempt)
-        .bind(inner.outbound.via())
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await
-        .map_err(eventos_outbox::OutboxError::from)?;
-        enqueue(&mut tx, topics::MAIL_SENT, &sent).await?;
-        inner.store.commit(tx).await?;
         // Never the body: it is the sender's words, not an operator's.
         tracing::info!(mail_id, about = %request.about, purpose = ?request.purpose, attempt, via = inner.outbound.via(), "mail sent");
         Ok(Delivered::Sent)
@@ -245,13 +257,16 @@ impl Mailer {
                 error: error.public_reason().to_owned(),
                 retry_within_ms: u64::try_from(retry_within.as_millis()).unwrap_or(u64::MAX),
             })?;
-            let store = &self.inner.store;
-            let mut tx = store.begin().await?;
             let key = format!("{}#{attempt}", request.mail_id);
-            if first_delivery(&mut tx, DEFERRED_CONSUMER, &key).await? {
-                enqueue(&mut tx, topics::MAIL_DEFERRED, &event).await?;
-                store.commit(tx).await?;
-            }
+            self.inner
+                .store
+                .write(async move |tx: &mut SqliteConnection| {
+                    if first_delivery(tx, DEFERRED_CONSUMER, &key).await? {
+                        enqueue(tx, topics::MAIL_DEFERRED, &event).await?;
+                    }
+                    Ok::<_, OutboxError>(())
+                })
+                .await?;
             Ok::<(), MailerError>(())
         };
         if let Err(e) = recorded.await {
@@ -305,13 +320,21 @@ impl Mailer {
             ),
             attempts,
         })?;
-        let store = &self.inner.store;
-        let mut tx = store.begin().await?;
-        if !first_delivery(&mut tx, FAILED_CONSUMER, &request.mail_id).await? {
+        let id = request.mail_id.clone();
+        let first = self
+            .inner
+            .store
+            .write(async move |tx: &mut SqliteConnection| {
+                if !first_delivery(tx, FAILED_CONSUMER, &id).await? {
+                    return Ok(false);
+                }
+                enqueue(tx, topics::MAIL_FAILURES, &event).await?;
+                Ok::<_, OutboxError>(true)
+            })
+            .await?;
+        if !first {
             return Ok(Reported::AlreadyReported);
         }
-        enqueue(&mut tx, topics::MAIL_FAILURES, &event).await?;
-        store.commit(tx).await?;
         if let Ok(mut last) = self.inner.last_failure.lock() {
             last.remove(&request.mail_id);
         }

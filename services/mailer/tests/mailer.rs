@@ -511,7 +511,7 @@ async fn dead_letter_reaction_is_reported_once_and_fails_loudly_without_its_data
         Reported::Undecodable
     );
 
-    mailer.store().pool().close().await;
+    mailer.store().close().await;
     let mut other = failed.clone();
     other.event = Arc::new(Event::from_typed("/test/contact", &request("reported-2")).unwrap());
     let error = mailer.on_dead_letter(&other).await.unwrap_err();

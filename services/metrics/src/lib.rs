@@ -41,14 +41,14 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use eventos::{HandlerError, Message, ResultExt as _, Route, TypedEvent, typed_with};
+use eventos::{HandlerError, Message, Route, TypedEvent, typed_with};
 use eventos_outbox::{OutboxError, Store, first_delivery};
 use school_events::{
     EnrollmentActivated, FraudCheckFailed, FraudCheckPassed, PaymentCaptured, PaymentDeclined,
     PaymentRefunded, PaymentSubmitted, topics,
 };
 use serde::{Deserialize, Serialize};
-use sqlx::Row as _;
+use sqlx::{Row as _, SqliteConnection};
 
 /// The migrations of the metrics database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -238,38 +238,36 @@ impl Metrics {
     }
 
     async fn record(&self, msg: &Message, observation: Observation) -> Result<(), HandlerError> {
-        let mut tx = self.store.begin().await.transient()?;
-        if !first_delivery(&mut tx, GROUP, msg.event().id())
-            .await
-            .transient()?
-        {
-            return Ok(());
-        }
-        match observation {
-            Observation::Count {
-                metric,
-                label,
-                currency,
-                amount,
-            } => bump(&mut tx, metric, label, &currency, amount)
-                .await
-                .transient()?,
-            Observation::Activation { ms } => {
-                bump(&mut tx, ACTIVATION, "", "", ms).await.transient()?;
-                if let Some(&le_ms) = ACTIVATION_BOUNDS_MS.iter().find(|&&le| ms <= le) {
-                    sqlx::query(
-                        "INSERT INTO metrics_buckets (metric, le_ms, count) VALUES (?, ?, 1)
-                         ON CONFLICT (metric, le_ms) DO UPDATE SET count = MIN(count, 9223372036854775806) + 1",
-                    )
-                    .bind(ACTIVATION)
-                    .bind(to_db(le_ms))
-                    .execute(&mut *tx)
-                    .await
-                    .transient()?;
+        let event_id = msg.event().id().to_owned();
+        self.store
+            .write(async move |tx: &mut SqliteConnection| {
+                if !first_delivery(tx, GROUP, &event_id).await? {
+                    return Ok(());
                 }
-            }
-        }
-        self.store.commit(tx).await.transient()?;
+                match observation {
+                    Observation::Count {
+                        metric,
+                        label,
+                        currency,
+                        amount,
+                    } => bump(tx, metric, label, &currency, amount).await?,
+                    Observation::Activation { ms } => {
+                        bump(tx, ACTIVATION, "", "", ms).await?;
+                        if let Some(&le_ms) = ACTIVATION_BOUNDS_MS.iter().find(|&&le| ms <= le) {
+                            sqlx::query(
+                                "INSERT INTO metrics_buckets (metric, le_ms, count) VALUES (?, ?, 1)
+                                 ON CONFLICT (metric, le_ms) DO UPDATE SET count = MIN(count, 9223372036854775806) + 1",
+                            )
+                            .bind(ACTIVATION)
+                            .bind(to_db(le_ms))
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                    }
+                }
+                Ok::<_, OutboxError>(())
+            })
+            .await?;
         Ok(())
     }
 
@@ -279,7 +277,7 @@ impl Metrics {
     ///
     /// [`OutboxError::Database`] if the database cannot be read.
     pub async fn snapshot(&self) -> Result<Snapshot, OutboxError> {
-        let mut tx = self.store.begin().await?;
+        let mut tx = self.store.pool().begin().await?;
         // CAST: a column an older version overflowed holds a float, which
         // would fail to decode as an integer and lose every series.
         let counters = sqlx::query(

@@ -422,7 +422,7 @@ async fn aggregates_survive_a_restart() {
         h.settled(n + 1).await;
         let s = h.metrics.snapshot().await.unwrap();
         h.router.shutdown().await.unwrap();
-        h.metrics.store().pool().close().await;
+        h.metrics.store().close().await;
         (s, seen)
     };
     assert_eq!(before.declined, 2);
@@ -520,7 +520,7 @@ async fn amounts_past_i64_saturate_and_every_series_stays_rendered() {
         assert_eq!(s.submitted_amount_cents["EUR"], i64::MAX as u64);
         expect(&h.metrics.render().await.unwrap());
         h.router.shutdown().await.unwrap();
-        h.metrics.store().pool().close().await;
+        h.metrics.store().close().await;
     }
     let h = Harness::start(&path).await;
     expect(&h.metrics.render().await.unwrap());

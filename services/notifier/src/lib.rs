@@ -32,8 +32,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed_with};
-use eventos_outbox::{Store, enqueue, first_delivery};
+use eventos::{Context, HandlerError, Message, Route, typed_with};
+use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
 use futures::{Stream, StreamExt as _};
 use school_events::{ContactMessageDelayed, EmailFailed, EmailRequested, MailPurpose, topics};
 use school_http::{
@@ -41,6 +41,7 @@ use school_http::{
 };
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
+use sqlx::SqliteConnection;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
@@ -321,13 +322,6 @@ impl Notifier {
         text: String,
         mail: Option<EmailRequested>,
     ) -> Result<(), HandlerError> {
-        let mut tx = self.store.begin().await.transient()?;
-        if !first_delivery(&mut tx, GROUP, msg.event().id())
-            .await
-            .transient()?
-        {
-            return Ok(());
-        }
         let notification = Notification {
             id: uuid::Uuid::now_v7().to_string(),
             email,
@@ -337,26 +331,36 @@ impl Notifier {
             emailed: mail.is_some(),
             created_at: rfc3339_ms(now_ms()),
         };
-        sqlx::query(
-            "INSERT INTO notifications (id, email, kind, about, text, emailed, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&notification.id)
-        .bind(&notification.email)
-        .bind(&notification.kind)
-        .bind(&notification.about)
-        .bind(&notification.text)
-        .bind(i64::from(notification.emailed))
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await
-        .transient()?;
-        if let Some(mail) = mail {
-            let event = Context::new_event(SOURCE, &mail)?;
-            enqueue(&mut tx, topics::MAIL_REQUESTS, &event)
-                .await
-                .transient()?;
+        let mail = mail.map(|m| Context::new_event(SOURCE, &m)).transpose()?;
+        let event_id = msg.event().id().to_owned();
+        let row = notification.clone();
+        let first = self
+            .store
+            .write(async move |tx: &mut SqliteConnection| {
+                if !first_delivery(tx, GROUP, &event_id).await? {
+                    return Ok(false);
+                }
+                sqlx::query(
+                    "INSERT INTO notifications (id, email, kind, about, text, emailed, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&row.id)
+                .bind(&row.email)
+                .bind(&row.kind)
+                .bind(&row.about)
+                .bind(&row.text)
+                .bind(i64::from(row.emailed))
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
+                if let Some(event) = mail {
+                    enqueue(tx, topics::MAIL_REQUESTS, &event).await?;
+                }
+                Ok::<_, OutboxError>(true)
+            })
+            .await?;
+        if !first {
+            return Ok(());
         }
-        self.store.commit(tx).await.transient()?;
         // Nobody listening is fine: the notification is stored.
         let _ = self.live.send(notification);
         Ok(())

@@ -227,6 +227,66 @@ impl System {
 }
 
 /// The process-wide Prometheus recorder (a recorder can be installed once).
+/// What the stores' writers and the log have synced, in the Prometheus
+/// text format: `eventos bench accept` divides these by the messages
+/// accepted to report the syncs each one cost.
+fn durability_metrics(stores: &[Store], log: Option<&eventos_log::LogTransport>) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    type Series = (
+        &'static str,
+        &'static str,
+        fn(&eventos_outbox::StoreStats) -> u64,
+    );
+    let series: [Series; 4] = [
+        (
+            "eventos_store_commits_total",
+            "Rounds the store's writer committed, one sync of its write-ahead log each.",
+            |s| s.commits,
+        ),
+        (
+            "eventos_store_writes_total",
+            "Writes committed (many per round under load).",
+            |s| s.writes,
+        ),
+        (
+            "eventos_store_failed_writes_total",
+            "Writes refused, by their own error or their round's.",
+            |s| s.failed_writes,
+        ),
+        (
+            "eventos_store_checkpoints_total",
+            "Background checkpoints of the write-ahead log.",
+            |s| s.checkpoints,
+        ),
+    ];
+    for (name, help, value) in series {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} counter");
+        for store in stores {
+            let _ = writeln!(
+                text,
+                "{name}{{store=\"{}\"}} {}",
+                store.name(),
+                value(&store.stats())
+            );
+        }
+    }
+    if let Some(log) = log {
+        let stats = log.stats();
+        let _ = writeln!(
+            text,
+            "# HELP eventos_log_syncs_total fdatasyncs of the embedded log.\n# TYPE eventos_log_syncs_total counter\neventos_log_syncs_total {}",
+            stats.syncs
+        );
+        let _ = writeln!(
+            text,
+            "# HELP eventos_log_events_appended_total Events the embedded log made durable.\n# TYPE eventos_log_events_appended_total counter\neventos_log_events_appended_total {}",
+            stats.events_appended
+        );
+    }
+    text
+}
+
 fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
@@ -264,6 +324,8 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
     let limits = edge::Limits::new(&config.http)?;
     // One count for every streaming endpoint, so the limits hold across them.
     let sse = school_http::SseStreams::new(config.http.sse_limits());
+    // Kept beside the transport for its sync counters on /metrics.
+    let mut durable_log: Option<Arc<eventos_log::LogTransport>> = None;
     let transport: Arc<dyn Transport> = match &config.transport {
         TransportKind::Amqp(url) => {
             let options = eventos_amqp::AmqpOptions {
@@ -298,7 +360,9 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                     "the log was cut back to its last valid records"
                 );
             }
-            Arc::new(log)
+            let log = Arc::new(log);
+            durable_log = Some(Arc::clone(&log));
+            log
         }
     };
     let open = |name: &str| config.data_dir.join(format!("{name}.db"));
@@ -445,6 +509,7 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
 
     let stop = CancellationToken::new();
     let mut relays = JoinSet::new();
+    let store_stats = stores.clone();
     for store in stores {
         let relay = Relay::new(store, transport.clone());
         let stop = stop.clone();
@@ -479,8 +544,10 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                 let metrics = metrics.clone();
                 let payment_metrics = payment_metrics.clone();
                 let streams = streams.live();
+                let durability = durability_metrics(&store_stats, durable_log.as_deref());
                 async move {
                     let mut text = metrics.render();
+                    text.push_str(&durability);
                     // Counted per system, not through the process-wide
                     // recorder, so that each system shows its own.
                     text.push_str(&format!(

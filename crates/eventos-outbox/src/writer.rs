@@ -1,0 +1,407 @@
+//! Group commit for a SQLite store: one writer per database runs every
+//! write, gathering those that wait into one transaction and one sync.
+//!
+//! SQLite has one writer at a time anyway; with a pool of writers each
+//! transaction waits for the lock and then pays its own `fsync`, so a
+//! store's throughput is the disk's sync rate whatever the concurrency.
+//! Here a round starts as soon as one write waits and takes every write
+//! queued meanwhile: `BEGIN IMMEDIATE`, each write under its own
+//! savepoint (a failing write rolls back alone and gets its own error),
+//! one `COMMIT`, then every caller hears back. Under load a round carries
+//! hundreds of writes for one sync; at rest a lone write costs what it
+//! did before.
+//!
+//! The writer is a thread with a runtime of its own, like the log's
+//! writer: the write closures run there, so their futures need not be
+//! `Send`, and a slow caller's runtime never delays a round.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use sqlx::{ConnectOptions as _, Connection as _};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::OutboxError;
+
+/// Writes one round takes at most; the rest wait for the next round, so
+/// one round's callers do not wait for an unbounded queue to run.
+const ROUND_MAX: usize = 1024;
+
+/// A write, type-erased: runs on the writer's connection inside the
+/// round's transaction, or is refused unrun when the round failed first.
+trait Job: Send {
+    fn run<'c>(
+        self: Box<Self>,
+        conn: &'c mut SqliteConnection,
+    ) -> Pin<Box<dyn Future<Output = Ran> + 'c>>;
+    fn refuse(self: Box<Self>, error: OutboxError);
+}
+
+/// A write that ran; `finish` answers its caller once the round's fate is
+/// known.
+struct Ran {
+    ok: bool,
+    finish: Box<dyn FnOnce(Result<(), Arc<sqlx::Error>>) + Send>,
+}
+
+struct Write<F, T, E> {
+    f: F,
+    answer: oneshot::Sender<Result<T, E>>,
+    /// The caller's causal context and span, made current again on the
+    /// writer's thread: events a write creates carry the correlation of
+    /// the request or delivery that caused them, and its logs its span.
+    context: Option<eventos::Context>,
+    span: tracing::Span,
+}
+
+impl<F, T, E> Job for Write<F, T, E>
+where
+    F: AsyncFnOnce(&mut SqliteConnection) -> Result<T, E> + Send + 'static,
+    T: Send + 'static,
+    E: From<OutboxError> + Send + 'static,
+{
+    fn run<'c>(
+        self: Box<Self>,
+        conn: &'c mut SqliteConnection,
+    ) -> Pin<Box<dyn Future<Output = Ran> + 'c>> {
+        let Write {
+            f,
+            answer,
+            context,
+            span,
+        } = *self;
+        Box::pin(async move {
+            let write = tracing::Instrument::instrument(catch_unwind(f(conn)), span);
+            let outcome = match context {
+                Some(context) => context.scope(write).await,
+                None => write.await,
+            };
+            match outcome {
+                Ok(Ok(value)) => Ran {
+                    ok: true,
+                    finish: Box::new(move |round| {
+                        let _ = answer.send(match round {
+                            Ok(()) => Ok(value),
+                            Err(e) => Err(OutboxError::Commit(e).into()),
+                        });
+                    }),
+                },
+                Ok(Err(e)) => Ran {
+                    ok: false,
+                    finish: Box::new(move |_| {
+                        let _ = answer.send(Err(e));
+                    }),
+                },
+                Err(()) => Ran {
+                    ok: false,
+                    finish: Box::new(move |_| {
+                        let _ = answer.send(Err(OutboxError::WritePanicked.into()));
+                    }),
+                },
+            }
+        })
+    }
+
+    fn refuse(self: Box<Self>, error: OutboxError) {
+        let _ = self.answer.send(Err(error.into()));
+    }
+}
+
+/// What a store's writer has done since the store opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Writes that committed.
+    pub writes: u64,
+    /// Writes that failed (their own error, or their round's).
+    pub failed_writes: u64,
+    /// Rounds committed; each is one sync of the write-ahead log.
+    pub commits: u64,
+    /// Rounds whose transaction could not begin or commit.
+    pub failed_rounds: u64,
+    /// Background checkpoints run (each syncs the log and the database).
+    pub checkpoints: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    writes: AtomicU64,
+    failed_writes: AtomicU64,
+    commits: AtomicU64,
+    failed_rounds: AtomicU64,
+    pub(crate) checkpoints: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self) -> StoreStats {
+        StoreStats {
+            writes: self.writes.load(Ordering::Relaxed),
+            failed_writes: self.failed_writes.load(Ordering::Relaxed),
+            commits: self.commits.load(Ordering::Relaxed),
+            failed_rounds: self.failed_rounds.load(Ordering::Relaxed),
+            checkpoints: self.checkpoints.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What the writer is asked to do.
+enum Request {
+    Write(Box<dyn Job>),
+    /// Close the connection and refuse every later write.
+    Close(oneshot::Sender<()>),
+}
+
+/// The sending half: what a [`crate::Store`] holds.
+#[derive(Debug, Clone)]
+pub(crate) struct Writer {
+    jobs: mpsc::UnboundedSender<Request>,
+}
+
+impl Writer {
+    /// Opens the writer's own connection and starts its thread.
+    pub(crate) async fn start(
+        name: String,
+        options: SqliteConnectOptions,
+        counters: Arc<Counters>,
+        committed: Arc<Notify>,
+    ) -> Result<Self, OutboxError> {
+        let (jobs, queue) = mpsc::unbounded_channel();
+        let (opened, ready) = oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("store-{name}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = opened.send(Err(OutboxError::Database(sqlx::Error::Io(e))));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let conn = match options.connect().await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = opened.send(Err(e.into()));
+                            return;
+                        }
+                    };
+                    let _ = opened.send(Ok(()));
+                    Round {
+                        conn: Some(conn),
+                        options,
+                        counters,
+                        committed,
+                    }
+                    .serve(queue)
+                    .await;
+                });
+            })
+            .map_err(|e| OutboxError::Database(sqlx::Error::Io(e)))?;
+        ready.await.map_err(|_| OutboxError::WriterGone)??;
+        Ok(Self { jobs })
+    }
+
+    /// Closes the writer's connection once the writes queued before this
+    /// are done; every later write fails with [`OutboxError::WriterGone`].
+    pub(crate) async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.jobs.send(Request::Close(done)).is_ok() {
+            let _ = closed.await;
+        }
+    }
+
+    /// Runs `f` in the next round; returns once that round committed (its
+    /// result) or failed (the round's error).
+    pub(crate) async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: AsyncFnOnce(&mut SqliteConnection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<OutboxError> + Send + 'static,
+    {
+        let (answer, answered) = oneshot::channel::<Result<T, E>>();
+        let job: Box<dyn Job> = Box::new(Write {
+            f,
+            answer,
+            context: eventos::Context::current(),
+            span: tracing::Span::current(),
+        });
+        self.jobs
+            .send(Request::Write(job))
+            .map_err(|_| E::from(OutboxError::WriterGone))?;
+        answered
+            .await
+            .unwrap_or_else(|_| Err(OutboxError::WriterGone.into()))
+    }
+}
+
+/// A panic inside a write is that write's failure, not the writer's.
+async fn catch_unwind<F: Future>(f: F) -> Result<F::Output, ()> {
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(move |cx| {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| f.as_mut().poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
+    })
+    .await
+}
+
+struct Round {
+    /// `None` after the connection had to be dropped; reopened at the
+    /// next round.
+    conn: Option<SqliteConnection>,
+    options: SqliteConnectOptions,
+    counters: Arc<Counters>,
+    committed: Arc<Notify>,
+}
+
+impl Round {
+    async fn serve(mut self, mut queue: mpsc::UnboundedReceiver<Request>) {
+        let mut requests = Vec::with_capacity(ROUND_MAX);
+        let mut jobs = Vec::with_capacity(ROUND_MAX);
+        let mut closed = false;
+        while queue.recv_many(&mut requests, ROUND_MAX).await > 0 {
+            for request in requests.drain(..) {
+                match request {
+                    Request::Write(job) if closed => job.refuse(OutboxError::WriterGone),
+                    Request::Write(job) => jobs.push(job),
+                    Request::Close(done) => {
+                        // What was queued before the close still runs.
+                        if !jobs.is_empty() {
+                            self.run(&mut jobs).await;
+                        }
+                        if let Some(conn) = self.conn.take() {
+                            let _ = conn.close().await;
+                        }
+                        closed = true;
+                        let _ = done.send(());
+                    }
+                }
+            }
+            if !jobs.is_empty() {
+                self.run(&mut jobs).await;
+            }
+        }
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
+        }
+    }
+
+    async fn run(&mut self, jobs: &mut Vec<Box<dyn Job>>) {
+        let started = Instant::now();
+        let count = jobs.len();
+        if self.conn.is_none() {
+            match self.options.connect().await {
+                Ok(conn) => self.conn = Some(conn),
+                Err(e) => return self.fail_round(e, Vec::new(), jobs),
+            }
+        }
+        let conn = self.conn.as_mut().expect("opened above");
+        if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
+            return self.fail_round(e, Vec::new(), jobs);
+        }
+        let mut ran = Vec::with_capacity(count);
+        let mut queued = jobs.drain(..);
+        let mut broken = None;
+        for job in queued.by_ref() {
+            if let Err(e) = sqlx::query("SAVEPOINT w").execute(&mut *conn).await {
+                broken = Some((e, Some(job)));
+                break;
+            }
+            let done = job.run(conn).await;
+            let settled = if done.ok {
+                sqlx::query("RELEASE w").execute(&mut *conn).await
+            } else {
+                match sqlx::query("ROLLBACK TO w").execute(&mut *conn).await {
+                    Ok(_) => sqlx::query("RELEASE w").execute(&mut *conn).await,
+                    Err(e) => Err(e),
+                }
+            };
+            ran.push(done);
+            if let Err(e) = settled {
+                broken = Some((e, None));
+                break;
+            }
+        }
+        let mut unrun: Vec<Box<dyn Job>> = queued.collect();
+        let committed = match broken {
+            Some((e, job)) => {
+                unrun.extend(job);
+                Err(e)
+            }
+            None => sqlx::query("COMMIT").execute(&mut *conn).await.map(|_| ()),
+        };
+        if let Err(e) = committed {
+            self.abandon().await;
+            return self.fail_round(e, ran, &mut unrun);
+        }
+        let mut wrote = 0;
+        for done in ran {
+            if done.ok {
+                wrote += 1;
+            } else {
+                self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);
+            }
+            (done.finish)(Ok(()));
+        }
+        self.counters.writes.fetch_add(wrote, Ordering::Relaxed);
+        self.counters.commits.fetch_add(1, Ordering::Relaxed);
+        if wrote > 0 {
+            self.committed.notify_one();
+        }
+        #[allow(clippy::cast_precision_loss)]
+        metrics::histogram!("eventos_store_round_writes").record(count as f64);
+        metrics::histogram!("eventos_store_round_seconds").record(started.elapsed().as_secs_f64());
+    }
+
+    /// Rolls back what is left of a failed round. A COMMIT that failed
+    /// (a full disk) leaves the transaction open; a connection that cannot
+    /// even roll back is dropped and reopened next round, so no later
+    /// round nests inside a transaction that never ends.
+    async fn abandon(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let rolled_back = match sqlx::query("ROLLBACK").execute(&mut *conn).await {
+            Ok(_) => true,
+            // "cannot rollback - no transaction is active": SQLite has
+            // rolled it back itself (it does on some I/O errors).
+            Err(sqlx::Error::Database(e)) => e.message().contains("no transaction"),
+            Err(_) => false,
+        };
+        if !rolled_back {
+            tracing::warn!("the store's writer could not roll back a failed round; reconnecting");
+            self.conn = None;
+        }
+    }
+
+    /// Answers every write of a failed round: those whose own closure
+    /// failed with their own error, the others with the round's.
+    fn fail_round(&self, error: sqlx::Error, ran: Vec<Ran>, unrun: &mut Vec<Box<dyn Job>>) {
+        let writes = ran.len() + unrun.len();
+        tracing::warn!(error = %error, writes, "a store round failed; its writes are refused");
+        let error = Arc::new(error);
+        self.counters.failed_rounds.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .failed_writes
+            .fetch_add(writes as u64, Ordering::Relaxed);
+        for done in ran {
+            (done.finish)(Err(Arc::clone(&error)));
+        }
+        for job in unrun.drain(..) {
+            job.refuse(OutboxError::Commit(Arc::clone(&error)));
+        }
+    }
+}
+
+/// How often the background checkpointer looks at the write-ahead log.
+pub(crate) const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);

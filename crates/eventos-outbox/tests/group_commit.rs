@@ -1,0 +1,153 @@
+//! The store's writer: concurrent writes share rounds (one commit, one
+//! sync), each under its own savepoint; reads never wait for it; the
+//! write-ahead log is checkpointed in the background.
+
+use std::time::{Duration, Instant};
+
+use eventos_outbox::{OutboxError, Store};
+use sqlx::SqliteConnection;
+
+async fn store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("svc.db")).await.unwrap();
+    sqlx::query("CREATE TABLE things (n INTEGER PRIMARY KEY)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    (dir, store)
+}
+
+async fn stored(store: &Store) -> Vec<i64> {
+    sqlx::query_scalar("SELECT n FROM things ORDER BY n")
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+}
+
+async fn insert(c: &mut SqliteConnection, n: i64) -> Result<(), OutboxError> {
+    sqlx::query("INSERT INTO things (n) VALUES (?)")
+        .bind(n)
+        .execute(&mut *c)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_commits_and_a_failing_one_rolls_back_alone() {
+    let (_dir, store) = store().await;
+    // Every seventh write inserts its row and then fails, or panics.
+    let writes = (0..500i64).map(|n| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(async move |c: &mut SqliteConnection| {
+                    insert(c, n).await?;
+                    match n % 7 {
+                        0 => Err(OutboxError::WriterGone),
+                        3 if n % 2 == 1 => panic!("write {n} panics"),
+                        _ => Ok(n),
+                    }
+                })
+                .await
+        })
+    });
+    let results = futures::future::join_all(writes).await;
+    let mut kept = Vec::new();
+    for (n, result) in (0..500i64).zip(results) {
+        match (n % 7, n % 2, result.unwrap()) {
+            (0, _, Err(OutboxError::WriterGone)) => {}
+            (3, 1, Err(OutboxError::WritePanicked)) => {}
+            (_, _, Ok(got)) => {
+                assert_eq!(got, n);
+                kept.push(n);
+            }
+            (_, _, other) => panic!("write {n}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        stored(&store).await,
+        kept,
+        "exactly the writes that succeeded"
+    );
+    let stats = store.stats();
+    assert_eq!(stats.writes, kept.len() as u64);
+    assert_eq!(stats.failed_writes, 500 - kept.len() as u64);
+    assert!(
+        stats.commits * 4 <= 500,
+        "500 concurrent writes took {} commits",
+        stats.commits
+    );
+    // A constraint violation is the write's own failure too.
+    let dup = store
+        .write(async |c: &mut SqliteConnection| insert(c, 1).await)
+        .await;
+    assert!(matches!(dup, Err(OutboxError::Database(_))), "{dup:?}");
+    store
+        .write(async |c: &mut SqliteConnection| insert(c, 1000).await)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_do_not_wait_for_a_write_in_progress() {
+    let (_dir, store) = store().await;
+    store
+        .write(async |c: &mut SqliteConnection| insert(c, 1).await)
+        .await
+        .unwrap();
+    let (release, hold) = tokio::sync::oneshot::channel::<()>();
+    let (inside, entered) = tokio::sync::oneshot::channel::<()>();
+    let slow = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(async move |c: &mut SqliteConnection| {
+                    insert(c, 2).await?;
+                    inside.send(()).unwrap();
+                    hold.await.unwrap();
+                    Ok::<_, OutboxError>(())
+                })
+                .await
+        })
+    };
+    entered.await.unwrap();
+    // The writer holds its transaction open; a read sees the last commit.
+    let read = tokio::time::timeout(Duration::from_secs(5), stored(&store))
+        .await
+        .expect("a read while a write is in progress");
+    assert_eq!(read, vec![1]);
+    release.send(()).unwrap();
+    slow.await.unwrap().unwrap();
+    assert_eq!(stored(&store).await, vec![1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_ahead_log_is_checkpointed_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("svc.db");
+    let store = Store::open(&path).await.unwrap();
+    sqlx::query("CREATE TABLE blobs (b BLOB NOT NULL)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        store
+            .write(async |c: &mut SqliteConnection| {
+                sqlx::query("INSERT INTO blobs (b) VALUES (?)")
+                    .bind(vec![1u8; 8192])
+                    .execute(&mut *c)
+                    .await?;
+                Ok::<_, OutboxError>(())
+            })
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.stats().checkpoints == 0 {
+        assert!(Instant::now() < deadline, "no checkpoint in 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The pages are in the database file itself now, not only in the log.
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(size > 50 * 8192, "database file is {size} bytes");
+}
