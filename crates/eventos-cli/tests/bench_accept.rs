@@ -1,0 +1,103 @@
+//! `eventos bench accept` against a real `eventos up`: it reports every
+//! case it ran with the syncs each accepted message cost (read from the
+//! system's counters, so they are there and add up), and the messages it
+//! sent were really accepted and stored.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_accept_reports_rates_latencies_and_syncs_of_a_running_system() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("eventos.toml");
+    std::fs::write(&config, "[antifraud]\nlatency_ms = [0, 0]\n").unwrap();
+    let port = common::free_port();
+    let up = common::spawn_serving(
+        &mut common::eventos_up(
+            &dir.path().join("data"),
+            port,
+            &config,
+            &dir.path().join("up.log"),
+        ),
+        "eventos up",
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_eventos"))
+        .args(["bench", "accept", "--target", &format!("127.0.0.1:{port}")])
+        .args(["--clients", "4", "--seconds", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in ["GET /healthz", "POST /contact", "POST /enrollments"] {
+        assert!(stdout.contains(row), "no {row} row:\n{stdout}");
+    }
+    let summary = stdout.lines().last().unwrap();
+    let value = |key: &str| -> f64 {
+        summary
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key} in {summary}"))
+            .parse()
+            .unwrap()
+    };
+    for case in ["healthz", "contact", "enrollments"] {
+        assert!(value(&format!("{case}_per_s")) > 0.0, "{summary}");
+        assert!(
+            value(&format!("{case}_p99_ms")) >= value(&format!("{case}_p50_ms")),
+            "{summary}"
+        );
+    }
+    // Every accepted message was stored with at least its share of one
+    // commit, and group commit keeps it well under one sync per statement.
+    for case in ["contact", "enrollments"] {
+        let syncs = value(&format!("{case}_syncs_per_msg"));
+        assert!(syncs > 0.0 && syncs < 10.0, "{case}: {syncs} syncs per message");
+    }
+
+    // What the bench was told was accepted is there: the contact store's
+    // writes cover every accepted contact message.
+    let http = reqwest::Client::new();
+    let metrics = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let writes: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("eventos_store_writes_total{store=\"contact\"} "))
+        .expect("contact store writes on /metrics")
+        .parse()
+        .unwrap();
+    assert!(
+        writes >= value("contact_per_s") * 0.9,
+        "{writes} contact writes for {} accepted per second",
+        value("contact_per_s")
+    );
+    up.interrupt();
+}
+
+#[test]
+fn bench_accept_says_in_one_line_when_nothing_listens() {
+    let port = common::free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_eventos"))
+        .args(["bench", "accept", "--target", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("nothing answers") && stderr.contains("eventos up"),
+        "{stderr}"
+    );
+}
