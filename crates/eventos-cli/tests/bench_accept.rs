@@ -58,7 +58,10 @@ async fn bench_accept_reports_rates_latencies_and_syncs_of_a_running_system() {
     // commit, and group commit keeps it well under one sync per statement.
     for case in ["contact", "enrollments"] {
         let syncs = value(&format!("{case}_syncs_per_msg"));
-        assert!(syncs > 0.0 && syncs < 10.0, "{case}: {syncs} syncs per message");
+        assert!(
+            syncs > 0.0 && syncs < 10.0,
+            "{case}: {syncs} syncs per message"
+        );
     }
 
     // What the bench was told was accepted is there: the contact store's
