@@ -22,7 +22,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// How many deliveries each route handles at once. Gateway calls spend most
 /// of their time waiting on the network, so many can be in flight.
-const ROUTE_CONCURRENCY: usize = 32;
+const ROUTE_CONCURRENCY: usize = 128;
 
 /// The code of a charge given up because the gateway could not be reached.
 pub const GATEWAY_UNAVAILABLE: &str = "gateway_unavailable";

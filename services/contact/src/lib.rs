@@ -268,10 +268,12 @@ impl Contact {
             self.clone(),
             |this, e: EmailDeferred, msg: Message| async move { this.on_deferred(e, msg).await },
         );
+        // Each outcome is one short write; the more of them overlap, the
+        // more share a round of the store's writer, and a sync.
         vec![
-            Route::new(topics::MAIL_SENT, GROUP, sent),
-            Route::new(topics::MAIL_FAILURES, GROUP, failed),
-            Route::new(topics::MAIL_DEFERRED, GROUP, deferred),
+            Route::new(topics::MAIL_SENT, GROUP, sent).concurrency(256),
+            Route::new(topics::MAIL_FAILURES, GROUP, failed).concurrency(256),
+            Route::new(topics::MAIL_DEFERRED, GROUP, deferred).concurrency(256),
         ]
     }
 

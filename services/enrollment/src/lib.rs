@@ -639,7 +639,9 @@ impl Enrollment {
                     this.apply(&msg, &id, what).await
                 }),
             )
-            .concurrency(32)
+            // One short write each: overlapping deliveries share the
+            // store's rounds, and its syncs.
+            .concurrency(256)
         }
         vec![
             route(self, topics::FRAUD_PASSED, |e: &FraudCheckPassed| {

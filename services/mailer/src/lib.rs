@@ -163,6 +163,10 @@ pub fn route(mailer: Mailer, policy: Backoff) -> Route {
         }),
     )
     .retry(policy)
+    // Enough mail in flight for the mail files' and the store's rounds to
+    // fill; few enough that an SMTP server sees a bounded number of
+    // connections (one per mail).
+    .concurrency(64)
     .timeout(attempt_timeout)
     .circuit_breaker(breaker)
     .on_dead_letter(move |failed: DeadLettered| {

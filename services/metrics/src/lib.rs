@@ -235,6 +235,9 @@ impl Metrics {
                 this.record(&msg, observe(&e)).await
             }),
         )
+        // One short write each: overlapping deliveries share the store's
+        // rounds, and its syncs.
+        .concurrency(256)
     }
 
     async fn record(&self, msg: &Message, observation: Observation) -> Result<(), HandlerError> {
