@@ -306,43 +306,52 @@ impl Round {
             }
         }
         let conn = self.conn.as_mut().expect("opened above");
-        if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
+        // Every statement is a round trip to the driver's thread, so the
+        // bookkeeping between two writes goes in one batch: a write's
+        // savepoint is released (or rolled back to) and the next one's
+        // opened together, and the last one's with the COMMIT. A lone
+        // write needs no savepoint: its failure rolls back the round.
+        let single = count == 1;
+        let opening = if single {
+            "BEGIN IMMEDIATE"
+        } else {
+            "BEGIN IMMEDIATE; SAVEPOINT w"
+        };
+        if let Err(e) = sqlx::raw_sql(opening).execute(&mut *conn).await {
             return self.fail_round(e, Vec::new(), jobs);
         }
         let mut ran = Vec::with_capacity(count);
-        let mut queued = jobs.drain(..);
-        let mut broken = None;
-        for job in queued.by_ref() {
-            if let Err(e) = sqlx::query("SAVEPOINT w").execute(&mut *conn).await {
-                broken = Some((e, Some(job)));
-                break;
-            }
+        let mut queued = jobs.drain(..).peekable();
+        let mut settled = Ok(());
+        while let Some(job) = queued.next() {
             let done = job.run(conn).await;
-            let settled = if done.ok {
-                sqlx::query("RELEASE w").execute(&mut *conn).await
-            } else {
-                match sqlx::query("ROLLBACK TO w").execute(&mut *conn).await {
-                    Ok(_) => sqlx::query("RELEASE w").execute(&mut *conn).await,
-                    Err(e) => Err(e),
-                }
+            let last = queued.peek().is_none();
+            let step = match (single, done.ok, last) {
+                (true, true, _) => "COMMIT",
+                (true, false, _) => "ROLLBACK",
+                (false, true, false) => "RELEASE w; SAVEPOINT w",
+                (false, true, true) => "RELEASE w; COMMIT",
+                (false, false, false) => "ROLLBACK TO w; RELEASE w; SAVEPOINT w",
+                (false, false, true) => "ROLLBACK TO w; RELEASE w; COMMIT",
             };
             ran.push(done);
-            if let Err(e) = settled {
-                broken = Some((e, None));
+            if let Err(e) = sqlx::raw_sql(step).execute(&mut *conn).await {
+                settled = Err(e);
                 break;
             }
         }
         let mut unrun: Vec<Box<dyn Job>> = queued.collect();
-        let committed = match broken {
-            Some((e, job)) => {
-                unrun.extend(job);
-                Err(e)
-            }
-            None => sqlx::query("COMMIT").execute(&mut *conn).await.map(|_| ()),
-        };
-        if let Err(e) = committed {
+        if let Err(e) = settled {
             self.abandon().await;
             return self.fail_round(e, ran, &mut unrun);
+        }
+        if single && !ran[0].ok {
+            // Rolled back: nothing was committed, nothing synced.
+            self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);
+            for done in ran {
+                (done.finish)(Ok(()));
+            }
+            return;
         }
         let mut wrote = 0;
         for done in ran {
