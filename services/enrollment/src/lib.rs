@@ -962,6 +962,19 @@ impl Enrollment {
 
     /// Applies one consumed event to its enrollment, once per event id.
     async fn apply(&self, msg: &Message, id: &str, what: Effect) -> Result<(), HandlerError> {
+        // Most mail is about other things (contact messages). A read
+        // answers that without a write: the writer's rounds are for
+        // enrollments. An event about an enrollment never comes before the
+        // enrollment's own commit (it is caused by it), so one found
+        // missing here stays missing.
+        let known: Option<i64> = sqlx::query_scalar("SELECT 1 FROM enrollments WHERE id = ?")
+            .bind(id)
+            .fetch_optional(self.store.pool())
+            .await
+            .transient()?;
+        if known.is_none() {
+            return Ok(());
+        }
         let event = msg.event();
         let (attempt, detail) = match &what {
             Effect::Verdict(_, attempt, detail) | Effect::Mail(attempt, detail) => {
