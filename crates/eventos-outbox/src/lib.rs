@@ -44,7 +44,7 @@ use eventos_core::{Event, EventError, Publisher, TransportError};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Connection as _, Row as _, SqlitePool};
+use sqlx::{Row as _, SqlitePool};
 use tokio::sync::Notify;
 
 /// What can go wrong.
@@ -192,29 +192,6 @@ impl Store {
             .pragma("wal_autocheckpoint", "0");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .after_release(|conn, _meta| {
-                Box::pin(async move {
-                    if !conn.is_in_transaction() {
-                        return Ok(true);
-                    }
-                    // A transaction dropped without a commit is rolled back
-                    // by the connection's worker after the drop; the ping
-                    // waits for that. One still open after it is a
-                    // transaction whose COMMIT or ROLLBACK failed (a full
-                    // disk): reused, the connection would nest every later
-                    // transaction inside it as a savepoint that never
-                    // commits, and hold the write lock. Closing it rolls
-                    // it back.
-                    conn.ping().await?;
-                    if conn.is_in_transaction() {
-                        tracing::warn!(
-                            "a database connection was left inside a failed transaction; closing it"
-                        );
-                        return Ok(false);
-                    }
-                    Ok(true)
-                })
-            })
             .connect_with(options.clone())
             .await?;
         for statement in SCHEMA {

@@ -17,6 +17,8 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,7 +78,10 @@ where
             span,
         } = *self;
         Box::pin(async move {
-            let write = tracing::Instrument::instrument(catch_unwind(f(conn)), span);
+            // A panic inside a write is that write's failure, not the
+            // writer's.
+            let write =
+                tracing::Instrument::instrument(AssertUnwindSafe(f(conn)).catch_unwind(), span);
             let outcome = match context {
                 Some(context) => context.scope(write).await,
                 None => write.await,
@@ -97,7 +102,7 @@ where
                         let _ = answer.send(Err(e));
                     }),
                 },
-                Err(()) => Ran {
+                Err(_) => Ran {
                     ok: false,
                     finish: Box::new(move |_| {
                         let _ = answer.send(Err(OutboxError::WritePanicked.into()));
@@ -242,19 +247,6 @@ impl Writer {
     }
 }
 
-/// A panic inside a write is that write's failure, not the writer's.
-async fn catch_unwind<F: Future>(f: F) -> Result<F::Output, ()> {
-    let mut f = std::pin::pin!(f);
-    std::future::poll_fn(move |cx| {
-        match std::panic::catch_unwind(AssertUnwindSafe(|| f.as_mut().poll(cx))) {
-            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
-            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
-            Err(_) => std::task::Poll::Ready(Err(())),
-        }
-    })
-    .await
-}
-
 struct Round {
     /// `None` after the connection had to be dropped; reopened at the
     /// next round.
@@ -345,14 +337,6 @@ impl Round {
             self.abandon().await;
             return self.fail_round(e, ran, &mut unrun);
         }
-        if single && !ran[0].ok {
-            // Rolled back: nothing was committed, nothing synced.
-            self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);
-            for done in ran {
-                (done.finish)(Ok(()));
-            }
-            return;
-        }
         let mut wrote = 0;
         for done in ran {
             if done.ok {
@@ -363,7 +347,10 @@ impl Round {
             (done.finish)(Ok(()));
         }
         self.counters.writes.fetch_add(wrote, Ordering::Relaxed);
-        self.counters.commits.fetch_add(1, Ordering::Relaxed);
+        // A lone write that failed was rolled back: no commit, no sync.
+        if wrote > 0 || !single {
+            self.counters.commits.fetch_add(1, Ordering::Relaxed);
+        }
         if wrote > 0 {
             self.committed.notify_one();
         }

@@ -1,8 +1,8 @@
 //! A full disk under a store, on a real tmpfs: every commit either
 //! succeeds and is kept, or fails and leaves nothing; after a failed commit
-//! no pooled connection is left inside its transaction (where later
-//! "commits" would nest as savepoints that never reach the disk, holding
-//! the write lock); and the store takes writes again when space returns,
+//! the writer's connection is not left inside its transaction (where later
+//! rounds would nest as savepoints that never reach the disk, holding the
+//! write lock); and the store takes writes again when space returns,
 //! without being reopened.
 
 use eventos_core::Event;

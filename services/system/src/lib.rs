@@ -226,67 +226,61 @@ impl System {
     }
 }
 
-/// The process-wide Prometheus recorder (a recorder can be installed once).
 /// What the stores' writers and the log have synced, in the Prometheus
 /// text format: `eventos bench accept` divides these by the messages
 /// accepted to report the syncs each one cost.
 fn durability_metrics(stores: &[Store], log: Option<&eventos_log::LogTransport>) -> String {
     use std::fmt::Write as _;
     let mut text = String::new();
-    type Series = (
-        &'static str,
-        &'static str,
-        fn(&eventos_outbox::StoreStats) -> u64,
-    );
-    let series: [Series; 4] = [
-        (
-            "eventos_store_commits_total",
-            "Rounds the store's writer committed, one sync of its write-ahead log each.",
-            |s| s.commits,
-        ),
-        (
-            "eventos_store_writes_total",
-            "Writes committed (many per round under load).",
-            |s| s.writes,
-        ),
-        (
-            "eventos_store_failed_writes_total",
-            "Writes refused, by their own error or their round's.",
-            |s| s.failed_writes,
-        ),
-        (
-            "eventos_store_checkpoints_total",
-            "Background checkpoints of the write-ahead log.",
-            |s| s.checkpoints,
-        ),
-    ];
-    for (name, help, value) in series {
+    let mut counter = |name: &str, help: &str, samples: &[(String, u64)]| {
         let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} counter");
-        for store in stores {
-            let _ = writeln!(
-                text,
-                "{name}{{store=\"{}\"}} {}",
-                store.name(),
-                value(&store.stats())
-            );
+        for (labels, value) in samples {
+            let _ = writeln!(text, "{name}{labels} {value}");
         }
-    }
+    };
+    let per_store = |value: fn(&eventos_outbox::StoreStats) -> u64| -> Vec<(String, u64)> {
+        stores
+            .iter()
+            .map(|s| (format!("{{store=\"{}\"}}", s.name()), value(&s.stats())))
+            .collect()
+    };
+    counter(
+        "eventos_store_commits_total",
+        "Rounds the store's writer committed, one sync of its write-ahead log each.",
+        &per_store(|s| s.commits),
+    );
+    counter(
+        "eventos_store_writes_total",
+        "Writes committed (many per round under load).",
+        &per_store(|s| s.writes),
+    );
+    counter(
+        "eventos_store_failed_writes_total",
+        "Writes refused, by their own error or their round's.",
+        &per_store(|s| s.failed_writes),
+    );
+    counter(
+        "eventos_store_checkpoints_total",
+        "Background checkpoints of the write-ahead log.",
+        &per_store(|s| s.checkpoints),
+    );
     if let Some(log) = log {
         let stats = log.stats();
-        let _ = writeln!(
-            text,
-            "# HELP eventos_log_syncs_total fdatasyncs of the embedded log.\n# TYPE eventos_log_syncs_total counter\neventos_log_syncs_total {}",
-            stats.syncs
+        counter(
+            "eventos_log_syncs_total",
+            "fdatasyncs of the embedded log.",
+            &[(String::new(), stats.syncs)],
         );
-        let _ = writeln!(
-            text,
-            "# HELP eventos_log_events_appended_total Events the embedded log made durable.\n# TYPE eventos_log_events_appended_total counter\neventos_log_events_appended_total {}",
-            stats.events_appended
+        counter(
+            "eventos_log_events_appended_total",
+            "Events the embedded log made durable.",
+            &[(String::new(), stats.events_appended)],
         );
     }
     text
 }
 
+/// The process-wide Prometheus recorder (a recorder can be installed once).
 fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
