@@ -13,12 +13,22 @@ async fn metadata_names_the_single_broker_and_a_new_topic() {
     let admin = kafka_admin();
     let topic = unique("eventos-smoke-meta");
     create_topic(&admin, &topic).await;
-    let metadata = tokio::task::block_in_place(|| {
-        admin
-            .inner()
-            .fetch_metadata(Some(&topic), Duration::from_secs(30))
-            .expect("a metadata response")
-    });
+    // A created topic reaches the broker's metadata cache a moment after
+    // the create answers: ask until it is known, within a deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let metadata = loop {
+        let metadata = tokio::task::block_in_place(|| {
+            admin
+                .inner()
+                .fetch_metadata(Some(&topic), Duration::from_secs(30))
+                .expect("a metadata response")
+        });
+        let known = metadata.topics().iter().all(|t| t.error().is_none());
+        if known || std::time::Instant::now() >= deadline {
+            break metadata;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let brokers: Vec<_> = metadata
         .brokers()
         .iter()
