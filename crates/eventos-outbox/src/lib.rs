@@ -32,6 +32,10 @@
 mod locks;
 mod writer;
 
+/// The SQLite driver writes run on ([`Store::write`] hands them a
+/// [`rusqlite::Connection`]); reads go through [`Store::pool`].
+pub use rusqlite;
+
 pub use locks::{KeyGuard, KeyLocks};
 pub use writer::StoreStats;
 
@@ -41,9 +45,8 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use eventos_core::{Event, EventError, Publisher, TransportError};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
-};
+use rusqlite::Connection;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row as _, SqlitePool};
 use tokio::sync::Notify;
 
@@ -54,6 +57,9 @@ pub enum OutboxError {
     /// The database refused or failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A statement of a write failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// The schema could not be brought up to date.
     #[error("cannot migrate the database: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -72,7 +78,7 @@ pub enum OutboxError {
     /// The write itself succeeded but its round could not commit (a full
     /// disk, an I/O error): nothing of it was kept.
     #[error("the write could not be committed: {0}")]
-    Commit(Arc<sqlx::Error>),
+    Commit(Arc<rusqlite::Error>),
     /// The write panicked; it was rolled back alone.
     #[error("the write panicked and was rolled back")]
     WritePanicked,
@@ -192,7 +198,7 @@ impl Store {
             .pragma("wal_autocheckpoint", "0");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options.clone())
+            .connect_with(options)
             .await?;
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
@@ -204,7 +210,7 @@ impl Store {
         let wake = Arc::new(Notify::new());
         let writer = writer::Writer::start(
             name.clone(),
-            options,
+            path.to_owned(),
             Arc::clone(&counters),
             Arc::clone(&wake),
         )
@@ -246,16 +252,17 @@ impl Store {
     /// waited with it, each under its own savepoint: if `f` fails, its
     /// changes alone are rolled back and its error comes back; if the
     /// round cannot commit, every write of it fails
-    /// ([`OutboxError::Commit`]) and nothing of them is kept. So `f` does
-    /// database work only: whatever it awaits, every other writer waits
-    /// for too.
+    /// ([`OutboxError::Commit`]) and nothing of them is kept. `f` is
+    /// synchronous and does database work only: whatever it waited for,
+    /// every other writer would wait for too. It must not end the
+    /// transaction it is given.
     ///
     /// # Errors
     ///
     /// `f`'s own error, or [`OutboxError`] (converted) if the round failed.
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
-        F: AsyncFnOnce(&mut SqliteConnection) -> Result<T, E> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
         E: From<OutboxError> + Send + 'static,
     {
@@ -337,20 +344,16 @@ async fn checkpoints(store: Weak<Inner>) {
 /// # Errors
 ///
 /// [`OutboxError::Database`]; the caller's transaction should then roll back.
-pub async fn enqueue(
-    tx: &mut SqliteConnection,
-    topic: &str,
-    event: &Event,
-) -> Result<(), OutboxError> {
-    sqlx::query(
+pub fn enqueue(tx: &Connection, topic: &str, event: &Event) -> Result<(), OutboxError> {
+    tx.prepare_cached(
         "INSERT INTO eventos_outbox (topic, event_id, event, created_ms) VALUES (?, ?, ?, ?)",
-    )
-    .bind(topic)
-    .bind(event.id())
-    .bind(event.to_json())
-    .bind(now_ms())
-    .execute(tx)
-    .await?;
+    )?
+    .execute(rusqlite::params![
+        topic,
+        event.id(),
+        event.to_json(),
+        now_ms()
+    ])?;
     Ok(())
 }
 
@@ -361,21 +364,14 @@ pub async fn enqueue(
 /// # Errors
 ///
 /// [`OutboxError::Database`].
-pub async fn first_delivery(
-    tx: &mut SqliteConnection,
-    consumer: &str,
-    event_id: &str,
-) -> Result<bool, OutboxError> {
-    let done = sqlx::query(
-        "INSERT INTO eventos_inbox (consumer, event_id, handled_ms) VALUES (?, ?, ?)
-         ON CONFLICT (consumer, event_id) DO NOTHING",
-    )
-    .bind(consumer)
-    .bind(event_id)
-    .bind(now_ms())
-    .execute(tx)
-    .await?;
-    Ok(done.rows_affected() == 1)
+pub fn first_delivery(tx: &Connection, consumer: &str, event_id: &str) -> Result<bool, OutboxError> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO eventos_inbox (consumer, event_id, handled_ms) VALUES (?, ?, ?)
+             ON CONFLICT (consumer, event_id) DO NOTHING",
+        )?
+        .execute(rusqlite::params![consumer, event_id, now_ms()])?;
+    Ok(inserted == 1)
 }
 
 /// Sent rows removed per write by [`Relay::purge_sent`].
@@ -457,16 +453,12 @@ impl Relay {
         if !ranges.is_empty() {
             let at = now_ms();
             self.store
-                .write(async move |c: &mut SqliteConnection| {
+                .write(move |c: &Connection| {
+                    let mut mark = c.prepare_cached(
+                        "UPDATE eventos_outbox SET sent_ms = ? WHERE seq BETWEEN ? AND ? AND sent_ms IS NULL",
+                    )?;
                     for (first, last) in ranges {
-                        sqlx::query(
-                            "UPDATE eventos_outbox SET sent_ms = ? WHERE seq BETWEEN ? AND ? AND sent_ms IS NULL",
-                        )
-                        .bind(at)
-                        .bind(first)
-                        .bind(last)
-                        .execute(&mut *c)
-                        .await?;
+                        mark.execute(rusqlite::params![at, first, last])?;
                     }
                     Ok::<_, OutboxError>(())
                 })
@@ -488,16 +480,14 @@ impl Relay {
         loop {
             let done = self
                 .store
-                .write(async move |c: &mut SqliteConnection| {
-                    let done = sqlx::query(
-                        "DELETE FROM eventos_outbox WHERE seq IN \
-                         (SELECT seq FROM eventos_outbox WHERE sent_ms IS NOT NULL AND sent_ms < ? LIMIT ?)",
-                    )
-                    .bind(cutoff)
-                    .bind(PURGE_SLICE)
-                    .execute(&mut *c)
-                    .await?;
-                    Ok::<_, OutboxError>(done.rows_affected())
+                .write(move |c: &Connection| {
+                    let done = c
+                        .prepare_cached(
+                            "DELETE FROM eventos_outbox WHERE seq IN \
+                             (SELECT seq FROM eventos_outbox WHERE sent_ms IS NOT NULL AND sent_ms < ? LIMIT ?)",
+                        )?
+                        .execute(rusqlite::params![cutoff, PURGE_SLICE])?;
+                    Ok::<_, OutboxError>(done as u64)
                 })
                 .await?;
             purged += done;

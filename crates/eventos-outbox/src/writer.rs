@@ -11,22 +11,23 @@
 //! hundreds of writes for one sync; at rest a lone write costs what it
 //! did before.
 //!
-//! The writer is a thread with a runtime of its own, like the log's
-//! writer: the write closures run there, so their futures need not be
-//! `Send`, and a slow caller's runtime never delays a round.
+//! The writer is a thread that owns its connection and runs the writes'
+//! statements itself, synchronously. An async driver would send each
+//! statement to a thread of its own and wait for the answer: two context
+//! switches per statement, which cost more than SQLite's work and, at a
+//! few statements per write and hundreds of writes per round, made the
+//! writer the bottleneck. A write is therefore a plain closure over the
+//! connection; it cannot await, which is the rule anyway (whatever it
+//! waited for, every other writer would wait for too).
 
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
-
-use futures::FutureExt as _;
-use std::pin::Pin;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use sqlx::{ConnectOptions as _, Connection as _};
-use tokio::sync::{Notify, mpsc, oneshot};
+use rusqlite::Connection;
+use tokio::sync::{Notify, oneshot};
 
 use crate::OutboxError;
 
@@ -34,13 +35,14 @@ use crate::OutboxError;
 /// one round's callers do not wait for an unbounded queue to run.
 const ROUND_MAX: usize = 1024;
 
+/// Prepared statements the writer keeps: every statement a service's
+/// writes use, so none is parsed twice.
+const STATEMENT_CACHE: usize = 256;
+
 /// A write, type-erased: runs on the writer's connection inside the
 /// round's transaction, or is refused unrun when the round failed first.
 trait Job: Send {
-    fn run<'c>(
-        self: Box<Self>,
-        conn: &'c mut SqliteConnection,
-    ) -> Pin<Box<dyn Future<Output = Ran> + 'c>>;
+    fn run(self: Box<Self>, conn: &Connection) -> Ran;
     fn refuse(self: Box<Self>, error: OutboxError);
 }
 
@@ -48,7 +50,7 @@ trait Job: Send {
 /// known.
 struct Ran {
     ok: bool,
-    finish: Box<dyn FnOnce(Result<(), Arc<sqlx::Error>>) + Send>,
+    finish: Box<dyn FnOnce(Result<(), Arc<rusqlite::Error>>) + Send>,
 }
 
 struct Write<F, T, E> {
@@ -63,53 +65,47 @@ struct Write<F, T, E> {
 
 impl<F, T, E> Job for Write<F, T, E>
 where
-    F: AsyncFnOnce(&mut SqliteConnection) -> Result<T, E> + Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
     T: Send + 'static,
     E: From<OutboxError> + Send + 'static,
 {
-    fn run<'c>(
-        self: Box<Self>,
-        conn: &'c mut SqliteConnection,
-    ) -> Pin<Box<dyn Future<Output = Ran> + 'c>> {
+    fn run(self: Box<Self>, conn: &Connection) -> Ran {
         let Write {
             f,
             answer,
             context,
             span,
         } = *self;
-        Box::pin(async move {
-            // A panic inside a write is that write's failure, not the
-            // writer's.
-            let write =
-                tracing::Instrument::instrument(AssertUnwindSafe(f(conn)).catch_unwind(), span);
-            let outcome = match context {
-                Some(context) => context.scope(write).await,
-                None => write.await,
-            };
-            match outcome {
-                Ok(Ok(value)) => Ran {
-                    ok: true,
-                    finish: Box::new(move |round| {
-                        let _ = answer.send(match round {
-                            Ok(()) => Ok(value),
-                            Err(e) => Err(OutboxError::Commit(e).into()),
-                        });
-                    }),
-                },
-                Ok(Err(e)) => Ran {
-                    ok: false,
-                    finish: Box::new(move |_| {
-                        let _ = answer.send(Err(e));
-                    }),
-                },
-                Err(_) => Ran {
-                    ok: false,
-                    finish: Box::new(move |_| {
-                        let _ = answer.send(Err(OutboxError::WritePanicked.into()));
-                    }),
-                },
-            }
-        })
+        let _entered = span.enter();
+        // A panic inside a write is that write's failure, not the
+        // writer's.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| match context {
+            Some(context) => context.sync_scope(|| f(conn)),
+            None => f(conn),
+        }));
+        match outcome {
+            Ok(Ok(value)) => Ran {
+                ok: true,
+                finish: Box::new(move |round| {
+                    let _ = answer.send(match round {
+                        Ok(()) => Ok(value),
+                        Err(e) => Err(OutboxError::Commit(e).into()),
+                    });
+                }),
+            },
+            Ok(Err(e)) => Ran {
+                ok: false,
+                finish: Box::new(move |_| {
+                    let _ = answer.send(Err(e));
+                }),
+            },
+            Err(_) => Ran {
+                ok: false,
+                finish: Box::new(move |_| {
+                    let _ = answer.send(Err(OutboxError::WritePanicked.into()));
+                }),
+            },
+        }
     }
 
     fn refuse(self: Box<Self>, error: OutboxError) {
@@ -164,50 +160,51 @@ enum Request {
 /// The sending half: what a [`crate::Store`] holds.
 #[derive(Debug, Clone)]
 pub(crate) struct Writer {
-    jobs: mpsc::UnboundedSender<Request>,
+    jobs: mpsc::Sender<Request>,
+}
+
+/// Opens the writer's connection the way every store's is: full
+/// synchronous commits in WAL mode, and no automatic checkpoints (the
+/// background task's, so no commit pays for one).
+fn connect(path: &std::path::Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+         PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 0;",
+    )?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
 }
 
 impl Writer {
     /// Opens the writer's own connection and starts its thread.
     pub(crate) async fn start(
         name: String,
-        options: SqliteConnectOptions,
+        path: PathBuf,
         counters: Arc<Counters>,
         committed: Arc<Notify>,
     ) -> Result<Self, OutboxError> {
-        let (jobs, queue) = mpsc::unbounded_channel();
+        let (jobs, queue) = mpsc::channel();
         let (opened, ready) = oneshot::channel();
         std::thread::Builder::new()
             .name(format!("store-{name}"))
             .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(r) => r,
+                let conn = match connect(&path) {
+                    Ok(c) => c,
                     Err(e) => {
-                        let _ = opened.send(Err(OutboxError::Database(sqlx::Error::Io(e))));
+                        let _ = opened.send(Err(OutboxError::Sqlite(e)));
                         return;
                     }
                 };
-                runtime.block_on(async move {
-                    let conn = match options.connect().await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            let _ = opened.send(Err(e.into()));
-                            return;
-                        }
-                    };
-                    let _ = opened.send(Ok(()));
-                    Round {
-                        conn: Some(conn),
-                        options,
-                        counters,
-                        committed,
-                    }
-                    .serve(queue)
-                    .await;
-                });
+                let _ = opened.send(Ok(()));
+                Round {
+                    conn: Some(conn),
+                    path,
+                    counters,
+                    committed,
+                }
+                .serve(&queue);
             })
             .map_err(|e| OutboxError::Database(sqlx::Error::Io(e)))?;
         ready.await.map_err(|_| OutboxError::WriterGone)??;
@@ -227,7 +224,7 @@ impl Writer {
     /// result) or failed (the round's error).
     pub(crate) async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
-        F: AsyncFnOnce(&mut SqliteConnection) -> Result<T, E> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
         E: From<OutboxError> + Send + 'static,
     {
@@ -250,73 +247,72 @@ impl Writer {
 struct Round {
     /// `None` after the connection had to be dropped; reopened at the
     /// next round.
-    conn: Option<SqliteConnection>,
-    options: SqliteConnectOptions,
+    conn: Option<Connection>,
+    path: PathBuf,
     counters: Arc<Counters>,
     committed: Arc<Notify>,
 }
 
 impl Round {
-    async fn serve(mut self, mut queue: mpsc::UnboundedReceiver<Request>) {
-        let mut requests = Vec::with_capacity(ROUND_MAX);
+    fn serve(mut self, queue: &mpsc::Receiver<Request>) {
         let mut jobs = Vec::with_capacity(ROUND_MAX);
         let mut closed = false;
-        while queue.recv_many(&mut requests, ROUND_MAX).await > 0 {
-            for request in requests.drain(..) {
+        // Blocks for the first request of a round, then takes whatever
+        // else is already queued.
+        while let Ok(first) = queue.recv() {
+            let mut next = Some(first);
+            while let Some(request) = next.take() {
                 match request {
                     Request::Write(job) if closed => job.refuse(OutboxError::WriterGone),
                     Request::Write(job) => jobs.push(job),
                     Request::Close(done) => {
                         // What was queued before the close still runs.
                         if !jobs.is_empty() {
-                            self.run(&mut jobs).await;
+                            self.run(&mut jobs);
                         }
-                        if let Some(conn) = self.conn.take() {
-                            let _ = conn.close().await;
-                        }
+                        self.conn = None;
                         closed = true;
                         let _ = done.send(());
                     }
                 }
+                if jobs.len() < ROUND_MAX {
+                    next = queue.try_recv().ok();
+                }
             }
             if !jobs.is_empty() {
-                self.run(&mut jobs).await;
+                self.run(&mut jobs);
             }
-        }
-        if let Some(conn) = self.conn.take() {
-            let _ = conn.close().await;
         }
     }
 
-    async fn run(&mut self, jobs: &mut Vec<Box<dyn Job>>) {
+    fn run(&mut self, jobs: &mut Vec<Box<dyn Job>>) {
         let started = Instant::now();
         let count = jobs.len();
         if self.conn.is_none() {
-            match self.options.connect().await {
+            match connect(&self.path) {
                 Ok(conn) => self.conn = Some(conn),
                 Err(e) => return self.fail_round(e, Vec::new(), jobs),
             }
         }
-        let conn = self.conn.as_mut().expect("opened above");
-        // Every statement is a round trip to the driver's thread, so the
-        // bookkeeping between two writes goes in one batch: a write's
-        // savepoint is released (or rolled back to) and the next one's
-        // opened together, and the last one's with the COMMIT. A lone
-        // write needs no savepoint: its failure rolls back the round.
+        let conn = self.conn.take().expect("opened above");
+        // A lone write needs no savepoint: its failure rolls back the
+        // round.
         let single = count == 1;
         let opening = if single {
             "BEGIN IMMEDIATE"
         } else {
             "BEGIN IMMEDIATE; SAVEPOINT w"
         };
-        if let Err(e) = sqlx::raw_sql(opening).execute(&mut *conn).await {
+        if let Err(e) = conn.execute_batch(opening) {
+            self.conn = Some(conn);
+            self.abandon();
             return self.fail_round(e, Vec::new(), jobs);
         }
         let mut ran = Vec::with_capacity(count);
         let mut queued = jobs.drain(..).peekable();
         let mut settled = Ok(());
         while let Some(job) = queued.next() {
-            let done = job.run(conn).await;
+            let done = job.run(&conn);
             let last = queued.peek().is_none();
             let step = match (single, done.ok, last) {
                 (true, true, _) => "COMMIT",
@@ -327,14 +323,15 @@ impl Round {
                 (false, false, true) => "ROLLBACK TO w; RELEASE w; COMMIT",
             };
             ran.push(done);
-            if let Err(e) = sqlx::raw_sql(step).execute(&mut *conn).await {
+            if let Err(e) = conn.execute_batch(step) {
                 settled = Err(e);
                 break;
             }
         }
         let mut unrun: Vec<Box<dyn Job>> = queued.collect();
+        self.conn = Some(conn);
         if let Err(e) = settled {
-            self.abandon().await;
+            self.abandon();
             return self.fail_round(e, ran, &mut unrun);
         }
         let mut wrote = 0;
@@ -360,21 +357,18 @@ impl Round {
     }
 
     /// Rolls back what is left of a failed round. A COMMIT that failed
-    /// (a full disk) leaves the transaction open; a connection that cannot
-    /// even roll back is dropped and reopened next round, so no later
-    /// round nests inside a transaction that never ends.
-    async fn abandon(&mut self) {
-        let Some(conn) = self.conn.as_mut() else {
+    /// (a full disk) leaves the transaction open; SQLite rolls some back
+    /// itself (on some I/O errors). A connection that cannot even roll
+    /// back is dropped and reopened next round, so no later round nests
+    /// inside a transaction that never ends.
+    fn abandon(&mut self) {
+        let Some(conn) = self.conn.as_ref() else {
             return;
         };
-        let rolled_back = match sqlx::query("ROLLBACK").execute(&mut *conn).await {
-            Ok(_) => true,
-            // "cannot rollback - no transaction is active": SQLite has
-            // rolled it back itself (it does on some I/O errors).
-            Err(sqlx::Error::Database(e)) => e.message().contains("no transaction"),
-            Err(_) => false,
-        };
-        if !rolled_back {
+        if conn.is_autocommit() {
+            return;
+        }
+        if conn.execute_batch("ROLLBACK").is_err() || !conn.is_autocommit() {
             tracing::warn!("the store's writer could not roll back a failed round; reconnecting");
             self.conn = None;
         }
@@ -382,7 +376,7 @@ impl Round {
 
     /// Answers every write of a failed round: those whose own closure
     /// failed with their own error, the others with the round's.
-    fn fail_round(&self, error: sqlx::Error, ran: Vec<Ran>, unrun: &mut Vec<Box<dyn Job>>) {
+    fn fail_round(&self, error: rusqlite::Error, ran: Vec<Ran>, unrun: &mut Vec<Box<dyn Job>>) {
         let writes = ran.len() + unrun.len();
         tracing::warn!(error = %error, writes, "a store round failed; its writes are refused");
         let error = Arc::new(error);

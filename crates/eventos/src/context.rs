@@ -105,6 +105,12 @@ impl Context {
         CURRENT.scope(self, fut).await
     }
 
+    /// Runs `f` with this context current, for work done synchronously on
+    /// another thread on behalf of a handler (a store's writer).
+    pub fn sync_scope<R>(self, f: impl FnOnce() -> R) -> R {
+        CURRENT.sync_scope(self, f)
+    }
+
     /// A new event for a typed payload from `source`, stamped with the
     /// current context — or, outside any handler, a new operation's. For
     /// events that leave through an outbox rather than a [`Bus`](crate::Bus).

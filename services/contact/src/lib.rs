@@ -39,7 +39,8 @@ use school_http::{
     StrictJson, has_control, holds_card_number, mask_card_numbers, now_ms, rfc3339_ms,
 };
 use serde::{Deserialize, Serialize};
-use sqlx::{Row as _, SqliteConnection};
+use eventos_outbox::rusqlite::{self, Connection, params};
+use sqlx::Row as _;
 
 /// The migrations of the contact database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -196,25 +197,18 @@ fn unavailable(e: &dyn std::fmt::Display) -> Problem {
     )
 }
 
-async fn timeline(
-    tx: &mut sqlx::SqliteConnection,
+fn timeline(
+    tx: &Connection,
     message_id: &str,
     kind: &str,
     service: &str,
     attempt: u32,
     detail: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached(
         "INSERT INTO contact_timeline (message_id, at_ms, event_type, service, attempt, detail) VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(message_id)
-    .bind(now_ms())
-    .bind(kind)
-    .bind(service)
-    .bind(attempt)
-    .bind(detail)
-    .execute(tx)
-    .await?;
+    )?
+    .execute(params![message_id, now_ms(), kind, service, attempt, detail])?;
     Ok(())
 }
 
@@ -321,38 +315,39 @@ impl Contact {
         let batch = DELAY_SWEEP_BATCH;
         let count = self
             .store
-            .write(async move |tx: &mut SqliteConnection| {
-                let late = sqlx::query(
-                    "SELECT id, email, subject, created_ms FROM contact_messages \
-                     WHERE delayed_ms IS NULL AND status NOT IN ('sent', 'failed') AND created_ms <= ? \
-                     ORDER BY created_ms LIMIT ?",
-                )
-                .bind(now.saturating_sub(window))
-                .bind(batch)
-                .fetch_all(&mut *tx)
-                .await?;
-                for row in &late {
-                    let id: String = row.get("id");
-                    let waiting_ms =
-                        u64::try_from(now - row.get::<i64, _>("created_ms")).unwrap_or(0);
-                    sqlx::query("UPDATE contact_messages SET delayed_ms = ? WHERE id = ?")
-                        .bind(now)
-                        .bind(&id)
-                        .execute(&mut *tx)
-                        .await?;
+            .write(move |tx: &Connection| {
+                let late = tx
+                    .prepare_cached(
+                        "SELECT id, email, subject, created_ms FROM contact_messages \
+                         WHERE delayed_ms IS NULL AND status NOT IN ('sent', 'failed') AND created_ms <= ? \
+                         ORDER BY created_ms LIMIT ?",
+                    )?
+                    .query_map(params![now.saturating_sub(window), batch], |row| {
+                        Ok((
+                            row.get::<_, String>("id")?,
+                            row.get::<_, String>("email")?,
+                            row.get::<_, String>("subject")?,
+                            row.get::<_, i64>("created_ms")?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                for (id, email, subject, created_ms) in &late {
+                    let waiting_ms = u64::try_from(now - created_ms).unwrap_or(0);
+                    tx.prepare_cached("UPDATE contact_messages SET delayed_ms = ? WHERE id = ?")?
+                        .execute(params![now, id])?;
                     let detail = format!(
                         "not sent after {} s; still trying, the sender is told",
                         waiting_ms / 1000
                     );
-                    timeline(tx, &id, ContactMessageDelayed::TYPE, GROUP, 0, Some(&detail)).await?;
+                    timeline(tx, id, ContactMessageDelayed::TYPE, GROUP, 0, Some(&detail))?;
                     let delayed = ContactMessageDelayed {
                         message_id: id.clone(),
-                        email: row.get("email"),
-                        subject: row.get("subject"),
+                        email: email.clone(),
+                        subject: subject.clone(),
                         waiting_ms,
                     };
                     let event = Context::new_event(SOURCE, &delayed)?;
-                    enqueue(tx, topics::CONTACT_DELAYED, &event).await?;
+                    enqueue(tx, topics::CONTACT_DELAYED, &event)?;
                 }
                 Ok::<_, eventos::BoxError>(late.len())
             })
@@ -379,21 +374,13 @@ impl Contact {
         let notifications_token = self.config.notifications_key.token(&m.email);
         let row_id = id.clone();
         self.store
-            .write(async move |tx: &mut SqliteConnection| {
-                sqlx::query(
+            .write(move |tx: &Connection| {
+                tx.prepare_cached(
                     "INSERT INTO contact_messages (id, name, email, subject, message, status, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
-                )
-                .bind(&row_id)
-                .bind(&m.name)
-                .bind(&email)
-                .bind(&m.subject)
-                .bind(&m.message)
-                .bind(now)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                timeline(tx, &row_id, "received", "contact", 1, None).await?;
-                enqueue(tx, topics::MAIL_REQUESTS, &ev).await
+                )?
+                .execute(params![row_id, m.name, email, m.subject, m.message, now, now])?;
+                timeline(tx, &row_id, "received", "contact", 1, None)?;
+                enqueue(tx, topics::MAIL_REQUESTS, &ev)
             })
             .await
             .map_err(|e| unavailable(&e))?;
@@ -466,24 +453,21 @@ impl Contact {
             detail.map(str::to_owned),
         );
         self.store
-            .write(async move |tx: &mut SqliteConnection| {
-                if !first_delivery(tx, GROUP, &event_id).await? {
+            .write(move |tx: &Connection| {
+                if !first_delivery(tx, GROUP, &event_id)? {
                     return Ok(());
                 }
                 // A deferral arriving after the final outcome must not
                 // undo it.
-                let updated = sqlx::query(
-                    "UPDATE contact_messages SET status = COALESCE(?, status), updated_ms = ? WHERE id = ?",
-                )
-                .bind(&status)
-                .bind(now_ms())
-                .bind(&about)
-                .execute(&mut *tx)
-                .await?;
+                let updated = tx
+                    .prepare_cached(
+                        "UPDATE contact_messages SET status = COALESCE(?, status), updated_ms = ? WHERE id = ?",
+                    )?
+                    .execute(params![status, now_ms(), about])?;
                 // Mail about other things (student notices) is not ours to
                 // track.
-                if updated.rows_affected() == 1 {
-                    timeline(tx, &about, &ty, &service, attempt, detail.as_deref()).await?;
+                if updated == 1 {
+                    timeline(tx, &about, &ty, &service, attempt, detail.as_deref())?;
                 }
                 Ok::<_, OutboxError>(())
             })
