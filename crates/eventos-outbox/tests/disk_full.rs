@@ -6,22 +6,19 @@
 //! without being reopened.
 
 use eventos_core::Event;
+use eventos_outbox::rusqlite::{Connection, params};
 use eventos_outbox::{OutboxError, Store, enqueue};
 use eventos_test_brokers::TinyFs;
-use sqlx::SqliteConnection;
 
 /// One request's work: a row of its own and an outbox event, in one
 /// transaction. `Ok` means committed.
 async fn write(store: &Store, id: i64) -> Result<(), String> {
     store
-        .write(async move |c: &mut SqliteConnection| {
-            sqlx::query("INSERT INTO requests (id, body) VALUES (?, ?)")
-                .bind(id)
-                .bind(vec![7u8; 3000])
-                .execute(&mut *c)
-                .await?;
+        .write(move |c: &Connection| {
+            c.prepare_cached("INSERT INTO requests (id, body) VALUES (?, ?)")?
+                .execute(params![id, vec![7u8; 3000]])?;
             let event = Event::builder("/test", "test.request.v1").build().unwrap();
-            enqueue(c, "requests", &event).await
+            enqueue(c, "requests", &event)
         })
         .await
         .map_err(|e: OutboxError| e.to_string())

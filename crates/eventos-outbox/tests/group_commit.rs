@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use eventos_outbox::rusqlite::Connection;
 use eventos_outbox::{OutboxError, Store};
-use sqlx::SqliteConnection;
 
 async fn store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
@@ -24,11 +24,9 @@ async fn stored(store: &Store) -> Vec<i64> {
         .unwrap()
 }
 
-async fn insert(c: &mut SqliteConnection, n: i64) -> Result<(), OutboxError> {
-    sqlx::query("INSERT INTO things (n) VALUES (?)")
-        .bind(n)
-        .execute(&mut *c)
-        .await?;
+fn insert(c: &Connection, n: i64) -> Result<(), OutboxError> {
+    c.prepare_cached("INSERT INTO things (n) VALUES (?)")?
+        .execute([n])?;
     Ok(())
 }
 
@@ -40,8 +38,8 @@ async fn concurrent_writes_share_commits_and_a_failing_one_rolls_back_alone() {
         let store = store.clone();
         tokio::spawn(async move {
             store
-                .write(async move |c: &mut SqliteConnection| {
-                    insert(c, n).await?;
+                .write(move |c: &Connection| {
+                    insert(c, n)?;
                     match n % 7 {
                         0 => Err(OutboxError::WriterGone),
                         3 if n % 2 == 1 => panic!("write {n} panics"),
@@ -78,33 +76,26 @@ async fn concurrent_writes_share_commits_and_a_failing_one_rolls_back_alone() {
         stats.commits
     );
     // A constraint violation is the write's own failure too.
-    let dup = store
-        .write(async |c: &mut SqliteConnection| insert(c, 1).await)
-        .await;
-    assert!(matches!(dup, Err(OutboxError::Database(_))), "{dup:?}");
-    store
-        .write(async |c: &mut SqliteConnection| insert(c, 1000).await)
-        .await
-        .unwrap();
+    let dup = store.write(|c: &Connection| insert(c, 1)).await;
+    assert!(matches!(dup, Err(OutboxError::Sqlite(_))), "{dup:?}");
+    store.write(|c: &Connection| insert(c, 1000)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_do_not_wait_for_a_write_in_progress() {
     let (_dir, store) = store().await;
-    store
-        .write(async |c: &mut SqliteConnection| insert(c, 1).await)
-        .await
-        .unwrap();
-    let (release, hold) = tokio::sync::oneshot::channel::<()>();
+    store.write(|c: &Connection| insert(c, 1)).await.unwrap();
+    // The write blocks the writer's thread on purpose: a plain channel.
+    let (release, hold) = std::sync::mpsc::channel::<()>();
     let (inside, entered) = tokio::sync::oneshot::channel::<()>();
     let slow = {
         let store = store.clone();
         tokio::spawn(async move {
             store
-                .write(async move |c: &mut SqliteConnection| {
-                    insert(c, 2).await?;
+                .write(move |c: &Connection| {
+                    insert(c, 2)?;
                     inside.send(()).unwrap();
-                    hold.await.unwrap();
+                    hold.recv().unwrap();
                     Ok::<_, OutboxError>(())
                 })
                 .await
@@ -132,11 +123,9 @@ async fn the_write_ahead_log_is_checkpointed_in_the_background() {
         .unwrap();
     for _ in 0..50 {
         store
-            .write(async |c: &mut SqliteConnection| {
-                sqlx::query("INSERT INTO blobs (b) VALUES (?)")
-                    .bind(vec![1u8; 8192])
-                    .execute(&mut *c)
-                    .await?;
+            .write(|c: &Connection| {
+                c.prepare_cached("INSERT INTO blobs (b) VALUES (?)")?
+                    .execute([vec![1u8; 8192]])?;
                 Ok::<_, OutboxError>(())
             })
             .await

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use eventos_core::{Event, StartFrom, Subscriber, Subscription, Transport};
 use eventos_memory::MemoryTransport;
+use eventos_outbox::rusqlite::{self, Connection};
 use eventos_outbox::{OutboxError, Relay, Store, enqueue, first_delivery};
 use futures::StreamExt as _;
-use sqlx::SqliteConnection;
 
 /// A write that changes something and then refuses: rolled back.
 #[derive(Debug)]
@@ -23,8 +23,8 @@ impl From<OutboxError> for Refused {
     }
 }
 
-impl From<sqlx::Error> for Refused {
-    fn from(e: sqlx::Error) -> Self {
+impl From<rusqlite::Error> for Refused {
+    fn from(e: rusqlite::Error) -> Self {
         Self::Store(e.into())
     }
 }
@@ -78,23 +78,18 @@ async fn committed_state_and_events_go_together() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     for n in 0..3 {
         store
-            .write(async move |c: &mut SqliteConnection| {
-                sqlx::query("INSERT INTO things (n) VALUES (?)")
-                    .bind(n)
-                    .execute(&mut *c)
-                    .await?;
-                enqueue(c, "things", &event(n)).await
+            .write(move |c: &Connection| {
+                c.execute("INSERT INTO things (n) VALUES (?)", [n])?;
+                enqueue(c, "things", &event(n))
             })
             .await
             .unwrap();
     }
     // A write that fails leaves neither state nor event.
     let refused = store
-        .write(async |c: &mut SqliteConnection| {
-            sqlx::query("INSERT INTO things (n) VALUES (99)")
-                .execute(&mut *c)
-                .await?;
-            enqueue(c, "things", &event(99)).await?;
+        .write(|c: &Connection| {
+            c.execute("INSERT INTO things (n) VALUES (99)", [])?;
+            enqueue(c, "things", &event(99))?;
             Err::<(), _>(Refused::Refused)
         })
         .await;
@@ -119,10 +114,10 @@ async fn unsent_rows_survive_a_failed_publish_and_a_restart() {
     {
         let store = Store::open(&path).await.unwrap();
         store
-            .write(async |c: &mut SqliteConnection| {
-                enqueue(c, "a", &event(1)).await?;
-                enqueue(c, "b", &event(2)).await?;
-                enqueue(c, "a", &event(3)).await
+            .write(|c: &Connection| {
+                enqueue(c, "a", &event(1))?;
+                enqueue(c, "b", &event(2))?;
+                enqueue(c, "a", &event(3))
             })
             .await
             .unwrap();
@@ -173,7 +168,7 @@ async fn the_relay_wakes_on_commit() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let started = std::time::Instant::now();
     store
-        .write(async |c: &mut SqliteConnection| enqueue(c, "things", &event(5)).await)
+        .write(|c: &Connection| enqueue(c, "things", &event(5)))
         .await
         .unwrap();
     assert_eq!(probe.await.unwrap(), vec![5]);
@@ -189,11 +184,11 @@ async fn the_relay_wakes_on_commit() {
 async fn the_inbox_admits_each_event_once_per_consumer() {
     let (_dir, store) = store().await;
     let firsts = store
-        .write(async |c: &mut SqliteConnection| {
+        .write(|c: &Connection| {
             Ok::<_, OutboxError>([
-                first_delivery(c, "billing", "e1").await?,
-                first_delivery(c, "billing", "e1").await?,
-                first_delivery(c, "metrics", "e1").await?,
+                first_delivery(c, "billing", "e1")?,
+                first_delivery(c, "billing", "e1")?,
+                first_delivery(c, "metrics", "e1")?,
             ])
         })
         .await
@@ -202,17 +197,17 @@ async fn the_inbox_admits_each_event_once_per_consumer() {
 
     // A handler whose write fails did not handle the event.
     let failed = store
-        .write(async |c: &mut SqliteConnection| {
-            assert!(first_delivery(c, "billing", "e2").await?);
+        .write(|c: &Connection| {
+            assert!(first_delivery(c, "billing", "e2")?);
             Err::<(), _>(Refused::Refused)
         })
         .await;
     assert!(failed.is_err());
     let again = store
-        .write(async |c: &mut SqliteConnection| {
+        .write(|c: &Connection| {
             Ok::<_, OutboxError>([
-                first_delivery(c, "billing", "e2").await?,
-                first_delivery(c, "billing", "e1").await?,
+                first_delivery(c, "billing", "e2")?,
+                first_delivery(c, "billing", "e1")?,
             ])
         })
         .await
@@ -225,8 +220,8 @@ async fn a_rolled_back_insert_between_commits_sends_each_row_once() {
     let (_dir, store) = store().await;
     for (n, commit) in [(1, true), (2, false), (3, true)] {
         let done = store
-            .write(async move |c: &mut SqliteConnection| {
-                enqueue(c, "things", &event(n)).await?;
+            .write(move |c: &Connection| {
+                enqueue(c, "things", &event(n))?;
                 if commit {
                     Ok(())
                 } else {
@@ -257,7 +252,7 @@ async fn the_database_and_its_wal_and_shm_are_owner_only() {
     use std::os::unix::fs::PermissionsExt as _;
     let (dir, store) = store().await;
     store
-        .write(async |c: &mut SqliteConnection| enqueue(c, "t", &event(1)).await)
+        .write(|c: &Connection| enqueue(c, "t", &event(1)))
         .await
         .unwrap();
     let mode = |name: &str| {
