@@ -343,7 +343,7 @@ async fn checkpoints(store: Weak<Inner>) {
 ///
 /// # Errors
 ///
-/// [`OutboxError::Database`]; the caller's transaction should then roll back.
+/// [`OutboxError::Sqlite`]; the caller's write should then fail.
 pub fn enqueue(tx: &Connection, topic: &str, event: &Event) -> Result<(), OutboxError> {
     tx.prepare_cached(
         "INSERT INTO eventos_outbox (topic, event_id, event, created_ms) VALUES (?, ?, ?, ?)",
@@ -363,8 +363,12 @@ pub fn enqueue(tx: &Connection, topic: &str, event: &Event) -> Result<(), Outbox
 ///
 /// # Errors
 ///
-/// [`OutboxError::Database`].
-pub fn first_delivery(tx: &Connection, consumer: &str, event_id: &str) -> Result<bool, OutboxError> {
+/// [`OutboxError::Sqlite`].
+pub fn first_delivery(
+    tx: &Connection,
+    consumer: &str,
+    event_id: &str,
+) -> Result<bool, OutboxError> {
     let inserted = tx
         .prepare_cached(
             "INSERT INTO eventos_inbox (consumer, event_id, handled_ms) VALUES (?, ?, ?)
@@ -471,7 +475,7 @@ impl Relay {
     ///
     /// # Errors
     ///
-    /// [`OutboxError::Database`].
+    /// [`OutboxError::Sqlite`].
     pub async fn purge_sent(&self, age: Duration) -> Result<u64, OutboxError> {
         let cutoff = now_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
         // In slices, each its own write: one DELETE of an hour of traffic
