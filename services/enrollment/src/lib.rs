@@ -46,6 +46,7 @@ use axum::response::IntoResponse;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::routing::{get, post};
 use eventos::{Context, HandlerError, Message, ResultExt as _, Route, TypedEvent, typed_with};
+use eventos_outbox::rusqlite::{self, Connection, OptionalExtension as _, params};
 use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
 use futures::{Stream, StreamExt as _};
 use school_events::{
@@ -59,7 +60,7 @@ use school_http::{
     Problem, SseStreams, StrictJson, has_control, holds_card_number, now_ms, rfc3339_ms,
 };
 use serde::{Deserialize, Serialize};
-use sqlx::{Row as _, SqliteConnection};
+use sqlx::Row as _;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
@@ -481,37 +482,43 @@ enum StoreError {
     #[error(transparent)]
     Outbox(#[from] OutboxError),
     #[error(transparent)]
-    Database(#[from] sqlx::Error),
+    Database(#[from] rusqlite::Error),
     #[error("cannot encode an event: {0}")]
     Event(#[from] eventos::EventError),
 }
 
 fn is_unique_violation(e: &StoreError) -> bool {
+    // The extended codes sqlx counted as a unique violation.
     matches!(
         e,
-        StoreError::Database(sqlx::Error::Database(d))
-            | StoreError::Outbox(OutboxError::Database(sqlx::Error::Database(d)))
-            if d.is_unique_violation()
+        StoreError::Database(rusqlite::Error::SqliteFailure(d, _))
+            | StoreError::Outbox(OutboxError::Sqlite(rusqlite::Error::SqliteFailure(d, _)))
+            if d.code == rusqlite::ErrorCode::ConstraintViolation
+                && matches!(
+                    d.extended_code,
+                    rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                        | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                )
     )
 }
 
-async fn add_entry(
-    tx: &mut sqlx::SqliteConnection,
+fn add_entry(
+    tx: &Connection,
     enrollment_id: &str,
     entry: &TimelineEntry,
     at_ms: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached(
         "INSERT INTO enrollment_timeline (enrollment_id, at_ms, event_type, service, attempt, detail) VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(enrollment_id)
-    .bind(at_ms)
-    .bind(&entry.kind)
-    .bind(&entry.service)
-    .bind(entry.attempt)
-    .bind(&entry.detail)
-    .execute(tx)
-    .await?;
+    )?
+    .execute(params![
+        enrollment_id,
+        at_ms,
+        entry.kind,
+        entry.service,
+        entry.attempt,
+        entry.detail
+    ])?;
     Ok(())
 }
 
@@ -827,39 +834,34 @@ impl Enrollment {
         let idempotency = idempotency.map(|(key, digest)| (key.to_owned(), digest.to_owned()));
         let (row_id, checked) = (id.clone(), c.clone());
         self.store
-            .write(async move |tx: &mut SqliteConnection| {
+            .write(move |tx: &Connection| {
                 let (id, c) = (row_id, checked);
-                sqlx::query(
+                tx.prepare_cached(
                     "INSERT INTO enrollments (id, student_name, student_email, course_id, amount_cents, currency, card_brand, card_last4, mode, status, payment_status, created_ms, updated_ms)
                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-                )
-                .bind(&id)
-                .bind(&c.student.name)
-                .bind(&c.student.email)
-                .bind(&c.course_id)
-                // At most MAX_AMOUNT_CENTS, so it fits.
-                .bind(i64::try_from(c.payment.amount_cents).unwrap_or(i64::MAX))
-                .bind(&c.payment.currency)
-                .bind(&c.payment.card.brand)
-                .bind(&c.payment.card.last4)
-                .bind(mode_name(mode))
-                .bind(status)
-                .bind(now)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+                )?
+                .execute(params![
+                    id,
+                    c.student.name,
+                    c.student.email,
+                    c.course_id,
+                    // At most MAX_AMOUNT_CENTS, so it fits.
+                    i64::try_from(c.payment.amount_cents).unwrap_or(i64::MAX),
+                    c.payment.currency,
+                    c.payment.card.brand,
+                    c.payment.card.last4,
+                    mode_name(mode),
+                    status,
+                    now,
+                    now
+                ])?;
                 if let Some((key, digest)) = idempotency {
-                    sqlx::query(
+                    tx.prepare_cached(
                         "INSERT INTO enrollment_idempotency (idempotency_key, request_digest, enrollment_id, created_ms) VALUES (?, ?, ?, ?)",
-                    )
-                    .bind(key)
-                    .bind(digest)
-                    .bind(&id)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
+                    )?
+                    .execute(params![key, digest, id, now])?;
                 }
-                enqueue(tx, topics::PAYMENT_SUBMITTED, &event).await?;
+                enqueue(tx, topics::PAYMENT_SUBMITTED, &event)?;
                 let detail = format!(
                     "{} {} on {} •••• {}",
                     c.payment.amount_cents, c.payment.currency, c.payment.card.brand, c.payment.card.last4
@@ -869,8 +871,7 @@ impl Enrollment {
                     &id,
                     &own_entry(PaymentSubmitted::TYPE, Some(detail), now),
                     now,
-                )
-                .await?;
+                )?;
                 if mode == AcceptanceMode::Optimistic {
                     let row = Row {
                         status: status.into(),
@@ -880,7 +881,7 @@ impl Enrollment {
                         student_email: c.student.email.clone(),
                         created_ms: now,
                     };
-                    Self::announce(tx, &id, &row, "active", None, now).await?;
+                    Self::announce(tx, &id, &row, "active", None, now)?;
                 }
                 Ok::<_, StoreError>(())
             })
@@ -896,8 +897,8 @@ impl Enrollment {
 
     /// Enqueues what reaching `status` causes: the lifecycle event and the
     /// student's mail, with their timeline entries.
-    async fn announce(
-        tx: &mut sqlx::SqliteConnection,
+    fn announce(
+        tx: &Connection,
         id: &str,
         row: &Row,
         status: &str,
@@ -913,14 +914,13 @@ impl Enrollment {
                 activated_at_ms: now,
             };
             let event = Context::new_event(SOURCE, &activated)?;
-            enqueue(tx, topics::ENROLLMENT_ACTIVATED, &event).await?;
+            enqueue(tx, topics::ENROLLMENT_ACTIVATED, &event)?;
             add_entry(
                 tx,
                 id,
                 &own_entry(EnrollmentActivated::TYPE, None, now),
                 now,
-            )
-            .await?;
+            )?;
         } else {
             let rejected = EnrollmentRejected {
                 enrollment_id: id.to_owned(),
@@ -928,14 +928,13 @@ impl Enrollment {
                 reason: reason.unwrap_or_default().to_owned(),
             };
             let event = Context::new_event(SOURCE, &rejected)?;
-            enqueue(tx, topics::ENROLLMENT_REJECTED, &event).await?;
+            enqueue(tx, topics::ENROLLMENT_REJECTED, &event)?;
             add_entry(
                 tx,
                 id,
                 &own_entry(EnrollmentRejected::TYPE, Some(status.to_owned()), now),
                 now,
-            )
-            .await?;
+            )?;
         }
         let (slug, subject, body) = notice(status, &row.course_id, reason);
         let mail = EmailRequested {
@@ -949,14 +948,13 @@ impl Enrollment {
             body: format!("Dear {},\n\n{body}\n", row.student_name),
         };
         let event = Context::new_event(SOURCE, &mail)?;
-        enqueue(tx, topics::MAIL_REQUESTS, &event).await?;
+        enqueue(tx, topics::MAIL_REQUESTS, &event)?;
         add_entry(
             tx,
             id,
             &own_entry(EmailRequested::TYPE, Some(mail.mail_id.clone()), now),
             now,
-        )
-        .await?;
+        )?;
         Ok(())
     }
 
@@ -998,17 +996,17 @@ impl Enrollment {
         let (id, shown) = (id.to_owned(), entry.clone());
         let changed = self
             .store
-            .write(async move |tx: &mut SqliteConnection| {
-                if !first_delivery(tx, GROUP, &event_id).await? {
+            .write(move |tx: &Connection| {
+                if !first_delivery(tx, GROUP, &event_id)? {
                     return Ok(None);
                 }
-                let Some(row) = load(tx, &id).await.transient()? else {
+                let Some(row) = load(tx, &id).transient()? else {
                     // Mail about other things (contact messages) and
                     // verdicts for enrollments this database does not hold
                     // are not ours.
                     return Ok(None);
                 };
-                add_entry(tx, &id, &entry, now).await.transient()?;
+                add_entry(tx, &id, &entry, now).transient()?;
                 let mut status = row.status.clone();
                 if let Effect::Verdict(verdict, ..) = what {
                     let payment_status = match verdict {
@@ -1018,33 +1016,21 @@ impl Enrollment {
                         Verdict::FraudPassed | Verdict::FraudFailed => None,
                     };
                     if let Some(p) = payment_status {
-                        sqlx::query(
+                        tx.prepare_cached(
                             "UPDATE enrollments SET payment_status = ?, updated_ms = ? WHERE id = ?",
                         )
-                        .bind(p)
-                        .bind(now)
-                        .bind(&id)
-                        .execute(&mut *tx)
-                        .await
+                        .and_then(|mut s| s.execute(params![p, now, id]))
                         .transient()?;
                     }
                     if let Some(next) = transition(row.mode, &row.status, verdict) {
                         // Only a refusal has a reason to show.
                         let reason = entry.detail.as_deref().filter(|_| next != "active");
-                        sqlx::query(
+                        tx.prepare_cached(
                             "UPDATE enrollments SET status = ?, reason = ?, updated_ms = ? WHERE id = ? AND status = ?",
                         )
-                        .bind(next)
-                        .bind(reason)
-                        .bind(now)
-                        .bind(&id)
-                        .bind(&row.status)
-                        .execute(&mut *tx)
-                        .await
+                        .and_then(|mut s| s.execute(params![next, reason, now, id, row.status]))
                         .transient()?;
-                        Self::announce(tx, &id, &row, next, reason, now)
-                            .await
-                            .transient()?;
+                        Self::announce(tx, &id, &row, next, reason, now).transient()?;
                         next.clone_into(&mut status);
                     }
                 }
@@ -1142,21 +1128,21 @@ enum Effect {
     Mail(u32, Option<String>),
 }
 
-async fn load(tx: &mut sqlx::SqliteConnection, id: &str) -> Result<Option<Row>, sqlx::Error> {
-    let row = sqlx::query(
+fn load(tx: &Connection, id: &str) -> Result<Option<Row>, rusqlite::Error> {
+    tx.prepare_cached(
         "SELECT status, mode, course_id, student_name, student_email, created_ms FROM enrollments WHERE id = ?",
-    )
-    .bind(id)
-    .fetch_optional(tx)
-    .await?;
-    Ok(row.map(|r| Row {
-        status: r.get("status"),
-        mode: parse_mode(r.get("mode")),
-        course_id: r.get("course_id"),
-        student_name: r.get("student_name"),
-        student_email: r.get("student_email"),
-        created_ms: r.get("created_ms"),
-    }))
+    )?
+    .query_row(params![id], |r| {
+        Ok(Row {
+            status: r.get::<_, String>("status")?,
+            mode: parse_mode(&r.get::<_, String>("mode")?),
+            course_id: r.get::<_, String>("course_id")?,
+            student_name: r.get::<_, String>("student_name")?,
+            student_email: r.get::<_, String>("student_email")?,
+            created_ms: r.get::<_, i64>("created_ms")?,
+        })
+    })
+    .optional()
 }
 
 async fn submit(
