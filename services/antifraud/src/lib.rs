@@ -45,12 +45,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed_with};
+use eventos_outbox::rusqlite::{Connection, params};
 use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
 use rand::Rng as _;
 use school_events::{FraudCheckFailed, FraudCheckPassed, PaymentSubmitted, topics};
 use school_http::{EmailAddress, now_ms};
 use serde::{Deserialize, Serialize};
-use sqlx::SqliteConnection;
 
 /// The migrations of the anti-fraud database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -451,7 +451,7 @@ impl Antifraud {
         let event_id = msg.event().id().to_owned();
         let verdict = self
             .store
-            .write(async move |tx: &mut SqliteConnection| {
+            .write(move |tx: &Connection| {
                 let fingerprint = p.payment.card.fingerprint.trim().to_owned();
                 let email = email_key(&p.student.email);
                 let at_ms = p.submitted_at_ms;
@@ -463,27 +463,23 @@ impl Antifraud {
                 // The inbox insert is the write's first statement: the
                 // counts below see every check committed before, and the
                 // writer runs no other write until this one is done.
-                if !first_delivery(tx, GROUP, &event_id).await? {
+                if !first_delivery(tx, GROUP, &event_id)? {
                     return Ok(None);
                 }
-                let card_count: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM antifraud_checks WHERE fingerprint = ? AND at_ms > ? AND at_ms < ?",
-                )
-                .bind(&fingerprint)
-                .bind(since_ms)
-                .bind(until_ms)
-                .fetch_one(&mut *tx)
-                .await
-                .transient()?;
-                let email_count: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM antifraud_checks WHERE email = ? AND at_ms > ? AND at_ms < ?",
-                )
-                .bind(&email)
-                .bind(since_ms)
-                .bind(until_ms)
-                .fetch_one(&mut *tx)
-                .await
-                .transient()?;
+                let card_count: i64 = tx
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM antifraud_checks WHERE fingerprint = ? AND at_ms > ? AND at_ms < ?",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![fingerprint, since_ms, until_ms], |r| r.get(0))
+                    })
+                    .transient()?;
+                let email_count: i64 = tx
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM antifraud_checks WHERE email = ? AND at_ms > ? AND at_ms < ?",
+                    )
+                    .and_then(|mut s| s.query_row(params![email, since_ms, until_ms], |r| r.get(0)))
+                    .transient()?;
                 let history = History {
                     card_count: u32::try_from(card_count).unwrap_or(u32::MAX),
                     email_count: u32::try_from(email_count).unwrap_or(u32::MAX),
@@ -492,20 +488,22 @@ impl Antifraud {
                 let assessment = assess(&p, &history, &config);
                 let passed = assessment.passes(config.score_threshold);
                 let reasons = serde_json::to_string(&assessment.reasons).permanent()?;
-                sqlx::query(
+                tx.prepare_cached(
                     "INSERT INTO antifraud_checks (event_id, enrollment_id, fingerprint, email, at_ms, score, passed, reasons, checked_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )
-                .bind(&event_id)
-                .bind(&p.enrollment_id)
-                .bind(&fingerprint)
-                .bind(&email)
-                .bind(at_ms)
-                .bind(i64::from(assessment.score))
-                .bind(i64::from(passed))
-                .bind(reasons)
-                .bind(now_ms())
-                .execute(&mut *tx)
-                .await
+                .and_then(|mut s| {
+                    s.execute(params![
+                        event_id,
+                        p.enrollment_id,
+                        fingerprint,
+                        email,
+                        at_ms,
+                        i64::from(assessment.score),
+                        i64::from(passed),
+                        reasons,
+                        now_ms()
+                    ])
+                })
                 .transient()?;
 
                 let enrollment_id = p.enrollment_id.clone();
@@ -528,7 +526,7 @@ impl Antifraud {
                     };
                     (topics::FRAUD_FAILED, Context::new_event(SOURCE, &verdict)?)
                 };
-                enqueue(tx, topic, &event).await?;
+                enqueue(tx, topic, &event)?;
                 Ok::<_, HandlerError>(Some((enrollment_id, score, passed)))
             })
             .await?;

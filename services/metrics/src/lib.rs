@@ -42,13 +42,14 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use eventos::{HandlerError, Message, Route, TypedEvent, typed_with};
+use eventos_outbox::rusqlite::{self, Connection, params};
 use eventos_outbox::{OutboxError, Store, first_delivery};
 use school_events::{
     EnrollmentActivated, FraudCheckFailed, FraudCheckPassed, PaymentCaptured, PaymentDeclined,
     PaymentRefunded, PaymentSubmitted, topics,
 };
 use serde::{Deserialize, Serialize};
-use sqlx::{Row as _, SqliteConnection};
+use sqlx::Row as _;
 
 /// The migrations of the metrics database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -243,8 +244,8 @@ impl Metrics {
     async fn record(&self, msg: &Message, observation: Observation) -> Result<(), HandlerError> {
         let event_id = msg.event().id().to_owned();
         self.store
-            .write(async move |tx: &mut SqliteConnection| {
-                if !first_delivery(tx, GROUP, &event_id).await? {
+            .write(move |tx: &Connection| {
+                if !first_delivery(tx, GROUP, &event_id)? {
                     return Ok(());
                 }
                 match observation {
@@ -253,18 +254,15 @@ impl Metrics {
                         label,
                         currency,
                         amount,
-                    } => bump(tx, metric, label, &currency, amount).await?,
+                    } => bump(tx, metric, label, &currency, amount)?,
                     Observation::Activation { ms } => {
-                        bump(tx, ACTIVATION, "", "", ms).await?;
+                        bump(tx, ACTIVATION, "", "", ms)?;
                         if let Some(&le_ms) = ACTIVATION_BOUNDS_MS.iter().find(|&&le| ms <= le) {
-                            sqlx::query(
+                            tx.prepare_cached(
                                 "INSERT INTO metrics_buckets (metric, le_ms, count) VALUES (?, ?, 1)
                                  ON CONFLICT (metric, le_ms) DO UPDATE SET count = MIN(count, 9223372036854775806) + 1",
-                            )
-                            .bind(ACTIVATION)
-                            .bind(to_db(le_ms))
-                            .execute(&mut *tx)
-                            .await?;
+                            )?
+                            .execute(params![ACTIVATION, to_db(le_ms)])?;
                         }
                     }
                 }
@@ -360,14 +358,14 @@ impl Metrics {
     }
 }
 
-async fn bump(
-    tx: &mut sqlx::SqliteConnection,
+fn bump(
+    tx: &Connection,
     metric: &str,
     label: &str,
     currency: &str,
     amount: u64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached(
         "INSERT INTO metrics_counters (metric, label, currency, count, total) VALUES (?, ?, ?, 1, ?)
          ON CONFLICT (metric, label, currency)
          DO UPDATE SET
@@ -375,13 +373,8 @@ async fn bump(
              total = CASE WHEN total > 9223372036854775807 - excluded.total
                           THEN 9223372036854775807
                           ELSE total + excluded.total END",
-    )
-    .bind(metric)
-    .bind(label)
-    .bind(currency)
-    .bind(to_db(amount))
-    .execute(tx)
-    .await?;
+    )?
+    .execute(params![metric, label, currency, to_db(amount)])?;
     Ok(())
 }
 
