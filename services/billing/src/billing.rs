@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use eventos::middleware::DeadLettered;
 use eventos::{Context, HandlerError, Message, ResultExt as _, Route, TypedEvent as _, typed_with};
+use eventos_outbox::rusqlite::{Connection, OptionalExtension as _, params};
 use eventos_outbox::{KeyLocks, OutboxError, Store, enqueue, first_delivery};
 use school_events::{
     AcceptanceMode, FraudCheckFailed, FraudCheckPassed, PaymentCaptured, PaymentDeclined,
     PaymentDetails, PaymentRefunded, PaymentSubmitted, topics,
 };
 use school_http::now_ms;
-use sqlx::{Row as _, SqliteConnection};
+use sqlx::Row as _;
 
 use crate::config::BillingConfig;
 use crate::gateway::{Charge, ChargeRequest, GatewayError, PaymentGateway, RefundRequest};
@@ -332,25 +333,16 @@ impl Billing {
         let status: String = self
             .inner
             .store
-            .write(async move |tx: &mut SqliteConnection| {
-                sqlx::query(
+            .write(move |tx: &Connection| {
+                tx.prepare_cached(
                     "INSERT INTO billing_payments (enrollment_id, status, amount_cents, currency, last4, created_ms, updated_ms)
                      VALUES (?, 'charging', ?, ?, ?, ?, ?)
                      ON CONFLICT (enrollment_id) DO NOTHING",
-                )
-                .bind(&enrollment_id)
-                .bind(amount)
-                .bind(&currency)
-                .bind(&last4)
-                .bind(now)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                let status =
-                    sqlx::query_scalar("SELECT status FROM billing_payments WHERE enrollment_id = ?")
-                        .bind(&enrollment_id)
-                        .fetch_one(&mut *tx)
-                        .await?;
+                )?
+                .execute(params![enrollment_id, amount, currency, last4, now, now])?;
+                let status = tx
+                    .prepare_cached("SELECT status FROM billing_payments WHERE enrollment_id = ?")?
+                    .query_row(params![enrollment_id], |r| r.get::<_, String>(0))?;
                 Ok::<_, OutboxError>(status)
             })
             .await?;
@@ -381,30 +373,31 @@ impl Billing {
         let recorded = self
             .inner
             .store
-            .write(async move |tx: &mut SqliteConnection| {
-                if !first_delivery(tx, GROUP, &event_id).await? {
+            .write(move |tx: &Connection| {
+                if !first_delivery(tx, GROUP, &event_id)? {
                     return Ok(false);
                 }
-                let updated = sqlx::query(
-                    "UPDATE billing_payments
+                let updated = tx
+                    .prepare_cached(
+                        "UPDATE billing_payments
                      SET status = 'captured', charge_id = ?, amount_cents = ?, currency = ?, attempt = ?, updated_ms = ?
                      WHERE enrollment_id = ? AND status = 'charging'",
-                )
-                .bind(&charge.charge_id)
-                .bind(cents_to_sql(charge.amount_cents))
-                .bind(&charge.currency)
-                .bind(attempt)
-                .bind(now_ms())
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-                if updated.rows_affected() == 0 {
+                    )?
+                    .execute(params![
+                        charge.charge_id,
+                        cents_to_sql(charge.amount_cents),
+                        charge.currency,
+                        attempt,
+                        now_ms(),
+                        id
+                    ])?;
+                if updated == 0 {
                     // Another billing process sharing this database
                     // recorded the outcome first; the gateway gave it the
                     // same charge.
                     return Ok(false);
                 }
-                enqueue(tx, topics::PAYMENT_CAPTURED, &event).await?;
+                enqueue(tx, topics::PAYMENT_CAPTURED, &event)?;
                 Ok::<_, OutboxError>(true)
             })
             .await?;
@@ -441,26 +434,21 @@ impl Billing {
         let recorded = self
             .inner
             .store
-            .write(async move |tx: &mut SqliteConnection| {
-                if !first_delivery(tx, GROUP, &event_id).await? {
+            .write(move |tx: &Connection| {
+                if !first_delivery(tx, GROUP, &event_id)? {
                     return Ok(false);
                 }
-                let updated = sqlx::query(
-                    "UPDATE billing_payments
+                let updated = tx
+                    .prepare_cached(
+                        "UPDATE billing_payments
                      SET status = 'declined', code = ?, reason = ?, attempt = ?, updated_ms = ?
                      WHERE enrollment_id = ? AND status = 'charging'",
-                )
-                .bind(&code_)
-                .bind(&reason)
-                .bind(attempt)
-                .bind(now_ms())
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-                if updated.rows_affected() == 0 {
+                    )?
+                    .execute(params![code_, reason, attempt, now_ms(), id])?;
+                if updated == 0 {
                     return Ok(false);
                 }
-                enqueue(tx, topics::PAYMENT_DECLINED, &event).await?;
+                enqueue(tx, topics::PAYMENT_DECLINED, &event)?;
                 Ok::<_, OutboxError>(true)
             })
             .await?;
@@ -507,35 +495,34 @@ impl Billing {
         let declined = self
             .inner
             .store
-            .write(async move |tx: &mut SqliteConnection| {
-                let status: Option<String> =
-                    sqlx::query_scalar("SELECT status FROM billing_payments WHERE enrollment_id = ?")
-                        .bind(&id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+            .write(move |tx: &Connection| {
+                let status: Option<String> = tx
+                    .prepare_cached("SELECT status FROM billing_payments WHERE enrollment_id = ?")?
+                    .query_row(params![id], |r| r.get(0))
+                    .optional()?;
                 if status.is_some_and(|s| s != PaymentStatus::Charging.as_str()) {
                     return Ok(false);
                 }
                 let now = now_ms();
-                sqlx::query(
+                tx.prepare_cached(
                     "INSERT INTO billing_payments (enrollment_id, status, amount_cents, currency, last4, code, reason, attempt, created_ms, updated_ms)
                      VALUES (?, 'declined', ?, ?, ?, ?, ?, ?, ?, ?)
                      ON CONFLICT (enrollment_id) DO UPDATE SET
                         status = 'declined', code = excluded.code, reason = excluded.reason,
                         attempt = excluded.attempt, updated_ms = excluded.updated_ms",
-                )
-                .bind(&id)
-                .bind(cents_to_sql(payment.amount_cents))
-                .bind(&payment.currency)
-                .bind(&payment.card.last4)
-                .bind(GATEWAY_UNAVAILABLE)
-                .bind(GATEWAY_UNAVAILABLE_REASON)
-                .bind(attempt)
-                .bind(now)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                enqueue(tx, topics::PAYMENT_DECLINED, &event).await?;
+                )?
+                .execute(params![
+                    id,
+                    cents_to_sql(payment.amount_cents),
+                    payment.currency,
+                    payment.card.last4,
+                    GATEWAY_UNAVAILABLE,
+                    GATEWAY_UNAVAILABLE_REASON,
+                    attempt,
+                    now,
+                    now
+                ])?;
+                enqueue(tx, topics::PAYMENT_DECLINED, &event)?;
                 Ok::<_, OutboxError>(true)
             })
             .await?;
@@ -597,24 +584,21 @@ impl Billing {
         let blocked = self
             .inner
             .store
-            .write(async move |tx: &mut SqliteConnection| {
-                if !first_delivery(tx, GROUP, &event_id).await? {
+            .write(move |tx: &Connection| {
+                if !first_delivery(tx, GROUP, &event_id)? {
                     return Ok(false);
                 }
                 let now = now_ms();
-                let inserted = sqlx::query(
-                    "INSERT INTO billing_payments (enrollment_id, status, reason, created_ms, updated_ms)
+                let inserted = tx
+                    .prepare_cached(
+                        "INSERT INTO billing_payments (enrollment_id, status, reason, created_ms, updated_ms)
                      VALUES (?, 'blocked', ?, ?, ?)
                      ON CONFLICT (enrollment_id) DO NOTHING",
-                )
-                .bind(&id)
-                .bind(&reason)
-                .bind(now)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .transient()?;
-                if inserted.rows_affected() == 0 {
+                    )
+                    .transient()?
+                    .execute(params![id, reason, now, now])
+                    .transient()?;
+                if inserted == 0 {
                     // Another process started a charge since we looked;
                     // decide again on the next attempt, against what it
                     // recorded (the inbox entry rolls back with this).
@@ -686,24 +670,20 @@ impl Billing {
         let refunded = self
             .inner
             .store
-            .write(async move |tx: &mut SqliteConnection| {
-                if !first_delivery(tx, GROUP, &event_id).await? {
+            .write(move |tx: &Connection| {
+                if !first_delivery(tx, GROUP, &event_id)? {
                     return Ok(false);
                 }
-                let updated = sqlx::query(
-                    "UPDATE billing_payments SET status = 'refunded', refund_id = ?, reason = ?, updated_ms = ?
+                let updated = tx
+                    .prepare_cached(
+                        "UPDATE billing_payments SET status = 'refunded', refund_id = ?, reason = ?, updated_ms = ?
                      WHERE enrollment_id = ? AND status = 'captured'",
-                )
-                .bind(&refund.refund_id)
-                .bind(&reason)
-                .bind(now_ms())
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-                if updated.rows_affected() == 0 {
+                    )?
+                    .execute(params![refund.refund_id, reason, now_ms(), id])?;
+                if updated == 0 {
                     return Ok(false);
                 }
-                enqueue(tx, topics::PAYMENT_REFUNDED, &event).await?;
+                enqueue(tx, topics::PAYMENT_REFUNDED, &event)?;
                 Ok::<_, OutboxError>(true)
             })
             .await?;

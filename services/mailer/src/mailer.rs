@@ -5,10 +5,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use eventos::middleware::DeadLettered;
 use eventos::{Bus, Publisher};
+use eventos_outbox::rusqlite::{Connection, params};
 use eventos_outbox::{KeyLocks, OutboxError, Relay, Store, enqueue, first_delivery};
 use lettre::message::Mailbox;
 use school_events::{EmailDeferred, EmailFailed, EmailRequested, EmailSent, topics};
-use sqlx::SqliteConnection;
 
 use crate::compose::{compose, parse_from};
 use crate::outbound::Outbound;
@@ -203,21 +203,15 @@ impl Mailer {
         );
         let recorded = inner
             .store
-            .write(async move |tx: &mut SqliteConnection| {
-                if !first_delivery(tx, GROUP, &id).await? {
+            .write(move |tx: &Connection| {
+                if !first_delivery(tx, GROUP, &id)? {
                     return Ok(false);
                 }
-                sqlx::query(
+                tx.prepare_cached(
                     "INSERT INTO mailer_sent (mail_id, about, attempt, via, sent_ms) VALUES (?, ?, ?, ?, ?)",
-                )
-                .bind(&id)
-                .bind(&about)
-                .bind(attempt)
-                .bind(via)
-                .bind(now_ms())
-                .execute(&mut *tx)
-                .await?;
-                enqueue(tx, topics::MAIL_SENT, &sent).await?;
+                )?
+                .execute(params![id, about, attempt, via, now_ms()])?;
+                enqueue(tx, topics::MAIL_SENT, &sent)?;
                 Ok::<_, OutboxError>(true)
             })
             .await?;
@@ -260,9 +254,9 @@ impl Mailer {
             let key = format!("{}#{attempt}", request.mail_id);
             self.inner
                 .store
-                .write(async move |tx: &mut SqliteConnection| {
-                    if first_delivery(tx, DEFERRED_CONSUMER, &key).await? {
-                        enqueue(tx, topics::MAIL_DEFERRED, &event).await?;
+                .write(move |tx: &Connection| {
+                    if first_delivery(tx, DEFERRED_CONSUMER, &key)? {
+                        enqueue(tx, topics::MAIL_DEFERRED, &event)?;
                     }
                     Ok::<_, OutboxError>(())
                 })
@@ -324,11 +318,11 @@ impl Mailer {
         let first = self
             .inner
             .store
-            .write(async move |tx: &mut SqliteConnection| {
-                if !first_delivery(tx, FAILED_CONSUMER, &id).await? {
+            .write(move |tx: &Connection| {
+                if !first_delivery(tx, FAILED_CONSUMER, &id)? {
                     return Ok(false);
                 }
-                enqueue(tx, topics::MAIL_FAILURES, &event).await?;
+                enqueue(tx, topics::MAIL_FAILURES, &event)?;
                 Ok::<_, OutboxError>(true)
             })
             .await?;

@@ -33,6 +33,7 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use eventos::{Context, HandlerError, Message, Route, typed_with};
+use eventos_outbox::rusqlite::{Connection, params};
 use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
 use futures::{Stream, StreamExt as _};
 use school_events::{ContactMessageDelayed, EmailFailed, EmailRequested, MailPurpose, topics};
@@ -41,7 +42,6 @@ use school_http::{
 };
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
-use sqlx::SqliteConnection;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
@@ -336,24 +336,24 @@ impl Notifier {
         let row = notification.clone();
         let first = self
             .store
-            .write(async move |tx: &mut SqliteConnection| {
-                if !first_delivery(tx, GROUP, &event_id).await? {
+            .write(move |tx: &Connection| {
+                if !first_delivery(tx, GROUP, &event_id)? {
                     return Ok(false);
                 }
-                sqlx::query(
+                tx.prepare_cached(
                     "INSERT INTO notifications (id, email, kind, about, text, emailed, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(&row.id)
-                .bind(&row.email)
-                .bind(&row.kind)
-                .bind(&row.about)
-                .bind(&row.text)
-                .bind(i64::from(row.emailed))
-                .bind(now_ms())
-                .execute(&mut *tx)
-                .await?;
+                )?
+                .execute(params![
+                    row.id,
+                    row.email,
+                    row.kind,
+                    row.about,
+                    row.text,
+                    i64::from(row.emailed),
+                    now_ms()
+                ])?;
                 if let Some(event) = mail {
-                    enqueue(tx, topics::MAIL_REQUESTS, &event).await?;
+                    enqueue(tx, topics::MAIL_REQUESTS, &event)?;
                 }
                 Ok::<_, OutboxError>(true)
             })
