@@ -8,8 +8,16 @@
 //! the same run; POST /contact and POST /enrollments are reported next to
 //! it. The syncs each accepted message cost come from the system's own
 //! counters on `/metrics` (the stores' commits and checkpoints, the log's
-//! fdatasyncs, the mail files' syncs), read before and after the case. The last line is one
-//! `key=value` summary for scripts.
+//! fdatasyncs, the mail files' syncs), read before and after the case.
+//!
+//! The `pipeline` case sends contact messages the same way and follows
+//! them to the end: each is done when its `email_sent` has come back to
+//! the contact service (the system's own delivery counter). Once a second
+//! it prints what was accepted, what was done and the backlog between
+//! them, so a backlog that grows shows; after the load it waits for the
+//! backlog to drain, and its syncs per message cover the whole pipeline.
+//!
+//! The last line is one `key=value` summary for scripts.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,11 +36,13 @@ pub(crate) struct AcceptBenchArgs {
     /// Clients sending at once, each on its own connection.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
     clients: u64,
-    /// Seconds each case runs.
+    /// Seconds each case runs (`pipeline`: the seconds of load, then the
+    /// drain).
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..=3600))]
     seconds: u64,
     /// The cases to run, in order; `healthz` is the baseline the others are
-    /// compared with.
+    /// compared with; `pipeline` follows contact messages until their
+    /// mail is sent (not run by default).
     #[arg(
         long,
         value_delimiter = ',',
@@ -49,6 +59,9 @@ enum Target {
     Contact,
     /// POST /enrollments: an enrollment stored and its payment submitted.
     Enrollments,
+    /// POST /contact, followed until each message's mail is sent and back
+    /// on its timeline.
+    Pipeline,
 }
 
 impl Target {
@@ -57,6 +70,7 @@ impl Target {
             Self::Healthz => "GET /healthz",
             Self::Contact => "POST /contact",
             Self::Enrollments => "POST /enrollments",
+            Self::Pipeline => "contact pipeline",
         }
     }
 
@@ -65,6 +79,7 @@ impl Target {
             Self::Healthz => "healthz",
             Self::Contact => "contact",
             Self::Enrollments => "enrollments",
+            Self::Pipeline => "pipeline",
         }
     }
 
@@ -74,7 +89,7 @@ impl Target {
         let builder = hyper::Request::builder().header(hyper::header::HOST, authority);
         let (builder, body) = match self {
             Self::Healthz => (builder.method("GET").uri("/healthz"), String::new()),
-            Self::Contact => (
+            Self::Contact | Self::Pipeline => (
                 builder.method("POST").uri("/contact"),
                 serde_json::json!({
                     "name": "Ana Lima",
@@ -186,9 +201,22 @@ pub(crate) async fn run(args: AcceptBenchArgs) -> anyhow::Result<()> {
         "case", "req/s", "p50", "p99", "p99/healthz", "syncs/msg"
     );
     let mut results: Vec<Measured> = Vec::new();
+    let mut followed = None;
     for &target in &args.cases {
         let before = syncs(&mut probe).await;
-        let mut m = load(addr, &authority, target, args.clients, duration).await?;
+        let accepted = Arc::new(AtomicU64::new(0));
+        let follow = (target == Target::Pipeline).then(|| {
+            tokio::spawn(follow(
+                addr,
+                authority.clone(),
+                Arc::clone(&accepted),
+                duration,
+            ))
+        });
+        let mut m = load(addr, &authority, target, args.clients, duration, &accepted).await?;
+        if let Some(follow) = follow {
+            followed = Some(follow.await.context("the pipeline follower panicked")??);
+        }
         let after = syncs(&mut probe).await;
         m.syncs = before.zip(after).map(|(b, a)| a.saturating_sub(b));
         let baseline = results
@@ -215,6 +243,12 @@ pub(crate) async fn run(args: AcceptBenchArgs) -> anyhow::Result<()> {
         {
             summary.push_str(&format!(" {key}_syncs_per_msg={s:.3}"));
         }
+    }
+    if let Some(f) = &followed {
+        summary.push_str(&format!(
+            " pipeline_done_per_s={:.0} pipeline_backlog_end={} pipeline_backlog_max={} pipeline_drain_s={:.1}",
+            f.done_per_s, f.backlog_end, f.backlog_max, f.drain.as_secs_f64()
+        ));
     }
     println!("{summary}");
     Ok(())
@@ -250,6 +284,7 @@ async fn load(
     target: Target,
     clients: u64,
     duration: Duration,
+    accepted: &Arc<AtomicU64>,
 ) -> anyhow::Result<Measured> {
     let refused = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -258,6 +293,7 @@ async fn load(
     for client in 0..clients {
         let authority = authority.to_owned();
         let refused = Arc::clone(&refused);
+        let accepted = Arc::clone(accepted);
         tasks.spawn(async move {
             let mut conn = Client::connect(addr, &authority).await?;
             let mut latencies = Vec::with_capacity(1 << 16);
@@ -269,6 +305,7 @@ async fn load(
                 let status = conn.send(request).await?;
                 let took = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);
                 if status.is_success() {
+                    accepted.fetch_add(1, Ordering::Relaxed);
                     latencies.push(took);
                 } else {
                     refused.fetch_add(1, Ordering::Relaxed);
@@ -291,6 +328,110 @@ async fn load(
         latencies,
         syncs: None,
     })
+}
+
+/// How the pipeline kept up with what was accepted.
+struct Followed {
+    /// Messages done per second of load.
+    done_per_s: f64,
+    /// Accepted but not done when the load stopped.
+    backlog_end: u64,
+    /// The largest backlog seen at a once-a-second look.
+    backlog_max: u64,
+    /// From the end of the load until every accepted message was done.
+    drain: Duration,
+}
+
+/// How long the pipeline may take to finish what was accepted before the
+/// bench gives up on it.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Watches the pipeline while `accepted` grows for `duration`, then until
+/// it has done every accepted message; prints a line a second.
+async fn follow(
+    addr: std::net::SocketAddr,
+    authority: String,
+    accepted: Arc<AtomicU64>,
+    duration: Duration,
+) -> anyhow::Result<Followed> {
+    let mut client = Client::connect(addr, &authority).await?;
+    let base = contact_done(&mut client).await.context(
+        "the system does not report contact mail coming back on /metrics; is it an eventos system?",
+    )?;
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    let (mut last_accepted, mut last_done) = (0, 0);
+    let mut backlog_max = 0;
+    let mut backlog_end = None;
+    let mut done_at_end = 0;
+    println!(
+        "{:>6} {:>12} {:>12} {:>10}",
+        "t", "accepted/s", "done/s", "backlog"
+    );
+    loop {
+        ticks.tick().await;
+        let now = accepted.load(Ordering::Relaxed);
+        let done = contact_done(&mut client)
+            .await
+            .context("lost /metrics while following the pipeline")?
+            .saturating_sub(base);
+        let backlog = now.saturating_sub(done);
+        let t = started.elapsed();
+        let loading = t <= duration + Duration::from_millis(500);
+        if loading {
+            backlog_max = backlog_max.max(backlog);
+        } else if backlog_end.is_none() {
+            backlog_end = Some(backlog);
+            done_at_end = done;
+        }
+        println!(
+            "{:>5.0}s {:>12} {:>12} {:>10}",
+            t.as_secs_f64(),
+            now - last_accepted,
+            done.saturating_sub(last_done),
+            backlog
+        );
+        (last_accepted, last_done) = (now, done);
+        if !loading && backlog == 0 {
+            #[allow(clippy::cast_precision_loss)]
+            return Ok(Followed {
+                done_per_s: done_at_end as f64 / duration.as_secs_f64(),
+                backlog_end: backlog_end.unwrap_or(0),
+                backlog_max,
+                drain: t.saturating_sub(duration),
+            });
+        }
+        anyhow::ensure!(
+            t < duration + DRAIN_DEADLINE,
+            "the pipeline still had {backlog} messages to do {} s after the load stopped",
+            DRAIN_DEADLINE.as_secs()
+        );
+    }
+}
+
+/// Mail outcomes the contact service has taken in: one per contact
+/// message whose mail was sent.
+async fn contact_done(client: &mut Client) -> Option<u64> {
+    let text = client.get("bench", "/metrics").await.ok()?;
+    if !text.contains("eventos_store_commits_total") {
+        return None;
+    }
+    // No line yet: nothing has come back since the system started.
+    Some(
+        text.lines()
+            .find_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                (name.starts_with("eventos_deliveries_total{")
+                    && name.contains(r#"topic="school.mail.sent""#)
+                    && name.contains(r#"group="contact""#)
+                    && name.contains(r#"outcome="ack""#))
+                .then(|| value.parse().ok())
+                .flatten()
+            })
+            .unwrap_or(0),
+    )
 }
 
 /// One keep-alive HTTP/1.1 connection.

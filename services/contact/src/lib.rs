@@ -28,6 +28,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use eventos::{Context, HandlerError, Message, Route, TypedEvent as _, typed_with};
+use eventos_outbox::rusqlite::{self, Connection, params};
 use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
 use school_events::{
     ContactMessageDelayed, EmailDeferred, EmailFailed, EmailRequested, EmailSent, MailPurpose,
@@ -39,7 +40,6 @@ use school_http::{
     StrictJson, has_control, holds_card_number, mask_card_numbers, now_ms, rfc3339_ms,
 };
 use serde::{Deserialize, Serialize};
-use eventos_outbox::rusqlite::{self, Connection, params};
 use sqlx::Row as _;
 
 /// The migrations of the contact database.
