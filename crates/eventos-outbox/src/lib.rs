@@ -198,6 +198,9 @@ impl Store {
             .pragma("wal_autocheckpoint", "0");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // A ping before every read is a round trip to the driver's
+            // thread for nothing: a local file does not hang up.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         for statement in SCHEMA {

@@ -532,6 +532,20 @@ fn own_entry(kind: &str, detail: Option<String>, at_ms: i64) -> TimelineEntry {
     }
 }
 
+/// Whether `mail_id` is one of this service's mails to the student about
+/// enrollment `about` ([`notice`]'s slugs). Most mail is about other
+/// things (contact messages): telling them apart by name costs no read and
+/// no write.
+fn is_enrollment_mail(mail_id: &str, about: &str) -> bool {
+    mail_id
+        .strip_suffix(about)
+        .and_then(|slug| slug.strip_suffix('-'))
+        .is_some_and(|slug| NOTICE_SLUGS.contains(&slug))
+}
+
+/// The first part of the id of every mail [`notice`] writes.
+const NOTICE_SLUGS: [&str; 4] = ["welcome", "rejected", "payment-failed", "suspended"];
+
 /// What a mail to the student says, per status reached.
 fn notice(status: &str, course: &str, reason: Option<&str>) -> (&'static str, String, String) {
     let why = reason
@@ -635,15 +649,17 @@ impl Enrollment {
         fn route<T: TypedEvent>(
             this: &Enrollment,
             topic: &str,
-            f: fn(&T) -> (String, Effect),
+            f: fn(&T) -> Option<(String, Effect)>,
         ) -> Route {
             let this = this.clone();
             Route::new(
                 topic,
                 GROUP,
                 typed_with(this, move |this, e: T, msg: Message| async move {
-                    let (id, what) = f(&e);
-                    this.apply(&msg, &id, what).await
+                    match f(&e) {
+                        Some((id, what)) => this.apply(&msg, &id, what).await,
+                        None => Ok(()),
+                    }
                 }),
             )
             // One short write each: overlapping deliveries share the
@@ -652,62 +668,68 @@ impl Enrollment {
         }
         vec![
             route(self, topics::FRAUD_PASSED, |e: &FraudCheckPassed| {
-                (
+                Some((
                     e.enrollment_id.clone(),
                     Effect::Verdict(Verdict::FraudPassed, 1, Some(format!("score {}", e.score))),
-                )
+                ))
             }),
             route(self, topics::FRAUD_FAILED, |e: &FraudCheckFailed| {
                 // The rules that fired are the school's to read, not the
                 // student's (nor a fraudster's): they go to the log; the
                 // timeline, the reason and the mail get a plain sentence.
                 tracing::info!(enrollment = %e.enrollment_id, score = e.score, reasons = %e.reasons.join("; "), "fraud check failed");
-                (
+                Some((
                     e.enrollment_id.clone(),
                     Effect::Verdict(Verdict::FraudFailed, 1, Some(FRAUD_REFUSED.to_owned())),
-                )
+                ))
             }),
             route(self, topics::PAYMENT_CAPTURED, |e: &PaymentCaptured| {
-                (
+                Some((
                     e.enrollment_id.clone(),
                     Effect::Verdict(
                         Verdict::Captured,
                         e.attempt,
                         Some(format!("charge {}", e.charge_id)),
                     ),
-                )
+                ))
             }),
             route(self, topics::PAYMENT_DECLINED, |e: &PaymentDeclined| {
-                (
+                Some((
                     e.enrollment_id.clone(),
                     Effect::Verdict(
                         Verdict::Declined,
                         e.attempt,
                         Some(format!("{}: {}", e.code, e.reason)),
                     ),
-                )
+                ))
             }),
             route(self, topics::PAYMENT_REFUNDED, |e: &PaymentRefunded| {
                 // The reason of a refund is the fraud rule that fired, or
                 // another of the school's own: for the log.
                 tracing::info!(enrollment = %e.enrollment_id, charge = %e.charge_id, reason = %e.reason, "payment refunded");
-                (
+                Some((
                     e.enrollment_id.clone(),
                     Effect::Verdict(
                         Verdict::Refunded,
                         1,
                         Some(format!("charge {} refunded", e.charge_id)),
                     ),
-                )
+                ))
             }),
             route(self, topics::MAIL_SENT, |e: &EmailSent| {
-                (
+                if !is_enrollment_mail(&e.mail_id, &e.about) {
+                    return None;
+                }
+                Some((
                     e.about.clone(),
                     Effect::Mail(e.attempt, Some(e.mail_id.clone())),
-                )
+                ))
             }),
             route(self, topics::MAIL_DEFERRED, |e: &EmailDeferred| {
-                (
+                if !is_enrollment_mail(&e.mail_id, &e.about) {
+                    return None;
+                }
+                Some((
                     e.about.clone(),
                     Effect::Mail(
                         e.attempt,
@@ -716,10 +738,13 @@ impl Enrollment {
                             e.mail_id, e.error, e.retry_within_ms
                         )),
                     ),
-                )
+                ))
             }),
             route(self, topics::MAIL_FAILURES, |e: &EmailFailed| {
-                (
+                if !is_enrollment_mail(&e.mail_id, &e.about) {
+                    return None;
+                }
+                Some((
                     e.about.clone(),
                     Effect::Mail(
                         e.attempts,
@@ -728,7 +753,7 @@ impl Enrollment {
                             e.mail_id, e.reason, e.attempts
                         )),
                     ),
-                )
+                ))
             }),
         ]
     }
@@ -960,19 +985,6 @@ impl Enrollment {
 
     /// Applies one consumed event to its enrollment, once per event id.
     async fn apply(&self, msg: &Message, id: &str, what: Effect) -> Result<(), HandlerError> {
-        // Most mail is about other things (contact messages). A read
-        // answers that without a write: the writer's rounds are for
-        // enrollments. An event about an enrollment never comes before the
-        // enrollment's own commit (it is caused by it), so one found
-        // missing here stays missing.
-        let known: Option<i64> = sqlx::query_scalar("SELECT 1 FROM enrollments WHERE id = ?")
-            .bind(id)
-            .fetch_optional(self.store.pool())
-            .await
-            .transient()?;
-        if known.is_none() {
-            return Ok(());
-        }
         let event = msg.event();
         let (attempt, detail) = match &what {
             Effect::Verdict(_, attempt, detail) | Effect::Mail(attempt, detail) => {
@@ -1216,6 +1228,18 @@ async fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_notice_is_told_apart_from_other_mail_by_its_id() {
+        let id = "0193c0de-0000-7000-8000-000000000001";
+        for status in ["active", "rejected", "payment_failed", "suspended"] {
+            let (slug, _, _) = notice(status, "rust-101", None);
+            assert!(is_enrollment_mail(&format!("{slug}-{id}"), id), "{status}");
+        }
+        assert!(!is_enrollment_mail(&format!("contact-{id}"), id));
+        assert!(!is_enrollment_mail(&format!("welcome-{id}"), "another"));
+        assert!(!is_enrollment_mail(id, id));
+    }
 
     #[test]
     fn final_states_stay_final() {
