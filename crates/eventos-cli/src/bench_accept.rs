@@ -202,8 +202,9 @@ pub(crate) async fn run(args: AcceptBenchArgs) -> anyhow::Result<()> {
     );
     let mut results: Vec<Measured> = Vec::new();
     let mut followed = None;
+    drop(probe);
     for &target in &args.cases {
-        let before = syncs(&mut probe).await;
+        let before = syncs(addr, &authority).await;
         let accepted = Arc::new(AtomicU64::new(0));
         let follow = (target == Target::Pipeline).then(|| {
             tokio::spawn(follow(
@@ -217,7 +218,7 @@ pub(crate) async fn run(args: AcceptBenchArgs) -> anyhow::Result<()> {
         if let Some(follow) = follow {
             followed = Some(follow.await.context("the pipeline follower panicked")??);
         }
-        let after = syncs(&mut probe).await;
+        let after = syncs(addr, &authority).await;
         m.syncs = before.zip(after).map(|(b, a)| a.saturating_sub(b));
         let baseline = results
             .iter()
@@ -478,8 +479,12 @@ impl Client {
 /// The syncs the system has made so far, from its `/metrics`: every
 /// store's commits and (two syncs each) checkpoints, the log's
 /// fdatasyncs, and the syncs of mail written to files. `None` if the system does not report them.
-async fn syncs(client: &mut Client) -> Option<u64> {
-    let text = client.get("bench", "/metrics").await.ok()?;
+///
+/// A connection of its own each time: one kept between cases would have
+/// been closed by the server as idle.
+async fn syncs(addr: std::net::SocketAddr, authority: &str) -> Option<u64> {
+    let mut client = Client::connect(addr, authority).await.ok()?;
+    let text = client.get(authority, "/metrics").await.ok()?;
     let mut total = None;
     for line in text.lines() {
         let Some((name, value)) = line.rsplit_once(' ') else {

@@ -46,8 +46,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use eventos_core::{Event, EventError, Publisher, TransportError};
 use rusqlite::Connection;
+use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row as _, SqlitePool};
 use tokio::sync::Notify;
 
 /// What can go wrong.
@@ -272,6 +272,25 @@ impl Store {
         self.inner.writer.write(f).await
     }
 
+    /// Runs the read `f` on the store's writer, between two rounds and
+    /// outside any transaction, and returns its result: it sees every
+    /// write that committed before it was asked for. For a read that
+    /// follows the writes closely and runs often (the relay's): it costs
+    /// no trip to a pooled connection's thread, but waits for the round
+    /// in progress. Requests read through [`Store::pool`].
+    ///
+    /// # Errors
+    ///
+    /// `f`'s own error, or [`OutboxError::WriterGone`] (converted).
+    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<OutboxError> + Send + 'static,
+    {
+        self.inner.writer.read(f).await
+    }
+
     /// Closes the database: the writes already queued finish, later ones
     /// fail with [`OutboxError::WriterGone`], and the read pool closes.
     pub async fn close(&self) {
@@ -422,27 +441,39 @@ impl Relay {
     /// [`OutboxError::Publish`] if the transport refuses (the rows from the
     /// failed one on stay unsent, so order is kept); database errors.
     pub async fn relay_once(&self) -> Result<usize, OutboxError> {
-        let rows = sqlx::query(
-            "SELECT seq, topic, event FROM eventos_outbox WHERE sent_ms IS NULL ORDER BY seq LIMIT ?",
-        )
-        .bind(self.batch)
-        .fetch_all(self.store.pool())
-        .await?;
+        // On the writer's connection: the relay reads after every commit,
+        // and a pooled read would cost a trip to the driver's thread per
+        // row.
+        let batch = self.batch;
+        let rows = self
+            .store
+            .read(move |c: &Connection| {
+                let rows = c
+                    .prepare_cached(
+                        "SELECT seq, topic, event FROM eventos_outbox WHERE sent_ms IS NULL ORDER BY seq LIMIT ?",
+                    )?
+                    .query_map([batch], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok::<_, OutboxError>(rows)
+            })
+            .await?;
         let mut sent = 0;
         let mut ranges = Vec::new();
         let mut i = 0;
         while i < rows.len() {
-            let topic: String = rows[i].try_get("topic")?;
+            let topic = rows[i].1.clone();
             let mut events = Vec::new();
             // Seqs can have gaps (a rolled-back insert burns its number), so
             // the range is taken from the rows, not computed from a count.
-            let first_seq: i64 = rows[i].try_get("seq")?;
+            let first_seq = rows[i].0;
             let mut last_seq = first_seq;
-            while i < rows.len() && rows[i].try_get::<String, _>("topic")? == topic {
-                let seq: i64 = rows[i].try_get("seq")?;
-                let bytes: Vec<u8> = rows[i].try_get("event")?;
+            while i < rows.len() && rows[i].1 == topic {
+                let (seq, _, bytes) = &rows[i];
+                let seq = *seq;
                 events.push(
-                    Event::from_json(&bytes)
+                    Event::from_json(bytes)
                         .map_err(|source| OutboxError::Corrupt { seq, source })?,
                 );
                 last_seq = seq;

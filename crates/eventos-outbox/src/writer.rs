@@ -153,6 +153,8 @@ impl Counters {
 /// What the writer is asked to do.
 enum Request {
     Write(Box<dyn Job>),
+    /// Runs outside any transaction, before the writes queued with it.
+    Read(Box<dyn Job>),
     /// Close the connection and refuse every later write.
     Close(oneshot::Sender<()>),
 }
@@ -228,6 +230,27 @@ impl Writer {
         T: Send + 'static,
         E: From<OutboxError> + Send + 'static,
     {
+        self.send(f, Request::Write).await
+    }
+
+    /// Runs `f` on the writer's connection between two rounds, outside
+    /// any transaction: it sees every write committed before it was
+    /// asked for.
+    pub(crate) async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<OutboxError> + Send + 'static,
+    {
+        self.send(f, Request::Read).await
+    }
+
+    async fn send<T, E, F>(&self, f: F, request: fn(Box<dyn Job>) -> Request) -> Result<T, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<OutboxError> + Send + 'static,
+    {
         let (answer, answered) = oneshot::channel::<Result<T, E>>();
         let job: Box<dyn Job> = Box::new(Write {
             f,
@@ -236,7 +259,7 @@ impl Writer {
             span: tracing::Span::current(),
         });
         self.jobs
-            .send(Request::Write(job))
+            .send(request(job))
             .map_err(|_| E::from(OutboxError::WriterGone))?;
         answered
             .await
@@ -263,8 +286,11 @@ impl Round {
             let mut next = Some(first);
             while let Some(request) = next.take() {
                 match request {
-                    Request::Write(job) if closed => job.refuse(OutboxError::WriterGone),
+                    Request::Write(job) | Request::Read(job) if closed => {
+                        job.refuse(OutboxError::WriterGone);
+                    }
                     Request::Write(job) => jobs.push(job),
+                    Request::Read(job) => self.read(job),
                     Request::Close(done) => {
                         // What was queued before the close still runs.
                         if !jobs.is_empty() {
@@ -283,6 +309,18 @@ impl Round {
                 self.run(&mut jobs);
             }
         }
+    }
+
+    /// Runs a read at once, outside the round being gathered.
+    fn read(&mut self, job: Box<dyn Job>) {
+        if self.conn.is_none() {
+            match connect(&self.path) {
+                Ok(conn) => self.conn = Some(conn),
+                Err(e) => return job.refuse(OutboxError::Sqlite(e)),
+            }
+        }
+        let done = job.run(self.conn.as_ref().expect("opened above"));
+        (done.finish)(Ok(()));
     }
 
     fn run(&mut self, jobs: &mut Vec<Box<dyn Job>>) {
