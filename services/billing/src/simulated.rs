@@ -1,18 +1,15 @@
 //! A payment gateway that moves no real money but keeps a real ledger.
 
 use std::path::Path;
-use std::str::FromStr as _;
 use std::time::Duration;
 
+use eventos_outbox::rusqlite::{self, Connection, OptionalExtension as _, params};
+use eventos_outbox::{OutboxError, Store};
 use futures::future::BoxFuture;
 use rand::Rng as _;
 use school_events::CardToken;
 use school_http::now_ms;
 use sqlx::Row as _;
-use sqlx::SqlitePool;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
 
 use crate::gateway::{Charge, ChargeRequest, GatewayError, PaymentGateway, Refund, RefundRequest};
 use crate::test_cards;
@@ -98,7 +95,7 @@ pub struct LedgerRefund {
 /// transaction). Cloning shares it.
 #[derive(Debug, Clone)]
 pub struct SimulatedGateway {
-    pool: SqlitePool,
+    store: Store,
     latency_ms: [u64; 2],
 }
 
@@ -129,7 +126,7 @@ fn script(card: &CardToken) -> Script {
     }
 }
 
-fn unavailable(e: &sqlx::Error) -> GatewayError {
+fn unavailable(e: &OutboxError) -> GatewayError {
     GatewayError::Unavailable(format!("the simulated gateway's ledger failed: {e}"))
 }
 
@@ -140,21 +137,19 @@ fn declined(code: &str, reason: &str) -> GatewayError {
     }
 }
 
-fn cents(row: &SqliteRow, column: &str) -> u64 {
-    u64::try_from(row.get::<i64, _>(column)).unwrap_or(0)
-}
-
-fn ledger_charge(row: &SqliteRow) -> LedgerCharge {
-    let refunded_cents = cents(row, "refunded_cents");
-    LedgerCharge {
-        idempotency_key: row.get("idempotency_key"),
-        charge_id: row.get("charge_id"),
-        amount_cents: cents(row, "amount_cents"),
-        currency: row.get("currency"),
-        last4: row.get("last4"),
+/// A ledger row, in [`CHARGE_COLUMNS`]' order.
+fn ledger_charge(row: &rusqlite::Row<'_>) -> rusqlite::Result<LedgerCharge> {
+    let cents = |i: usize| row.get::<_, i64>(i).map(|c| u64::try_from(c).unwrap_or(0));
+    let refunded_cents = cents(5)?;
+    Ok(LedgerCharge {
+        idempotency_key: row.get(0)?,
+        charge_id: row.get(1)?,
+        amount_cents: cents(2)?,
+        currency: row.get(3)?,
+        last4: row.get(4)?,
         refunded: refunded_cents > 0,
         refunded_cents,
-    }
+    })
 }
 
 const CHARGE_COLUMNS: &str =
@@ -169,25 +164,17 @@ impl SimulatedGateway {
     /// # Errors
     ///
     /// If the file cannot be opened or its tables created.
-    pub async fn open(path: &Path, latency_ms: [u64; 2]) -> Result<Self, sqlx::Error> {
-        eventos_outbox::owner_only_database(path)?;
-        let options = SqliteConnectOptions::from_str("sqlite:")?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
+    pub async fn open(path: &Path, latency_ms: [u64; 2]) -> Result<Self, OutboxError> {
+        // A store of its own, so concurrent charges share commits as the
+        // services' writes do: a ledger that paid one sync per charge
+        // held every enrollment to the disk's sync rate.
+        let store = Store::open(path).await?;
         for statement in SCHEMA {
-            sqlx::query(statement).execute(&pool).await?;
+            sqlx::query(statement).execute(store.pool()).await?;
         }
         let [low, high] = latency_ms;
         Ok(Self {
-            pool,
+            store,
             latency_ms: [low.min(high), low.max(high)],
         })
     }
@@ -204,47 +191,46 @@ impl SimulatedGateway {
         }
     }
 
-    async fn count_call(
-        tx: &mut sqlx::SqliteConnection,
-        operation: &str,
-        key: &str,
-    ) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(
+    fn count_call(tx: &Connection, operation: &str, key: &str) -> rusqlite::Result<i64> {
+        tx.prepare_cached(
             "INSERT INTO gateway_calls (operation, idempotency_key, calls) VALUES (?, ?, 1)
              ON CONFLICT (operation, idempotency_key) DO UPDATE SET calls = calls + 1
              RETURNING calls",
-        )
-        .bind(operation)
-        .bind(key)
-        .fetch_one(tx)
-        .await
+        )?
+        .query_row(params![operation, key], |r| r.get(0))
     }
 
     async fn charge_now(&self, request: ChargeRequest) -> Result<Charge, GatewayError> {
         self.latency().await;
-        let key = request.idempotency_key.as_str();
-        // The first statement writes, so the transaction holds the write
-        // lock from its start: two processes charging one key take turns
-        // and the second finds the first's charge.
-        let mut tx = self.pool.begin().await.map_err(|e| unavailable(&e))?;
-        let calls = Self::count_call(&mut tx, "charge", key)
+        // The call is counted whatever its answer: the write commits its
+        // count and, for an approval, the charge; a refusal is its value.
+        self.store
+            .write(move |tx: &Connection| Ok::<_, OutboxError>(Self::charge_in(tx, request)?))
             .await
-            .map_err(|e| unavailable(&e))?;
-        let existing = sqlx::query(&format!(
-            "SELECT {CHARGE_COLUMNS} FROM gateway_charges WHERE idempotency_key = ?"
-        ))
-        .bind(key)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| unavailable(&e))?;
-        if let Some(row) = existing {
-            tx.commit().await.map_err(|e| unavailable(&e))?;
-            let charge = ledger_charge(&row);
-            return Ok(Charge {
+            .map_err(|e| unavailable(&e))?
+    }
+
+    /// The charge's ledger work, in the caller's transaction, which holds
+    /// the write lock from its start: two processes charging one key take
+    /// turns and the second finds the first's charge.
+    fn charge_in(
+        tx: &Connection,
+        request: ChargeRequest,
+    ) -> rusqlite::Result<Result<Charge, GatewayError>> {
+        let key = request.idempotency_key.as_str();
+        let calls = Self::count_call(tx, "charge", key)?;
+        let existing = tx
+            .prepare_cached(&format!(
+                "SELECT {CHARGE_COLUMNS} FROM gateway_charges WHERE idempotency_key = ?"
+            ))?
+            .query_row([key], ledger_charge)
+            .optional()?;
+        if let Some(charge) = existing {
+            return Ok(Ok(Charge {
                 charge_id: charge.charge_id,
                 amount_cents: charge.amount_cents,
                 currency: charge.currency,
-            });
+            }));
         }
         let outcome = match script(&request.card) {
             Script::Decline(code, reason) => Err(declined(code, reason)),
@@ -264,71 +250,62 @@ impl SimulatedGateway {
         });
         let amount = match amount {
             Ok(amount) => amount,
-            Err(e) => {
-                // The call is counted even though nothing is captured.
-                tx.commit().await.map_err(|e| unavailable(&e))?;
-                return Err(e);
-            }
+            // The call is counted even though nothing is captured.
+            Err(e) => return Ok(Err(e)),
         };
         let charge_id = format!("ch_{}", uuid::Uuid::now_v7().simple());
         let now = now_ms();
-        sqlx::query(
+        tx.prepare_cached(
             "INSERT INTO gateway_charges (idempotency_key, charge_id, amount_cents, currency, bin, last4, created_ms)
              VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(key)
-        .bind(&charge_id)
-        .bind(amount)
-        .bind(&request.currency)
-        .bind(&request.card.bin)
-        .bind(&request.card.last4)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| unavailable(&e))?;
-        sqlx::query(
+        )?
+        .execute(params![
+            key,
+            charge_id,
+            amount,
+            request.currency,
+            request.card.bin,
+            request.card.last4,
+            now
+        ])?;
+        tx.prepare_cached(
             "INSERT INTO gateway_captures (idempotency_key, charge_id, amount_cents, at_ms) VALUES (?, ?, ?, ?)",
-        )
-        .bind(key)
-        .bind(&charge_id)
-        .bind(amount)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| unavailable(&e))?;
-        tx.commit().await.map_err(|e| unavailable(&e))?;
-        Ok(Charge {
+        )?
+        .execute(params![key, charge_id, amount, now])?;
+        Ok(Ok(Charge {
             charge_id,
             amount_cents: request.amount_cents,
             currency: request.currency,
-        })
+        }))
     }
 
     async fn refund_now(&self, request: RefundRequest) -> Result<Refund, GatewayError> {
         self.latency().await;
-        let key = request.idempotency_key.as_str();
-        let mut tx = self.pool.begin().await.map_err(|e| unavailable(&e))?;
-        Self::count_call(&mut tx, "refund", key)
+        self.store
+            .write(move |tx: &Connection| Ok::<_, OutboxError>(Self::refund_in(tx, &request)?))
             .await
-            .map_err(|e| unavailable(&e))?;
-        let existing: Option<String> =
-            sqlx::query_scalar("SELECT refund_id FROM gateway_refunds WHERE idempotency_key = ?")
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| unavailable(&e))?;
+            .map_err(|e| unavailable(&e))?
+    }
+
+    fn refund_in(
+        tx: &Connection,
+        request: &RefundRequest,
+    ) -> rusqlite::Result<Result<Refund, GatewayError>> {
+        let key = request.idempotency_key.as_str();
+        Self::count_call(tx, "refund", key)?;
+        let existing: Option<String> = tx
+            .prepare_cached("SELECT refund_id FROM gateway_refunds WHERE idempotency_key = ?")?
+            .query_row([key], |r| r.get(0))
+            .optional()?;
         if let Some(refund_id) = existing {
-            tx.commit().await.map_err(|e| unavailable(&e))?;
-            return Ok(Refund { refund_id });
+            return Ok(Ok(Refund { refund_id }));
         }
-        let charge = sqlx::query(&format!(
-            "SELECT {CHARGE_COLUMNS} FROM gateway_charges WHERE charge_id = ?"
-        ))
-        .bind(&request.charge_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| unavailable(&e))?
-        .map(|row| ledger_charge(&row));
+        let charge = tx
+            .prepare_cached(&format!(
+                "SELECT {CHARGE_COLUMNS} FROM gateway_charges WHERE charge_id = ?"
+            ))?
+            .query_row([&request.charge_id], ledger_charge)
+            .optional()?;
         let refusal = match &charge {
             None => Some(declined(
                 "no_such_charge",
@@ -346,34 +323,21 @@ impl SimulatedGateway {
             Some(_) => None,
         };
         if let Some(refusal) = refusal {
-            tx.commit().await.map_err(|e| unavailable(&e))?;
-            return Err(refusal);
+            return Ok(Err(refusal));
         }
         // Checked above: at most the charge's amount, which fits in i64.
         let amount = i64::try_from(request.amount_cents).unwrap_or(i64::MAX);
         let refund_id = format!("re_{}", uuid::Uuid::now_v7().simple());
-        sqlx::query(
+        tx.prepare_cached(
             "INSERT INTO gateway_refunds (idempotency_key, refund_id, charge_id, amount_cents, created_ms)
              VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(key)
-        .bind(&refund_id)
-        .bind(&request.charge_id)
-        .bind(amount)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| unavailable(&e))?;
-        sqlx::query(
+        )?
+        .execute(params![key, refund_id, request.charge_id, amount, now_ms()])?;
+        tx.prepare_cached(
             "UPDATE gateway_charges SET refunded_cents = refunded_cents + ? WHERE charge_id = ?",
-        )
-        .bind(amount)
-        .bind(&request.charge_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| unavailable(&e))?;
-        tx.commit().await.map_err(|e| unavailable(&e))?;
-        Ok(Refund { refund_id })
+        )?
+        .execute(params![amount, request.charge_id])?;
+        Ok(Ok(Refund { refund_id }))
     }
 
     /// Every charge captured, oldest first.
@@ -381,13 +345,18 @@ impl SimulatedGateway {
     /// # Errors
     ///
     /// If the ledger cannot be read.
-    pub async fn ledger(&self) -> Result<Vec<LedgerCharge>, sqlx::Error> {
-        let rows = sqlx::query(&format!(
-            "SELECT {CHARGE_COLUMNS} FROM gateway_charges ORDER BY created_ms, rowid"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(ledger_charge).collect())
+    pub async fn ledger(&self) -> Result<Vec<LedgerCharge>, OutboxError> {
+        self.store
+            .read(|c: &Connection| {
+                let rows = c
+                    .prepare_cached(&format!(
+                        "SELECT {CHARGE_COLUMNS} FROM gateway_charges ORDER BY created_ms, rowid"
+                    ))?
+                    .query_map([], ledger_charge)?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await
     }
 
     /// The charge captured under `idempotency_key`, if any.
@@ -398,14 +367,17 @@ impl SimulatedGateway {
     pub async fn charge_for(
         &self,
         idempotency_key: &str,
-    ) -> Result<Option<LedgerCharge>, sqlx::Error> {
-        let row = sqlx::query(&format!(
-            "SELECT {CHARGE_COLUMNS} FROM gateway_charges WHERE idempotency_key = ?"
-        ))
-        .bind(idempotency_key)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.as_ref().map(ledger_charge))
+    ) -> Result<Option<LedgerCharge>, OutboxError> {
+        let key = idempotency_key.to_owned();
+        self.store
+            .read(move |c: &Connection| {
+                Ok(c.prepare_cached(&format!(
+                    "SELECT {CHARGE_COLUMNS} FROM gateway_charges WHERE idempotency_key = ?"
+                ))?
+                .query_row([key], ledger_charge)
+                .optional()?)
+            })
+            .await
     }
 
     /// Every refund made, oldest first.
@@ -417,7 +389,7 @@ impl SimulatedGateway {
         let rows = sqlx::query(
             "SELECT idempotency_key, refund_id, charge_id, amount_cents FROM gateway_refunds ORDER BY created_ms, rowid",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(self.store.pool())
         .await?;
         Ok(rows
             .iter()
@@ -425,7 +397,7 @@ impl SimulatedGateway {
                 idempotency_key: row.get("idempotency_key"),
                 refund_id: row.get("refund_id"),
                 charge_id: row.get("charge_id"),
-                amount_cents: cents(row, "amount_cents"),
+                amount_cents: u64::try_from(row.get::<i64, _>("amount_cents")).unwrap_or(0),
             })
             .collect())
     }
@@ -441,7 +413,7 @@ impl SimulatedGateway {
         let n: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM gateway_captures WHERE idempotency_key = ?")
                 .bind(idempotency_key)
-                .fetch_one(&self.pool)
+                .fetch_one(self.store.pool())
                 .await?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
@@ -456,7 +428,7 @@ impl SimulatedGateway {
         let n: Option<i64> = sqlx::query_scalar(
             "SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM gateway_captures GROUP BY idempotency_key)",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(self.store.pool())
         .await?;
         Ok(n.and_then(|n| u64::try_from(n).ok()).unwrap_or(0))
     }
@@ -472,7 +444,7 @@ impl SimulatedGateway {
             "SELECT calls FROM gateway_calls WHERE operation = 'charge' AND idempotency_key = ?",
         )
         .bind(idempotency_key)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.store.pool())
         .await?;
         Ok(n.and_then(|n| u64::try_from(n).ok()).unwrap_or(0))
     }
