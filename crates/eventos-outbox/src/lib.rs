@@ -171,11 +171,6 @@ struct Inner {
     counters: Arc<writer::Counters>,
 }
 
-/// Write-ahead log pages past which the background checkpoint waits for
-/// readers to move on and restarts the log from its beginning, so the file
-/// stops growing (4 KiB pages: 64 MiB).
-const WAL_RESTART_PAGES: i64 = 16_384;
-
 impl Store {
     /// Opens (creating if needed) the database at `path`, in WAL mode with
     /// full synchronous commits, creates the outbox and inbox tables, and
@@ -323,9 +318,10 @@ impl Store {
 }
 
 /// Checkpoints the write-ahead log into the database while commits go on,
-/// for as long as the store is open. PASSIVE never blocks the writer; when
-/// the log has grown past [`WAL_RESTART_PAGES`] (readers kept it from
-/// being reset) a RESTART waits for them and starts it over.
+/// for as long as the store is open. PASSIVE never blocks the writer (a
+/// FULL or RESTART would hold every commit while it waits for readers);
+/// the writer itself completes one now and then, between two rounds, so
+/// the log starts over instead of growing.
 async fn checkpoints(store: Weak<Inner>) {
     let mut seen = u64::MAX;
     loop {
@@ -340,15 +336,7 @@ async fn checkpoints(store: Weak<Inner>) {
         let passive: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(&inner.pool)
             .await;
-        let result = match passive {
-            Ok((_, log, _)) if log > WAL_RESTART_PAGES => {
-                sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(RESTART)")
-                    .fetch_one(&inner.pool)
-                    .await
-            }
-            other => other,
-        };
-        match result {
+        match passive {
             Ok(_) => {
                 seen = commits;
                 inner

@@ -202,6 +202,7 @@ impl Writer {
                 let _ = opened.send(Ok(()));
                 Round {
                     conn: Some(conn),
+                    caught_up: Instant::now(),
                     path,
                     counters,
                     committed,
@@ -271,6 +272,8 @@ struct Round {
     /// `None` after the connection had to be dropped; reopened at the
     /// next round.
     conn: Option<Connection>,
+    /// When the writer last finished a checkpoint itself.
+    caught_up: Instant,
     path: PathBuf,
     counters: Arc<Counters>,
     committed: Arc<Notify>,
@@ -392,6 +395,29 @@ impl Round {
         #[allow(clippy::cast_precision_loss)]
         metrics::histogram!("eventos_store_round_writes").record(count as f64);
         metrics::histogram!("eventos_store_round_seconds").record(started.elapsed().as_secs_f64());
+        if wrote > 0 && self.caught_up.elapsed() >= CATCH_UP_EVERY {
+            self.catch_up();
+        }
+    }
+
+    /// Finishes the checkpoint the background has nearly done, between two
+    /// rounds, once in a while. The background's checkpoints cannot
+    /// complete under load (a commit always lands while one runs), and the
+    /// log only starts over from its beginning after a complete one: left
+    /// alone it grew by hundreds of megabytes, and every read and commit
+    /// slowed with it. Here no commit can land meanwhile, and what is left
+    /// to copy is what committed since the background's last pass.
+    fn catch_up(&mut self) {
+        let Some(conn) = self.conn.as_ref() else {
+            return;
+        };
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) => {
+                self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::debug!(error = %e, "the writer's checkpoint failed; retried later"),
+        }
+        self.caught_up = Instant::now();
     }
 
     /// Rolls back what is left of a failed round. A COMMIT that failed
@@ -433,3 +459,6 @@ impl Round {
 
 /// How often the background checkpointer looks at the write-ahead log.
 pub(crate) const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
+/// How often, at most, the writer finishes a checkpoint itself.
+const CATCH_UP_EVERY: Duration = Duration::from_secs(1);

@@ -140,3 +140,48 @@ async fn the_write_ahead_log_is_checkpointed_in_the_background() {
     let size = std::fs::metadata(&path).unwrap().len();
     assert!(size > 50 * 8192, "database file is {size} bytes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_constant_writes_the_write_ahead_log_starts_over_instead_of_growing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("svc.db");
+    let store = Store::open(&path).await.unwrap();
+    sqlx::query("CREATE TABLE blobs (b BLOB NOT NULL)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    // Writers that never pause, for long enough that the writer has had
+    // to complete checkpoints of its own (it does once a second).
+    let started = Instant::now();
+    let writers = (0..8).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut written = 0u64;
+            while started.elapsed() < Duration::from_secs(4) || written < 400 {
+                store
+                    .write(|c: &Connection| {
+                        c.prepare_cached("INSERT INTO blobs (b) VALUES (?)")?
+                            .execute([vec![3u8; 2048]])?;
+                        Ok::<_, OutboxError>(())
+                    })
+                    .await
+                    .unwrap();
+                written += 1;
+            }
+            written
+        })
+    });
+    let written: u64 = futures::future::join_all(writers)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .sum();
+    let wal = std::fs::metadata(dir.path().join("svc.db-wal"))
+        .unwrap()
+        .len();
+    let bytes = written * 2048;
+    assert!(
+        wal < bytes / 2,
+        "the log holds {wal} bytes after {bytes} bytes were written: it never started over"
+    );
+}
