@@ -401,7 +401,7 @@ impl Round {
     }
 
     /// Finishes the checkpoint the background has nearly done, between two
-    /// rounds, once in a while. The background's checkpoints cannot
+    /// rounds, twice a second. The background's checkpoints cannot
     /// complete under load (a commit always lands while one runs), and the
     /// log only starts over from its beginning after a complete one: left
     /// alone it grew by hundreds of megabytes, and every read and commit
@@ -411,13 +411,27 @@ impl Round {
         let Some(conn) = self.conn.as_ref() else {
             return;
         };
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            Ok(()) => {
+        let checkpoint = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        });
+        match checkpoint {
+            // Complete: the next round starts the log over.
+            Ok((0, log, copied)) if copied >= log => {
                 self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+                self.caught_up = Instant::now();
             }
-            Err(e) => tracing::debug!(error = %e, "the writer's checkpoint failed; retried later"),
+            // The background's checkpoint was running, or a reader still
+            // needs the log: tried again after the next round.
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "the writer's checkpoint failed; retried later");
+                self.caught_up = Instant::now();
+            }
         }
-        self.caught_up = Instant::now();
     }
 
     /// Rolls back what is left of a failed round. A COMMIT that failed
@@ -461,4 +475,4 @@ impl Round {
 pub(crate) const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
 /// How often, at most, the writer finishes a checkpoint itself.
-const CATCH_UP_EVERY: Duration = Duration::from_secs(1);
+const CATCH_UP_EVERY: Duration = Duration::from_millis(500);

@@ -151,7 +151,8 @@ async fn under_constant_writes_the_write_ahead_log_starts_over_instead_of_growin
         .await
         .unwrap();
     // Writers that never pause, for long enough that the writer has had
-    // to complete checkpoints of its own (it does once a second).
+    // to complete checkpoints of its own (it does twice a second). Left
+    // to grow, the log ends up larger than everything written.
     let started = Instant::now();
     let writers = (0..8).map(|_| {
         let store = store.clone();
@@ -183,7 +184,7 @@ async fn under_constant_writes_the_write_ahead_log_starts_over_instead_of_growin
     // since it last started over, not one frame per small row's page.
     let bytes = written * 8192;
     assert!(
-        wal < bytes / 2,
+        wal < bytes * 2 / 3,
         "the log holds {wal} bytes after {bytes} bytes were written: it never started over"
     );
 }
