@@ -421,8 +421,9 @@ impl Relay {
         }
     }
 
-    /// Publishes one batch of unsent rows, in order; returns how many were
-    /// sent. Consecutive rows for one topic go out as one publish.
+    /// Publishes one batch of unsent rows, in order within each topic;
+    /// returns how many were sent. Each topic's rows go out as one publish,
+    /// the topics' publishes at once.
     ///
     /// # Errors
     ///
@@ -447,48 +448,60 @@ impl Relay {
                 Ok::<_, OutboxError>(rows)
             })
             .await?;
-        let mut sent = 0;
-        let mut ranges = Vec::new();
-        let mut i = 0;
-        while i < rows.len() {
-            let topic = rows[i].1.clone();
-            let mut events = Vec::new();
-            // Seqs can have gaps (a rolled-back insert burns its number), so
-            // the range is taken from the rows, not computed from a count.
-            let first_seq = rows[i].0;
-            let mut last_seq = first_seq;
-            while i < rows.len() && rows[i].1 == topic {
-                let (seq, _, bytes) = &rows[i];
-                let seq = *seq;
-                events.push(
-                    Event::from_json(bytes)
-                        .map_err(|source| OutboxError::Corrupt { seq, source })?,
-                );
-                last_seq = seq;
-                i += 1;
+        // One publish per topic, all at once: rows of different topics
+        // interleave (an enrollment's events go to several), and a publish
+        // per run of one topic paid a sync of the transport each. Order
+        // holds where it is promised, within a topic.
+        let mut topics: Vec<(String, Vec<i64>, Vec<Event>)> = Vec::new();
+        for (seq, topic, bytes) in rows {
+            let event =
+                Event::from_json(&bytes).map_err(|source| OutboxError::Corrupt { seq, source })?;
+            match topics.iter_mut().find(|(t, _, _)| *t == topic) {
+                Some((_, seqs, events)) => {
+                    seqs.push(seq);
+                    events.push(event);
+                }
+                None => topics.push((topic, vec![seq], vec![event])),
             }
-            let count = events.len();
-            self.publisher.publish(&topic, events).await?;
-            metrics::counter!("eventos_outbox_published_total", "topic" => topic.clone())
-                .increment(count as u64);
-            sent += count;
-            ranges.push((first_seq, last_seq));
         }
-        // One statement per published run, all in one write: the marks ride
-        // the same round as the service's other writes.
-        if !ranges.is_empty() {
+        let publishes = topics.into_iter().map(|(topic, seqs, events)| async move {
+            let count = events.len();
+            let published = self.publisher.publish(&topic, events).await;
+            if published.is_ok() {
+                metrics::counter!("eventos_outbox_published_total", "topic" => topic)
+                    .increment(count as u64);
+            }
+            (seqs, published)
+        });
+        let mut done = Vec::new();
+        let mut failed = None;
+        for (seqs, published) in futures::future::join_all(publishes).await {
+            match published {
+                Ok(()) => done.extend(seqs),
+                // That topic's rows stay unsent, in order, for the next
+                // pass; the other topics' are marked.
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        let sent = done.len();
+        // All marks in one write: they ride the same round as the
+        // service's other writes.
+        if !done.is_empty() {
             let at = now_ms();
             self.store
                 .write(move |c: &Connection| {
                     let mut mark = c.prepare_cached(
-                        "UPDATE eventos_outbox SET sent_ms = ? WHERE seq BETWEEN ? AND ? AND sent_ms IS NULL",
+                        "UPDATE eventos_outbox SET sent_ms = ? WHERE seq = ? AND sent_ms IS NULL",
                     )?;
-                    for (first, last) in ranges {
-                        mark.execute(rusqlite::params![at, first, last])?;
+                    for seq in done {
+                        mark.execute(rusqlite::params![at, seq])?;
                     }
                     Ok::<_, OutboxError>(())
                 })
                 .await?;
+        }
+        if let Some(e) = failed {
+            return Err(e.into());
         }
         Ok(sent)
     }

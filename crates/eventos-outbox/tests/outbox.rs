@@ -273,3 +273,69 @@ async fn the_database_and_its_wal_and_shm_are_owner_only() {
     let _store = Store::open(&old).await.unwrap();
     assert_eq!(mode("old.db"), 0o600);
 }
+
+/// A transport that refuses one topic while `down` is set.
+struct OneTopicDown {
+    inner: MemoryTransport,
+    topic: &'static str,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl eventos_core::Publisher for OneTopicDown {
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        events: Vec<Event>,
+    ) -> futures::future::BoxFuture<'a, Result<(), eventos_core::TransportError>> {
+        Box::pin(async move {
+            if topic == self.topic && self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(eventos_core::TransportError::new(
+                    eventos_core::TransportErrorKind::Unavailable,
+                    "down for this test",
+                ));
+            }
+            self.inner.publish(topic, events).await
+        })
+    }
+}
+
+#[tokio::test]
+async fn interleaved_topics_go_out_in_one_pass_and_a_refused_topic_waits_alone_in_order() {
+    let (_dir, store) = store().await;
+    // An entity's events go to several topics, interleaved in the outbox.
+    store
+        .write(|c: &Connection| {
+            for n in 0..6 {
+                enqueue(c, if n % 2 == 0 { "a" } else { "b" }, &event(n))?;
+            }
+            Ok::<_, OutboxError>(())
+        })
+        .await
+        .unwrap();
+    let transport = MemoryTransport::new();
+    let a = {
+        let t = transport.clone();
+        tokio::spawn(async move { received(&t, "a", 3).await })
+    };
+    let b = {
+        let t = transport.clone();
+        tokio::spawn(async move { received(&t, "b", 3).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let publisher = Arc::new(OneTopicDown {
+        inner: transport.clone(),
+        topic: "b",
+        down: true.into(),
+    });
+    let relay = Relay::new(store.clone(), Arc::clone(&publisher) as _);
+    assert!(relay.relay_once().await.is_err(), "topic b was refused");
+    assert_eq!(a.await.unwrap(), vec![0, 2, 4], "a went out, in order");
+    assert_eq!(store.unsent().await.unwrap(), 3, "b's rows wait");
+    publisher
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(relay.relay_once().await.unwrap(), 3);
+    assert_eq!(b.await.unwrap(), vec![1, 3, 5], "b, in order, once");
+    assert_eq!(store.unsent().await.unwrap(), 0);
+    assert_eq!(relay.relay_once().await.unwrap(), 0, "nothing sent twice");
+}
