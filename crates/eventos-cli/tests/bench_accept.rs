@@ -87,6 +87,59 @@ async fn bench_accept_reports_rates_latencies_and_syncs_of_a_running_system() {
         "{writes} contact writes for {} accepted per second",
         value("contact_per_s")
     );
+
+    // The pipeline case follows every message it sent to its end: once it
+    // returns, each accepted message's mail is back on its timeline.
+    let out = Command::new(env!("CARGO_BIN_EXE_eventos"))
+        .args(["bench", "accept", "--target", &format!("127.0.0.1:{port}")])
+        .args(["--clients", "2", "--seconds", "2", "--cases", "pipeline"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("backlog"), "no per-second lines:\n{stdout}");
+    let summary = stdout.lines().last().unwrap().to_owned();
+    let value = |key: &str| -> f64 {
+        summary
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key} in {summary}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(value("pipeline_per_s") > 0.0, "{summary}");
+    assert!(value("pipeline_done_per_s") > 0.0, "{summary}");
+    let syncs = value("pipeline_syncs_per_msg");
+    assert!(syncs > 0.0 && syncs < 10.0, "{summary}");
+    let metrics = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counter = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} on /metrics"))
+            .parse()
+            .unwrap()
+    };
+    let mail_back = counter(
+        r#"eventos_deliveries_total{topic="school.mail.sent",group="contact",outcome="ack"} "#,
+    );
+    let contact_writes = counter("eventos_store_writes_total{store=\"contact\"} ");
+    assert!(
+        mail_back > 0.0 && mail_back <= contact_writes,
+        "{mail_back} mails back for {contact_writes} contact writes"
+    );
     up.interrupt();
 }
 
