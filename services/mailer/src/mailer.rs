@@ -140,12 +140,20 @@ impl Mailer {
     ///
     /// [`MailerError::Store`].
     pub async fn is_sent(&self, mail_id: &str) -> Result<bool, MailerError> {
-        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM mailer_sent WHERE mail_id = ?")
-            .bind(mail_id)
-            .fetch_optional(self.inner.store.pool())
-            .await
-            .map_err(eventos_outbox::OutboxError::from)?;
-        Ok(found.is_some())
+        // On the writer, between rounds: asked once per mail, right after
+        // the write that could have recorded it, and a pooled read would
+        // cost two trips to the driver's thread.
+        let mail_id = mail_id.to_owned();
+        let found = self
+            .inner
+            .store
+            .read(move |c: &Connection| {
+                c.prepare_cached("SELECT 1 FROM mailer_sent WHERE mail_id = ?")?
+                    .exists([mail_id])
+                    .map_err(eventos_outbox::OutboxError::from)
+            })
+            .await?;
+        Ok(found)
     }
 
     /// Whether mail can go out now (the SMTP server answers, or mail is
