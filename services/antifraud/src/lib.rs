@@ -153,13 +153,27 @@ impl AntifraudConfig {
 }
 
 /// What the service remembers of other payments submitted within the
-/// velocity window of the one being checked (which is not included).
+/// velocity window of the one being checked (which is not included),
+/// counted up to one past each limit: beyond that the rules need no more,
+/// and a card seen thousands of times is not counted thousands of times
+/// per check.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct History {
     /// Other payments with the same card fingerprint.
     pub card_count: u32,
     /// Other payments from the same e-mail address.
     pub email_count: u32,
+}
+
+/// "N times" for a use count that includes this payment; "at least N
+/// times" once [`History`]'s count was cut off past `max`.
+fn times(others: u32, max: u32) -> String {
+    let total = u64::from(others) + 1;
+    if others > max {
+        format!("at least {total} times")
+    } else {
+        format!("{total} times")
+    }
 }
 
 /// The result of the rules: a score and one line per rule that fired.
@@ -239,8 +253,10 @@ pub fn assess(p: &PaymentSubmitted, history: &History, config: &AntifraudConfig)
         a.add(
             CARD_VELOCITY,
             format!(
-                "card ending {} used {card_total} times in {window} (this payment included), more than the {} allowed",
-                card.last4, config.max_per_card
+                "card ending {} used {} in {window} (this payment included), more than the {} allowed",
+                card.last4,
+                times(history.card_count, config.max_per_card),
+                config.max_per_card
             ),
         );
     }
@@ -250,7 +266,8 @@ pub fn assess(p: &PaymentSubmitted, history: &History, config: &AntifraudConfig)
         a.add(
             EMAIL_VELOCITY,
             format!(
-                "e-mail {email} used {email_total} times in {window} (this payment included), more than the {} allowed",
+                "e-mail {email} used {} in {window} (this payment included), more than the {} allowed",
+                times(history.email_count, config.max_per_email),
                 config.max_per_email
             ),
         );
@@ -468,17 +485,27 @@ impl Antifraud {
                 }
                 let card_count: i64 = tx
                     .prepare_cached(
-                        "SELECT COUNT(*) FROM antifraud_checks WHERE fingerprint = ? AND at_ms > ? AND at_ms < ?",
+                        "SELECT COUNT(*) FROM (SELECT 1 FROM antifraud_checks \
+                         WHERE fingerprint = ? AND at_ms > ? AND at_ms < ? LIMIT ?)",
                     )
                     .and_then(|mut s| {
-                        s.query_row(params![fingerprint, since_ms, until_ms], |r| r.get(0))
+                        s.query_row(
+                            params![fingerprint, since_ms, until_ms, config.max_per_card.saturating_add(1)],
+                            |r| r.get(0),
+                        )
                     })
                     .transient()?;
                 let email_count: i64 = tx
                     .prepare_cached(
-                        "SELECT COUNT(*) FROM antifraud_checks WHERE email = ? AND at_ms > ? AND at_ms < ?",
+                        "SELECT COUNT(*) FROM (SELECT 1 FROM antifraud_checks \
+                         WHERE email = ? AND at_ms > ? AND at_ms < ? LIMIT ?)",
                     )
-                    .and_then(|mut s| s.query_row(params![email, since_ms, until_ms], |r| r.get(0)))
+                    .and_then(|mut s| {
+                        s.query_row(
+                            params![email, since_ms, until_ms, config.max_per_email.saturating_add(1)],
+                            |r| r.get(0),
+                        )
+                    })
                     .transient()?;
                 let history = History {
                     card_count: u32::try_from(card_count).unwrap_or(u32::MAX),
@@ -655,6 +682,20 @@ mod tests {
         );
         assert_eq!(both.score, 70);
         assert!(!both.passes(70));
+    }
+
+    #[test]
+    fn a_count_cut_off_past_the_limit_says_at_least() {
+        let config = AntifraudConfig::default();
+        let h = History {
+            card_count: config.max_per_card + 1,
+            email_count: 0,
+        };
+        let reasons = assess(&payment(), &h, &config).reasons;
+        assert!(
+            reasons[0].contains(&format!("used at least {} times", config.max_per_card + 2)),
+            "{reasons:?}"
+        );
     }
 
     #[test]
