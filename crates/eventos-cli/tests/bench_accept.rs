@@ -39,14 +39,7 @@ async fn bench_accept_reports_rates_latencies_and_syncs_of_a_running_system() {
         assert!(stdout.contains(row), "no {row} row:\n{stdout}");
     }
     let summary = stdout.lines().last().unwrap();
-    let value = |key: &str| -> f64 {
-        summary
-            .split(' ')
-            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("no {key} in {summary}"))
-            .parse()
-            .unwrap()
-    };
+    let value = |key: &str| summary_value(summary, key);
     for case in ["healthz", "contact", "enrollments"] {
         assert!(value(&format!("{case}_per_s")) > 0.0, "{summary}");
         assert!(
@@ -67,15 +60,7 @@ async fn bench_accept_reports_rates_latencies_and_syncs_of_a_running_system() {
     // What the bench was told was accepted is there: the contact store's
     // writes cover every accepted contact message.
     let http = reqwest::Client::new();
-    let metrics = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fetch_metrics(&http, port).await;
     let writes: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("eventos_store_writes_total{store=\"contact\"} "))
@@ -103,27 +88,12 @@ async fn bench_accept_reports_rates_latencies_and_syncs_of_a_running_system() {
     );
     assert!(stdout.contains("backlog"), "no per-second lines:\n{stdout}");
     let summary = stdout.lines().last().unwrap().to_owned();
-    let value = |key: &str| -> f64 {
-        summary
-            .split(' ')
-            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("no {key} in {summary}"))
-            .parse()
-            .unwrap()
-    };
+    let value = |key: &str| summary_value(&summary, key);
     assert!(value("pipeline_per_s") > 0.0, "{summary}");
     assert!(value("pipeline_done_per_s") > 0.0, "{summary}");
     let syncs = value("pipeline_syncs_per_msg");
     assert!(syncs > 0.0 && syncs < 10.0, "{summary}");
-    let metrics = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fetch_metrics(&http, port).await;
     let counter = |prefix: &str| -> f64 {
         metrics
             .lines()
@@ -141,6 +111,27 @@ async fn bench_accept_reports_rates_latencies_and_syncs_of_a_running_system() {
         "{mail_back} mails back for {contact_writes} contact writes"
     );
     up.interrupt();
+}
+
+/// The value of `key` in the bench's `key=value` summary line.
+fn summary_value(summary: &str, key: &str) -> f64 {
+    summary
+        .split(' ')
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {summary}"))
+        .parse()
+        .unwrap()
+}
+
+async fn fetch_metrics(http: &reqwest::Client, port: u16) -> String {
+    http.get(format!("http://127.0.0.1:{port}/metrics"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 #[test]
