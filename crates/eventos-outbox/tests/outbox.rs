@@ -47,11 +47,17 @@ async fn store() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
-async fn received(transport: &MemoryTransport, topic: &str, count: usize) -> Vec<u32> {
-    let mut s = transport
+/// A probe on `topic`, subscribed before anything is published: the memory
+/// transport keeps nothing for a group that does not exist yet.
+async fn probe(transport: &MemoryTransport, topic: &str) -> eventos_core::DeliveryStream {
+    transport
         .subscribe(Subscription::new(topic, "probe").start(StartFrom::Earliest))
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The next `count` events' payloads from a [`probe`].
+async fn received(mut s: eventos_core::DeliveryStream, count: usize) -> Vec<u32> {
     let mut got = Vec::new();
     while got.len() < count {
         let d = tokio::time::timeout(Duration::from_secs(5), s.next())
@@ -69,13 +75,7 @@ async fn received(transport: &MemoryTransport, topic: &str, count: usize) -> Vec
 async fn committed_state_and_events_go_together() {
     let (_dir, store) = store().await;
     let transport = MemoryTransport::new();
-    // Subscribe first: the memory transport keeps nothing for groups that do
-    // not exist yet.
-    let probe = {
-        let t = transport.clone();
-        tokio::spawn(async move { received(&t, "things", 3).await })
-    };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let probe = tokio::spawn(received(probe(&transport, "things").await, 3));
     for n in 0..3 {
         store
             .write(move |c: &Connection| {
@@ -132,15 +132,8 @@ async fn unsent_rows_survive_a_failed_publish_and_a_restart() {
     // After a restart the relay sends everything, in order per topic.
     let store = Store::open(&path).await.unwrap();
     let transport = MemoryTransport::new();
-    let a = {
-        let t = transport.clone();
-        tokio::spawn(async move { received(&t, "a", 2).await })
-    };
-    let b = {
-        let t = transport.clone();
-        tokio::spawn(async move { received(&t, "b", 1).await })
-    };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let a = tokio::spawn(received(probe(&transport, "a").await, 2));
+    let b = tokio::spawn(received(probe(&transport, "b").await, 1));
     let relay = Relay::new(store.clone(), Arc::new(transport.clone()));
     let running = tokio::spawn(relay.run(std::future::pending()));
     assert_eq!(a.await.unwrap(), vec![1, 3]);
@@ -158,13 +151,11 @@ async fn unsent_rows_survive_a_failed_publish_and_a_restart() {
 async fn the_relay_wakes_on_commit() {
     let (_dir, store) = store().await;
     let transport = MemoryTransport::new();
-    let probe = {
-        let t = transport.clone();
-        tokio::spawn(async move { received(&t, "things", 1).await })
-    };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let probe = tokio::spawn(received(probe(&transport, "things").await, 1));
     let relay = Relay::new(store.clone(), Arc::new(transport.clone()));
     let running = tokio::spawn(relay.run(std::future::pending()));
+    // Time for the relay's first (empty) pass, so the write lands while it
+    // waits: what is tested is the wake, not the first pass.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let started = std::time::Instant::now();
     store
@@ -232,11 +223,7 @@ async fn a_rolled_back_insert_between_commits_sends_each_row_once() {
         assert_eq!(done.is_ok(), commit);
     }
     let transport = MemoryTransport::new();
-    let probe = {
-        let t = transport.clone();
-        tokio::spawn(async move { received(&t, "things", 2).await })
-    };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let probe = tokio::spawn(received(probe(&transport, "things").await, 2));
     let relay = Relay::new(store.clone(), Arc::new(transport.clone()));
     assert_eq!(relay.relay_once().await.unwrap(), 2);
     assert_eq!(store.unsent().await.unwrap(), 0, "both rows marked sent");
@@ -313,15 +300,8 @@ async fn interleaved_topics_go_out_in_one_pass_and_a_refused_topic_waits_alone_i
         .await
         .unwrap();
     let transport = MemoryTransport::new();
-    let a = {
-        let t = transport.clone();
-        tokio::spawn(async move { received(&t, "a", 3).await })
-    };
-    let b = {
-        let t = transport.clone();
-        tokio::spawn(async move { received(&t, "b", 3).await })
-    };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let a = tokio::spawn(received(probe(&transport, "a").await, 3));
+    let b = tokio::spawn(received(probe(&transport, "b").await, 3));
     let publisher = Arc::new(OneTopicDown {
         inner: transport.clone(),
         topic: "b",
