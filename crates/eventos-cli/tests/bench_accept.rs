@@ -24,17 +24,7 @@ async fn bench_accept_reports_rates_latencies_and_syncs_of_a_running_system() {
         "eventos up",
     );
 
-    let out = Command::new(env!("CARGO_BIN_EXE_eventos"))
-        .args(["bench", "accept", "--target", &format!("127.0.0.1:{port}")])
-        .args(["--clients", "4", "--seconds", "1"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = bench(port, &["--clients", "4", "--seconds", "1"]);
     for row in ["GET /healthz", "POST /contact", "POST /enrollments"] {
         assert!(stdout.contains(row), "no {row} row:\n{stdout}");
     }
@@ -75,20 +65,13 @@ async fn bench_accept_reports_rates_latencies_and_syncs_of_a_running_system() {
 
     // The pipeline case follows every message it sent to its end: once it
     // returns, each accepted message's mail is back on its timeline.
-    let out = Command::new(env!("CARGO_BIN_EXE_eventos"))
-        .args(["bench", "accept", "--target", &format!("127.0.0.1:{port}")])
-        .args(["--clients", "2", "--seconds", "2", "--cases", "pipeline"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = bench(
+        port,
+        &["--clients", "2", "--seconds", "2", "--cases", "pipeline"],
     );
     assert!(stdout.contains("backlog"), "no per-second lines:\n{stdout}");
-    let summary = stdout.lines().last().unwrap().to_owned();
-    let value = |key: &str| summary_value(&summary, key);
+    let summary = stdout.lines().last().unwrap();
+    let value = |key: &str| summary_value(summary, key);
     assert!(value("pipeline_per_s") > 0.0, "{summary}");
     assert!(value("pipeline_done_per_s") > 0.0, "{summary}");
     let syncs = value("pipeline_syncs_per_msg");
@@ -111,6 +94,23 @@ async fn bench_accept_reports_rates_latencies_and_syncs_of_a_running_system() {
         "{mail_back} mails back for {contact_writes} contact writes"
     );
     up.interrupt();
+}
+
+/// Runs `eventos bench accept` against `127.0.0.1:port` with `args`; its
+/// stdout, once it has succeeded.
+fn bench(port: u16, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_eventos"))
+        .args(["bench", "accept", "--target", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 /// The value of `key` in the bench's `key=value` summary line.

@@ -112,8 +112,8 @@ async fn reads_do_not_wait_for_a_write_in_progress() {
     assert_eq!(stored(&store).await, vec![1, 2]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_write_ahead_log_is_checkpointed_in_the_background() {
+/// A store with a table of blobs, and its file's path.
+async fn blob_store() -> (tempfile::TempDir, std::path::PathBuf, Store) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("svc.db");
     let store = Store::open(&path).await.unwrap();
@@ -121,15 +121,27 @@ async fn the_write_ahead_log_is_checkpointed_in_the_background() {
         .execute(store.pool())
         .await
         .unwrap();
+    (dir, path, store)
+}
+
+/// Writes one 8 KiB blob: larger than a page, so the log grows by about
+/// what is written.
+async fn insert_blob(store: &Store) {
+    store
+        .write(|c: &Connection| {
+            c.prepare_cached("INSERT INTO blobs (b) VALUES (?)")?
+                .execute([vec![1u8; 8192]])?;
+            Ok::<_, OutboxError>(())
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_ahead_log_is_checkpointed_in_the_background() {
+    let (_dir, path, store) = blob_store().await;
     for _ in 0..50 {
-        store
-            .write(|c: &Connection| {
-                c.prepare_cached("INSERT INTO blobs (b) VALUES (?)")?
-                    .execute([vec![1u8; 8192]])?;
-                Ok::<_, OutboxError>(())
-            })
-            .await
-            .unwrap();
+        insert_blob(&store).await;
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while store.stats().checkpoints == 0 {
@@ -143,13 +155,7 @@ async fn the_write_ahead_log_is_checkpointed_in_the_background() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_constant_writes_the_write_ahead_log_starts_over_instead_of_growing() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("svc.db");
-    let store = Store::open(&path).await.unwrap();
-    sqlx::query("CREATE TABLE blobs (b BLOB NOT NULL)")
-        .execute(store.pool())
-        .await
-        .unwrap();
+    let (_dir, path, store) = blob_store().await;
     // Writers that never pause, for long enough that the writer has had
     // to complete checkpoints of its own (it does twice a second). Left
     // to grow, the log ends up larger than everything written.
@@ -159,14 +165,7 @@ async fn under_constant_writes_the_write_ahead_log_starts_over_instead_of_growin
         tokio::spawn(async move {
             let mut written = 0u64;
             while started.elapsed() < Duration::from_secs(5) || written < 400 {
-                store
-                    .write(|c: &Connection| {
-                        c.prepare_cached("INSERT INTO blobs (b) VALUES (?)")?
-                            .execute([vec![3u8; 8192]])?;
-                        Ok::<_, OutboxError>(())
-                    })
-                    .await
-                    .unwrap();
+                insert_blob(&store).await;
                 written += 1;
             }
             written
@@ -177,7 +176,7 @@ async fn under_constant_writes_the_write_ahead_log_starts_over_instead_of_growin
         .into_iter()
         .map(Result::unwrap)
         .sum();
-    let wal = std::fs::metadata(dir.path().join("svc.db-wal"))
+    let wal = std::fs::metadata(path.with_extension("db-wal"))
         .unwrap()
         .len();
     // Rows larger than a page: the log holds about what was written

@@ -45,7 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed_with};
-use eventos_outbox::rusqlite::{Connection, params};
+use eventos_outbox::rusqlite::{self, Connection, params};
 use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
 use rand::Rng as _;
 use school_events::{FraudCheckFailed, FraudCheckPassed, PaymentSubmitted, topics};
@@ -163,6 +163,38 @@ pub struct History {
     pub card_count: u32,
     /// Other payments from the same e-mail address.
     pub email_count: u32,
+}
+
+/// What a velocity rule counts uses of.
+#[derive(Clone, Copy)]
+enum Key {
+    Card,
+    Email,
+}
+
+/// Checks of `value` (a card fingerprint or an e-mail address) submitted
+/// within `window`, counted up to one past `max` (see [`History`]).
+fn uses(
+    tx: &Connection,
+    key: Key,
+    value: &str,
+    (since_ms, until_ms): (i64, i64),
+    max: u32,
+) -> rusqlite::Result<u32> {
+    let sql = match key {
+        Key::Card => {
+            "SELECT COUNT(*) FROM (SELECT 1 FROM antifraud_checks \
+             WHERE fingerprint = ? AND at_ms > ? AND at_ms < ? LIMIT ?)"
+        }
+        Key::Email => {
+            "SELECT COUNT(*) FROM (SELECT 1 FROM antifraud_checks \
+             WHERE email = ? AND at_ms > ? AND at_ms < ? LIMIT ?)"
+        }
+    };
+    tx.prepare_cached(sql)?.query_row(
+        params![value, since_ms, until_ms, max.saturating_add(1)],
+        |r| r.get(0),
+    )
 }
 
 /// "N times" for a use count that includes this payment; "at least N
@@ -483,33 +515,15 @@ impl Antifraud {
                 if !first_delivery(tx, GROUP, &event_id)? {
                     return Ok(None);
                 }
-                let card_count: i64 = tx
-                    .prepare_cached(
-                        "SELECT COUNT(*) FROM (SELECT 1 FROM antifraud_checks \
-                         WHERE fingerprint = ? AND at_ms > ? AND at_ms < ? LIMIT ?)",
-                    )
-                    .and_then(|mut s| {
-                        s.query_row(
-                            params![fingerprint, since_ms, until_ms, config.max_per_card.saturating_add(1)],
-                            |r| r.get(0),
-                        )
-                    })
-                    .transient()?;
-                let email_count: i64 = tx
-                    .prepare_cached(
-                        "SELECT COUNT(*) FROM (SELECT 1 FROM antifraud_checks \
-                         WHERE email = ? AND at_ms > ? AND at_ms < ? LIMIT ?)",
-                    )
-                    .and_then(|mut s| {
-                        s.query_row(
-                            params![email, since_ms, until_ms, config.max_per_email.saturating_add(1)],
-                            |r| r.get(0),
-                        )
-                    })
-                    .transient()?;
+                let card_count =
+                    uses(tx, Key::Card, &fingerprint, (since_ms, until_ms), config.max_per_card)
+                        .transient()?;
+                let email_count =
+                    uses(tx, Key::Email, &email, (since_ms, until_ms), config.max_per_email)
+                        .transient()?;
                 let history = History {
-                    card_count: u32::try_from(card_count).unwrap_or(u32::MAX),
-                    email_count: u32::try_from(email_count).unwrap_or(u32::MAX),
+                    card_count,
+                    email_count,
                 };
 
                 let assessment = assess(&p, &history, &config);
