@@ -25,6 +25,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// Every message allocates on one thread and frees on another (the HTTP
+// worker, a store's writer, the log's writer); glibc's allocator spent a
+// tenth of the system's CPU consolidating and unlinking those chunks.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Asynchronous events for microservices.
 #[derive(Debug, Parser)]
 #[command(name = "eventos", version, about, propagate_version = true)]
