@@ -25,7 +25,10 @@
 //!   under its own savepoint, for one sync. A store's throughput is then
 //!   the disk's sync rate times the writes per round, not the sync rate;
 //!   reads go to a pool of their own and never wait for the writer; WAL
-//!   checkpoints run in the background, never inside a commit.
+//!   checkpoints run in the background, never inside a commit. The
+//!   relay's "sent" marks go through [`Store::write_unsynced`]: losing one
+//!   to a power cut only publishes its row again, so a round of marks
+//!   alone pays no sync.
 //!
 //! No feature flags.
 
@@ -267,6 +270,26 @@ impl Store {
         self.inner.writer.write(f).await
     }
 
+    /// Runs `f` like [`Store::write`], for a write whose loss in a power
+    /// cut costs only work done again — the relay's "sent" marks (a row
+    /// left unmarked is published again, and consumers drop the
+    /// duplicate). It shares the next round; a round of such writes
+    /// alone commits without a sync, and the next synced round makes it
+    /// durable. A process killed after it returns loses nothing: the
+    /// operating system has the write.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::write`].
+    pub async fn write_unsynced<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<OutboxError> + Send + 'static,
+    {
+        self.inner.writer.write_unsynced(f).await
+    }
+
     /// Runs the read `f` on the store's writer, between two rounds and
     /// outside any transaction, and returns its result: it sees every
     /// write that committed before it was asked for. For a read that
@@ -329,7 +352,8 @@ async fn checkpoints(store: Weak<Inner>) {
         let Some(inner) = store.upgrade() else {
             return;
         };
-        let commits = inner.counters.snapshot().commits;
+        let stats = inner.counters.snapshot();
+        let commits = stats.commits + stats.unsynced_commits;
         if commits == seen {
             continue;
         }
@@ -484,12 +508,13 @@ impl Relay {
             }
         }
         let sent = done.len();
-        // All marks in one write: they ride the same round as the
-        // service's other writes.
+        // All marks in one write, riding the round of the service's other
+        // writes, and syncing none of their own: a mark lost in a power
+        // cut only publishes its row again.
         if !done.is_empty() {
             let at = now_ms();
             self.store
-                .write(move |c: &Connection| {
+                .write_unsynced(move |c: &Connection| {
                     let mut mark = c.prepare_cached(
                         "UPDATE eventos_outbox SET sent_ms = ? WHERE seq = ? AND sent_ms IS NULL",
                     )?;
@@ -519,7 +544,7 @@ impl Relay {
         loop {
             let done = self
                 .store
-                .write(move |c: &Connection| {
+                .write_unsynced(move |c: &Connection| {
                     let done = c
                         .prepare_cached(
                             "DELETE FROM eventos_outbox WHERE seq IN \

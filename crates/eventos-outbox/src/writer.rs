@@ -123,6 +123,10 @@ pub struct StoreStats {
     pub failed_writes: u64,
     /// Rounds committed; each is one sync of the write-ahead log.
     pub commits: u64,
+    /// Rounds of [`crate::Store::write_unsynced`] writes alone, committed
+    /// without a sync of their own: the next synced round (or checkpoint)
+    /// makes them durable.
+    pub unsynced_commits: u64,
     /// Rounds whose transaction could not begin or commit.
     pub failed_rounds: u64,
     /// Background checkpoints run (each syncs the log and the database).
@@ -134,6 +138,7 @@ pub(crate) struct Counters {
     writes: AtomicU64,
     failed_writes: AtomicU64,
     commits: AtomicU64,
+    unsynced_commits: AtomicU64,
     failed_rounds: AtomicU64,
     pub(crate) checkpoints: AtomicU64,
 }
@@ -144,6 +149,7 @@ impl Counters {
             writes: self.writes.load(Ordering::Relaxed),
             failed_writes: self.failed_writes.load(Ordering::Relaxed),
             commits: self.commits.load(Ordering::Relaxed),
+            unsynced_commits: self.unsynced_commits.load(Ordering::Relaxed),
             failed_rounds: self.failed_rounds.load(Ordering::Relaxed),
             checkpoints: self.checkpoints.load(Ordering::Relaxed),
         }
@@ -153,6 +159,9 @@ impl Counters {
 /// What the writer is asked to do.
 enum Request {
     Write(Box<dyn Job>),
+    /// A write whose loss in a power cut costs nothing but repeated work:
+    /// it rides the next round, and a round of these alone is not synced.
+    Unsynced(Box<dyn Job>),
     /// Runs outside any transaction, before the writes queued with it.
     Read(Box<dyn Job>),
     /// Close the connection and refuse every later write.
@@ -234,6 +243,17 @@ impl Writer {
         self.send(f, Request::Write).await
     }
 
+    /// Like [`Writer::write`], but the round it lands in syncs only if a
+    /// durable write shares it.
+    pub(crate) async fn write_unsynced<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<OutboxError> + Send + 'static,
+    {
+        self.send(f, Request::Unsynced).await
+    }
+
     /// Runs `f` on the writer's connection between two rounds, outside
     /// any transaction: it sees every write committed before it was
     /// asked for.
@@ -282,6 +302,8 @@ struct Round {
 impl Round {
     fn serve(mut self, queue: &mpsc::Receiver<Request>) {
         let mut jobs = Vec::with_capacity(ROUND_MAX);
+        // Whether a write of the round being gathered must be durable.
+        let mut durable = false;
         let mut closed = false;
         // Blocks for the first request of a round, then takes whatever
         // else is already queued.
@@ -289,15 +311,20 @@ impl Round {
             let mut next = Some(first);
             while let Some(request) = next.take() {
                 match request {
-                    Request::Write(job) | Request::Read(job) if closed => {
+                    Request::Write(job) | Request::Unsynced(job) | Request::Read(job) if closed => {
                         job.refuse(OutboxError::WriterGone);
                     }
-                    Request::Write(job) => jobs.push(job),
+                    Request::Write(job) => {
+                        durable = true;
+                        jobs.push(job);
+                    }
+                    Request::Unsynced(job) => jobs.push(job),
                     Request::Read(job) => self.read(job),
                     Request::Close(done) => {
                         // What was queued before the close still runs.
                         if !jobs.is_empty() {
-                            self.run(&mut jobs);
+                            // Closing: whatever was asked is made durable.
+                            self.run(&mut jobs, true);
                         }
                         self.conn = None;
                         closed = true;
@@ -309,7 +336,7 @@ impl Round {
                 }
             }
             if !jobs.is_empty() {
-                self.run(&mut jobs);
+                self.run(&mut jobs, std::mem::take(&mut durable));
             }
         }
     }
@@ -326,7 +353,24 @@ impl Round {
         (done.finish)(Ok(()));
     }
 
-    fn run(&mut self, jobs: &mut Vec<Box<dyn Job>>) {
+    fn run(&mut self, jobs: &mut Vec<Box<dyn Job>>, durable: bool) {
+        self.round(jobs, durable);
+        if durable {
+            return;
+        }
+        // Every path out of a round leaves the connection outside a
+        // transaction, or drops it (a new one opens FULL).
+        if let Some(conn) = self.conn.as_ref()
+            && conn.execute_batch("PRAGMA synchronous = FULL").is_err()
+        {
+            tracing::warn!(
+                "the store's writer could not restore synchronous commits; reconnecting"
+            );
+            self.conn = None;
+        }
+    }
+
+    fn round(&mut self, jobs: &mut Vec<Box<dyn Job>>, durable: bool) {
         let started = Instant::now();
         let count = jobs.len();
         if self.conn.is_none() {
@@ -336,6 +380,14 @@ impl Round {
             }
         }
         let conn = self.conn.take().expect("opened above");
+        // NORMAL, in WAL mode, commits without a sync and stays
+        // consistent through a power cut (the log's frames are
+        // checksummed; a torn tail is ignored). The next FULL commit's
+        // sync covers these frames too, since the log is written in order.
+        if !durable && let Err(e) = conn.execute_batch("PRAGMA synchronous = NORMAL") {
+            self.conn = Some(conn);
+            return self.fail_round(e, Vec::new(), jobs);
+        }
         // A lone write needs no savepoint: its failure rolls back the
         // round.
         let single = count == 1;
@@ -375,19 +427,25 @@ impl Round {
             self.abandon();
             return self.fail_round(e, ran, &mut unrun);
         }
-        let mut wrote = 0;
-        for done in ran {
-            if done.ok {
-                wrote += 1;
-            } else {
-                self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);
-            }
-            (done.finish)(Ok(()));
-        }
+        // Counted before anyone hears back, so a caller that reads the
+        // stats after its write sees the round in them.
+        let wrote = ran.iter().filter(|done| done.ok).count() as u64;
         self.counters.writes.fetch_add(wrote, Ordering::Relaxed);
+        self.counters
+            .failed_writes
+            .fetch_add(count as u64 - wrote, Ordering::Relaxed);
         // A lone write that failed was rolled back: no commit, no sync.
         if wrote > 0 || !single {
-            self.counters.commits.fetch_add(1, Ordering::Relaxed);
+            if durable {
+                self.counters.commits.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.counters
+                    .unsynced_commits
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        for done in ran {
+            (done.finish)(Ok(()));
         }
         if wrote > 0 {
             self.committed.notify_one();

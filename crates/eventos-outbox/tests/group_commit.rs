@@ -187,3 +187,58 @@ async fn under_constant_writes_the_write_ahead_log_starts_over_instead_of_growin
         "the log holds {wal} bytes after {bytes} bytes were written: it never started over"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsynced_writes_alone_skip_the_sync_and_the_writer_goes_back_to_full_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("svc.db");
+    let store = Store::open(&path).await.unwrap();
+    sqlx::query("CREATE TABLE things (n INTEGER PRIMARY KEY)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let synchronous = |store: &Store| {
+        let store = store.clone();
+        async move {
+            store
+                .read(|c: &Connection| {
+                    Ok::<i64, OutboxError>(c.query_row("PRAGMA synchronous", [], |r| r.get(0))?)
+                })
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(synchronous(&store).await, 2, "FULL before any write");
+
+    let before = store.stats();
+    store
+        .write_unsynced(|c: &Connection| insert(c, 1))
+        .await
+        .unwrap();
+    let after = store.stats();
+    assert_eq!(after.unsynced_commits, before.unsynced_commits + 1);
+    assert_eq!(after.commits, before.commits, "no synced round for it");
+    assert_eq!(synchronous(&store).await, 2, "FULL again after it");
+    assert_eq!(stored(&store).await, vec![1], "readers see it at once");
+
+    // A failing unsynced write leaves the writer at FULL too.
+    let failed = store.write_unsynced(|c: &Connection| insert(c, 1)).await;
+    assert!(matches!(failed, Err(OutboxError::Sqlite(_))), "{failed:?}");
+    assert_eq!(synchronous(&store).await, 2);
+
+    // Sharing a round with a durable write, it is synced with it.
+    let before = store.stats();
+    let (a, b) = tokio::join!(
+        store.write(|c: &Connection| insert(c, 2)),
+        store.write_unsynced(|c: &Connection| insert(c, 3)),
+    );
+    a.unwrap();
+    b.unwrap();
+    let after = store.stats();
+    assert!(after.commits > before.commits, "the durable write synced");
+    store.write(|c: &Connection| insert(c, 4)).await.unwrap();
+    store.close().await;
+
+    let reopened = Store::open(&path).await.unwrap();
+    assert_eq!(stored(&reopened).await, vec![1, 2, 3, 4]);
+}

@@ -250,6 +250,11 @@ fn durability_metrics(stores: &[Store], log: Option<&eventos_log::LogTransport>)
         &per_store(|s| s.commits),
     );
     counter(
+        "eventos_store_unsynced_commits_total",
+        "Rounds of writes that need no sync of their own (the relay's marks), committed without one.",
+        &per_store(|s| s.unsynced_commits),
+    );
+    counter(
         "eventos_store_writes_total",
         "Writes committed (many per round under load).",
         &per_store(|s| s.writes),
