@@ -20,18 +20,21 @@
 //! deliveries than its prefetch), and an acker dropped
 //! unsettled puts its event back at the front of the queue.
 //!
+//! The queue itself is the kit's [`GroupQueue`], the stream its pull loop,
+//! the acker its [`OnceAcker`]: what is left here is fan-out and wiring.
+//!
 //! No feature flags.
 
-use std::cmp::Reverse;
-use std::collections::hash_map::Entry as MapEntry;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use eventos_core::{
-    Acker, Capabilities, Delivery, DeliveryInfo, DeliveryStream, Event, Outcome, Publisher,
-    Subscriber, Subscription, Transport, TransportError, TransportErrorKind, check_payloads,
-    dead_letter_event, dead_letter_topic, validate_name,
+    Capabilities, Delivery, DeliveryInfo, DeliveryStream, Event, Outcome, Publisher, Subscriber,
+    Subscription, Transport, TransportError, check_payloads, dead_letter_event, dead_letter_topic,
+    validate_name,
+};
+use eventos_kit::{
+    GroupQueue, Lifecycle, OnceAcker, Prefetch, Pull, Queued, Settle, Step, lock, pull_stream,
 };
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
@@ -55,7 +58,7 @@ impl Default for MemoryTransport {
 #[derive(Debug)]
 struct Inner {
     topics: Mutex<HashMap<String, Arc<Topic>>>,
-    closed: AtomicBool,
+    lifecycle: Lifecycle,
     max_payload_bytes: usize,
 }
 
@@ -69,51 +72,8 @@ struct Topic {
 struct Group {
     topic: Arc<str>,
     name: Arc<str>,
-    state: Mutex<GroupState>,
-    notify: Notify,
-}
-
-#[derive(Debug, Default)]
-struct GroupState {
-    ready: VecDeque<Entry>,
-    delayed: BinaryHeap<Reverse<Delayed>>,
-    /// Events waiting for their key to be released, per key, in order.
-    blocked: HashMap<String, VecDeque<Entry>>,
-    keys_in_flight: HashSet<String>,
-    in_flight: usize,
-    seq: u64,
-}
-
-#[derive(Debug)]
-struct Entry {
-    event: Arc<Event>,
-    attempt: u32,
-    /// Whether this entry owns its subject's key lock.
-    holds_key: bool,
-}
-
-#[derive(Debug)]
-struct Delayed {
-    due: Instant,
-    seq: u64,
-    entry: Entry,
-}
-
-impl PartialEq for Delayed {
-    fn eq(&self, other: &Self) -> bool {
-        (self.due, self.seq) == (other.due, other.seq)
-    }
-}
-impl Eq for Delayed {}
-impl PartialOrd for Delayed {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Delayed {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.due, self.seq).cmp(&(other.due, other.seq))
-    }
+    queue: Mutex<GroupQueue<Arc<Event>>>,
+    notify: Arc<Notify>,
 }
 
 /// Counts for one group, for dashboards and tests.
@@ -129,12 +89,6 @@ pub struct GroupStats {
     pub in_flight: usize,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves plain queues behind,
-    // which stay consistent enough to keep serving; never propagate poison.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl MemoryTransport {
     /// An empty transport accepting payloads up to
     /// [`DEFAULT_MAX_PAYLOAD_BYTES`].
@@ -147,7 +101,7 @@ impl MemoryTransport {
         Self {
             inner: Arc::new(Inner {
                 topics: Mutex::new(HashMap::new()),
-                closed: AtomicBool::new(false),
+                lifecycle: Lifecycle::new(),
                 max_payload_bytes,
             }),
         }
@@ -157,12 +111,12 @@ impl MemoryTransport {
     pub fn stats(&self, topic: &str, group: &str) -> Option<GroupStats> {
         let topic = lock(&self.inner.topics).get(topic).cloned()?;
         let group = lock(&topic.groups).get(group).cloned()?;
-        let st = lock(&group.state);
+        let counts = lock(&group.queue).counts();
         Some(GroupStats {
-            ready: st.ready.len(),
-            delayed: st.delayed.len(),
-            blocked: st.blocked.values().map(VecDeque::len).sum(),
-            in_flight: st.in_flight,
+            ready: counts.ready,
+            delayed: counts.delayed,
+            blocked: counts.blocked,
+            in_flight: counts.in_flight,
         })
     }
 }
@@ -181,14 +135,6 @@ impl Inner {
             .clone()
     }
 
-    fn check_open(&self) -> Result<(), TransportError> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(TransportError::closed())
-        } else {
-            Ok(())
-        }
-    }
-
     fn publish_now(&self, topic: &str, events: Vec<Event>) -> Result<(), TransportError> {
         validate_name("topic", topic)?;
         check_payloads("memory", &events, self.max_payload_bytes)?;
@@ -203,12 +149,10 @@ impl Inner {
         let events: Vec<Arc<Event>> = events.into_iter().map(Arc::new).collect();
         for group in groups.values() {
             {
-                let mut st = lock(&group.state);
-                st.ready.extend(events.iter().map(|event| Entry {
-                    event: event.clone(),
-                    attempt: 1,
-                    holds_key: false,
-                }));
+                let mut queue = lock(&group.queue);
+                for event in &events {
+                    queue.push(event.clone());
+                }
             }
             group.notify.notify_waiters();
         }
@@ -224,78 +168,6 @@ impl Inner {
     }
 }
 
-impl GroupState {
-    fn promote_due(&mut self, now: Instant) {
-        while let Some(Reverse(d)) = self.delayed.peek() {
-            if d.due > now {
-                break;
-            }
-            let Some(Reverse(d)) = self.delayed.pop() else {
-                break;
-            };
-            self.ready.push_back(d.entry);
-        }
-    }
-
-    fn take(&mut self) -> Option<Entry> {
-        while let Some(mut entry) = self.ready.pop_front() {
-            if !entry.holds_key
-                && let Some(key) = entry.event.subject()
-            {
-                if self.keys_in_flight.contains(key) {
-                    self.blocked
-                        .entry(key.to_owned())
-                        .or_default()
-                        .push_back(entry);
-                    continue;
-                }
-                self.keys_in_flight.insert(key.to_owned());
-                entry.holds_key = true;
-            }
-            self.in_flight += 1;
-            return Some(entry);
-        }
-        None
-    }
-
-    /// Releases the key lock of a settled entry, handing it to the next
-    /// event with that key, if any.
-    fn release(&mut self, entry: &Entry) {
-        self.in_flight = self.in_flight.saturating_sub(1);
-        let Some(key) = entry.event.subject().filter(|_| entry.holds_key) else {
-            return;
-        };
-        match self.blocked.entry(key.to_owned()) {
-            MapEntry::Occupied(mut waiting) => {
-                if let Some(mut next) = waiting.get_mut().pop_front() {
-                    next.holds_key = true;
-                    self.ready.push_front(next);
-                }
-                if waiting.get().is_empty() {
-                    waiting.remove();
-                }
-            }
-            MapEntry::Vacant(_) => {
-                self.keys_in_flight.remove(key);
-            }
-        }
-    }
-
-    fn delay(&mut self, mut entry: Entry, due: Instant) {
-        self.in_flight = self.in_flight.saturating_sub(1);
-        entry.attempt += 1;
-        self.seq += 1;
-        let seq = self.seq;
-        self.delayed.push(Reverse(Delayed { due, seq, entry }));
-    }
-
-    fn requeue_front(&mut self, mut entry: Entry) {
-        self.in_flight = self.in_flight.saturating_sub(1);
-        entry.attempt += 1;
-        self.ready.push_front(entry);
-    }
-}
-
 impl Publisher for MemoryTransport {
     fn publish<'a>(
         &'a self,
@@ -304,6 +176,7 @@ impl Publisher for MemoryTransport {
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         let result = self
             .inner
+            .lifecycle
             .check_open()
             .and_then(|()| self.inner.publish_now(topic, events));
         Box::pin(std::future::ready(result))
@@ -316,7 +189,7 @@ impl Subscriber for MemoryTransport {
         subscription: Subscription,
     ) -> BoxFuture<'_, Result<DeliveryStream, TransportError>> {
         Box::pin(async move {
-            self.inner.check_open()?;
+            self.inner.lifecycle.check_open()?;
             validate_name("topic", &subscription.topic)?;
             validate_name("group", &subscription.group)?;
             let topic = self.inner.topic(&subscription.topic);
@@ -326,147 +199,116 @@ impl Subscriber for MemoryTransport {
                     Arc::new(Group {
                         topic: topic.name.clone(),
                         name: subscription.group.as_str().into(),
-                        state: Mutex::new(GroupState::default()),
-                        notify: Notify::new(),
+                        queue: Mutex::new(GroupQueue::default()),
+                        notify: Arc::new(Notify::new()),
                     })
                 })
                 .clone();
-            let consumer = Consumer {
+            let prefetch = Prefetch::new(subscription.prefetch, group.notify.clone());
+            Ok(pull_stream(Consumer {
                 inner: self.inner.clone(),
                 group,
-                held: Arc::new(AtomicUsize::new(0)),
-                prefetch: subscription.prefetch.max(1),
-            };
-            let stream = futures::stream::unfold(consumer, |consumer| async move {
-                let delivery = consumer.next().await?;
-                Some((Ok(delivery), consumer))
-            });
-            Ok(Box::pin(stream) as DeliveryStream)
+                prefetch,
+            }))
         })
     }
 }
 
-/// One subscriber: its group, and how many unsettled deliveries it holds
-/// against its prefetch.
+/// One subscriber: its group and its prefetch.
 struct Consumer {
     inner: Arc<Inner>,
     group: Arc<Group>,
-    held: Arc<AtomicUsize>,
-    prefetch: usize,
+    prefetch: Prefetch,
 }
 
-impl Consumer {
-    async fn next(&self) -> Option<Delivery> {
-        let (inner, group) = (&self.inner, &self.group);
-        loop {
-            let notified = group.notify.notified();
-            tokio::pin!(notified);
-            // Register before looking, so a publish or settlement between
-            // the look and the wait still wakes us.
-            notified.as_mut().enable();
-            if inner.closed.load(Ordering::Acquire) {
-                return None;
-            }
-            // At the prefetch limit, wait for a settlement (which notifies).
-            let full = self.held.load(Ordering::Acquire) >= self.prefetch;
-            let next_due = if full {
-                None
-            } else {
-                let mut st = lock(&group.state);
-                st.promote_due(Instant::now());
-                if let Some(entry) = st.take() {
-                    let info = DeliveryInfo {
-                        topic: group.topic.clone(),
-                        group: group.name.clone(),
-                        attempt: entry.attempt,
-                    };
-                    let event = entry.event.clone();
-                    self.held.fetch_add(1, Ordering::AcqRel);
-                    let acker = MemoryAcker {
-                        inner: inner.clone(),
-                        group: group.clone(),
-                        held: self.held.clone(),
-                        entry: Some(entry),
-                    };
-                    return Some(Delivery::new(event, info, Box::new(acker)));
-                }
-                st.delayed.peek().map(|Reverse(d)| d.due)
-            };
-            match next_due {
-                Some(due) => {
-                    tokio::select! {
-                        () = &mut notified => {}
-                        () = tokio::time::sleep_until(due) => {}
-                    }
-                }
-                None => notified.await,
-            }
-        }
+impl Pull for Consumer {
+    fn lifecycle(&self) -> &Lifecycle {
+        &self.inner.lifecycle
+    }
+
+    fn wake(&self) -> &Notify {
+        &self.group.notify
+    }
+
+    fn prefetch(&self) -> &Prefetch {
+        &self.prefetch
+    }
+
+    fn step(&self) -> Step {
+        let mut queue = lock(&self.group.queue);
+        let Some(queued) = queue.take(Instant::now()) else {
+            return Step::Wait(queue.next_due());
+        };
+        drop(queue);
+        let info = DeliveryInfo {
+            topic: self.group.topic.clone(),
+            group: self.group.name.clone(),
+            attempt: queued.attempt,
+        };
+        let event = queued.item.clone();
+        let acker = OnceAcker::with_permit(
+            MemorySettle {
+                inner: self.inner.clone(),
+                group: self.group.clone(),
+                queued,
+            },
+            self.prefetch.acquire(),
+        );
+        Step::Deliver(Delivery::new(event, info, Box::new(acker)))
     }
 }
 
-struct MemoryAcker {
+/// A delivery's way back into its group's queue.
+struct MemorySettle {
     inner: Arc<Inner>,
     group: Arc<Group>,
-    /// The subscriber's count of unsettled deliveries.
-    held: Arc<AtomicUsize>,
-    entry: Option<Entry>,
+    queued: Queued<Arc<Event>>,
 }
 
-impl Acker for MemoryAcker {
+impl Settle for MemorySettle {
     fn settle(
-        mut self: Box<Self>,
+        self,
         event: &Event,
         info: &DeliveryInfo,
         outcome: Outcome,
     ) -> BoxFuture<'static, Result<(), TransportError>> {
-        let Some(entry) = self.entry.take() else {
-            return Box::pin(std::future::ready(Err(TransportError::new(
-                TransportErrorKind::Settled,
-                "delivery already settled",
-            ))));
-        };
-        self.held.fetch_sub(1, Ordering::AcqRel);
+        let MemorySettle {
+            inner,
+            group,
+            queued,
+        } = self;
         let result = match outcome {
             Outcome::Ack => {
-                lock(&self.group.state).release(&entry);
+                lock(&group.queue).ack(queued);
                 Ok(())
             }
             Outcome::Retry { after } => {
-                lock(&self.group.state).delay(entry, Instant::now() + after);
+                lock(&group.queue).retry(queued, Instant::now() + after);
                 Ok(())
             }
             Outcome::DeadLetter(dead_letter) => {
                 let dl = dead_letter_event(event, info, &dead_letter);
                 // Dead-lettering still works after close: the delivery was
                 // handed out before, and its outcome must not be lost.
-                match self
-                    .inner
-                    .publish_now(&dead_letter_topic(&info.topic), vec![dl])
-                {
+                match inner.publish_now(&dead_letter_topic(&info.topic), vec![dl]) {
                     Ok(()) => {
-                        lock(&self.group.state).release(&entry);
+                        lock(&group.queue).ack(queued);
                         Ok(())
                     }
                     Err(e) => {
-                        lock(&self.group.state).requeue_front(entry);
+                        lock(&group.queue).put_back(queued);
                         Err(e)
                     }
                 }
             }
         };
-        self.group.notify.notify_waiters();
+        group.notify.notify_waiters();
         Box::pin(std::future::ready(result))
     }
-}
 
-impl Drop for MemoryAcker {
-    fn drop(&mut self) {
-        if let Some(entry) = self.entry.take() {
-            self.held.fetch_sub(1, Ordering::AcqRel);
-            lock(&self.group.state).requeue_front(entry);
-            self.group.notify.notify_waiters();
-        }
+    fn unsettled(self) {
+        lock(&self.group.queue).put_back(self.queued);
+        self.group.notify.notify_waiters();
     }
 }
 
@@ -490,7 +332,7 @@ impl Transport for MemoryTransport {
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), TransportError>> {
-        self.inner.closed.store(true, Ordering::Release);
+        self.inner.lifecycle.close();
         self.inner.notify_all();
         Box::pin(std::future::ready(Ok(())))
     }
