@@ -119,7 +119,9 @@ impl<T: Keyed> GroupQueue<T> {
         self.in_flight = self.in_flight.saturating_sub(1);
         // Taken by value: an item is given back once, and an acked one is
         // gone.
-        let Queued { item, holds_key, .. } = queued;
+        let Queued {
+            item, holds_key, ..
+        } = queued;
         if !holds_key {
             return;
         }

@@ -1,22 +1,22 @@
 //! A consumer group on a topic: queue semantics on a log.
 //!
-//! The group's cursor is the first offset not yet settled; settlements
-//! above it are kept in a set until the gap closes. Deliveries are leased:
+//! The group's cursor is the kit's [`SettledCursor`]: the first offset not
+//! yet settled, with settlements above it kept until the gap closes.
+//! Retries wait in the kit's [`RetrySchedule`]. Deliveries are leased:
 //! an unsettled lease is redelivered when it expires, or at once when its
-//! acker is dropped. Retries wait in a timer heap. Everything here is
+//! acker is dropped. Everything here is
 //! memory; what must survive a restart (acks, retries, dead letters) is a
 //! control record in the topic's log, written before memory changes.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use crate::topic::ReadPos;
 use eventos_core::Event;
+use eventos_kit::{RetrySchedule, SettledCursor, lock};
 use tokio::sync::Notify;
 use tokio::time::Instant;
-
-use crate::sync::lock;
-use crate::topic::ReadPos;
 
 /// An event the group has read and not settled.
 #[derive(Debug, Clone)]
@@ -34,9 +34,7 @@ pub(crate) struct Leased {
 
 #[derive(Debug, Default)]
 pub(crate) struct GroupState {
-    pub(crate) cursor: u64,
-    /// Settled offsets at or above the cursor.
-    pub(crate) settled: BTreeSet<u64>,
+    pub(crate) cursor: SettledCursor,
     /// The next offset to read from the log.
     pub(crate) next_read: u64,
     pub(crate) read_pos: Option<ReadPos>,
@@ -45,8 +43,7 @@ pub(crate) struct GroupState {
     pub(crate) in_flight: HashMap<u64, Leased>,
     leases: BinaryHeap<Reverse<(Instant, u64, u64)>>,
     next_lease: u64,
-    delayed: BinaryHeap<Reverse<(Instant, u64)>>,
-    delayed_entries: HashMap<u64, Entry>,
+    delayed: RetrySchedule<Entry>,
     /// Retries read back at recovery, applied when their offset is read.
     pub(crate) recovered_retries: HashMap<u64, (u32, i64)>,
 }
@@ -55,7 +52,7 @@ impl GroupState {
     /// A group whose cursor is at `start`.
     pub(crate) fn at(start: u64) -> Self {
         Self {
-            cursor: start,
+            cursor: SettledCursor::at(start),
             next_read: start,
             ..Self::default()
         }
@@ -63,17 +60,11 @@ impl GroupState {
 
     /// Records that `offset` is settled for good.
     pub(crate) fn settle(&mut self, offset: u64) {
-        if offset < self.cursor {
-            return;
-        }
-        self.settled.insert(offset);
-        while self.settled.remove(&self.cursor) {
-            self.cursor += 1;
-        }
+        self.cursor.settle(offset);
     }
 
     pub(crate) fn is_settled(&self, offset: u64) -> bool {
-        offset < self.cursor || self.settled.contains(&offset)
+        self.cursor.is_settled(offset)
     }
 
     /// Hands out the next ready entry under a new lease.
@@ -127,21 +118,14 @@ impl GroupState {
 
     /// Schedules `entry` (already at its next attempt) for `due`.
     pub(crate) fn delay(&mut self, entry: Entry, due: Instant) {
-        self.delayed.push(Reverse((due, entry.offset)));
-        self.delayed_entries.insert(entry.offset, entry);
+        self.delayed.push(due, entry);
     }
 
     /// Moves due retries to the ready queue and expired leases back to it.
     /// Returns how many leases expired.
     pub(crate) fn tick(&mut self, now: Instant) -> usize {
-        while let Some(Reverse((due, offset))) = self.delayed.peek().copied() {
-            if due > now {
-                break;
-            }
-            self.delayed.pop();
-            if let Some(entry) = self.delayed_entries.remove(&offset) {
-                self.ready.push_back(entry);
-            }
+        while let Some(entry) = self.delayed.pop_due(now) {
+            self.ready.push_back(entry);
         }
         let mut expired = 0;
         while let Some(Reverse((deadline, offset, lease))) = self.leases.peek().copied() {
@@ -168,7 +152,7 @@ impl GroupState {
             self.leases.pop();
         }
         let lease = self.leases.peek().map(|Reverse((d, _, _))| *d);
-        let retry = self.delayed.peek().map(|Reverse((d, _))| *d);
+        let retry = self.delayed.next_due();
         match (lease, retry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -177,11 +161,7 @@ impl GroupState {
 
     /// Counts for stats.
     pub(crate) fn counts(&self) -> (usize, usize, usize) {
-        (
-            self.ready.len(),
-            self.delayed_entries.len(),
-            self.in_flight.len(),
-        )
+        (self.ready.len(), self.delayed.len(), self.in_flight.len())
     }
 }
 
@@ -191,7 +171,7 @@ pub(crate) struct Group {
     pub(crate) id: u32,
     pub(crate) name: Arc<str>,
     pub(crate) state: Mutex<GroupState>,
-    pub(crate) notify: Notify,
+    pub(crate) notify: Arc<Notify>,
 }
 
 impl Group {
@@ -200,12 +180,12 @@ impl Group {
             id,
             name: name.into(),
             state: Mutex::new(state),
-            notify: Notify::new(),
+            notify: Arc::new(Notify::new()),
         }
     }
 
     /// The group's cursor: every offset below it is settled.
     pub(crate) fn cursor(&self) -> u64 {
-        lock(&self.state).cursor
+        lock(&self.state).cursor.position()
     }
 }

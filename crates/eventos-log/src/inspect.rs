@@ -578,14 +578,14 @@ impl Replay {
             state.settle(offset);
         }
         self.retries.retain(|offset, _| !state.is_settled(*offset));
-        let settled_ahead = state.settled.range(..next_offset).count() as u64;
+        let settled_ahead = state.cursor.settled_ahead_below(next_offset) as u64;
         GroupStat {
             name: entry.name.clone(),
             id: entry.id,
             start: entry.start,
-            cursor: state.cursor,
+            cursor: state.cursor.position(),
             unsettled: next_offset
-                .saturating_sub(state.cursor)
+                .saturating_sub(state.cursor.position())
                 .saturating_sub(settled_ahead),
             pending_retries: self.retries.len(),
             acked: self.acked,

@@ -40,6 +40,7 @@
 //! No feature flags.
 
 mod codec;
+mod consumer;
 mod group;
 pub mod inspect;
 mod record;
@@ -53,27 +54,26 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventos_core::{
-    Acker, Capabilities, Delivery, DeliveryInfo, DeliveryStream, Event, Outcome, Publisher,
-    Subscriber, Subscription, Transport, TransportError, TransportErrorKind, check_payloads,
-    dead_letter_event, dead_letter_topic, validate_name,
+    Capabilities, DeliveryStream, Event, Publisher, Subscriber, Subscription, Transport,
+    TransportError, check_payloads, validate_name,
 };
+use eventos_kit::{Lifecycle, Prefetch, pull_stream};
 use futures::future::BoxFuture;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
 
 pub use recovery::{Cut, RecoveryReport};
 
-use crate::group::{Entry, Group, GroupState};
-use crate::record::Control;
+use crate::consumer::Consumer;
+use crate::group::{Group, GroupState};
 use crate::storage::{FsStorage, Storage};
 use crate::sync::lock;
-use crate::topic::{ReadRecord, TopicLog};
+use crate::topic::TopicLog;
 use crate::writer::{Op, Request, Writer};
 
 /// Why a data directory could not be opened.
@@ -244,7 +244,7 @@ struct Shared {
     topics_dir: PathBuf,
     topics: Arc<Mutex<HashMap<String, Arc<TopicLog>>>>,
     tx: Mutex<Option<mpsc::Sender<Request>>>,
-    closed: AtomicBool,
+    lifecycle: Lifecycle,
     stats: Arc<LogStats>,
     lock_file: Mutex<Option<File>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -370,7 +370,7 @@ impl LogTransport {
                 topics_dir,
                 topics,
                 tx: Mutex::new(Some(tx)),
-                closed: AtomicBool::new(false),
+                lifecycle: Lifecycle::new(),
                 stats,
                 lock_file: Mutex::new(lock_file),
                 thread: Mutex::new(Some(thread)),
@@ -405,7 +405,7 @@ impl LogTransport {
         let st = lock(&group.state);
         let (ready, delayed, in_flight) = st.counts();
         Some(GroupStats {
-            cursor: st.cursor,
+            cursor: st.cursor.position(),
             end: topic.durable_next.load(Ordering::Acquire),
             ready,
             delayed,
@@ -420,14 +420,6 @@ impl Shared {
             .entry(name.to_owned())
             .or_insert_with(|| Arc::new(TopicLog::new(name, &self.topics_dir.join(name))))
             .clone()
-    }
-
-    fn check_open(&self) -> Result<(), TransportError> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(TransportError::closed())
-        } else {
-            Ok(())
-        }
     }
 
     fn send(&self, request: Request) -> Result<(), TransportError> {
@@ -477,7 +469,7 @@ impl Publisher for LogTransport {
         events: Vec<Event>,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
-            self.shared.check_open()?;
+            self.shared.lifecycle.check_open()?;
             validate_name("topic", topic)?;
             check_payloads("log", &events, self.shared.max_payload_bytes)?;
             if events.is_empty() {
@@ -501,7 +493,7 @@ impl Subscriber for LogTransport {
         subscription: Subscription,
     ) -> BoxFuture<'_, Result<DeliveryStream, TransportError>> {
         Box::pin(async move {
-            self.shared.check_open()?;
+            self.shared.lifecycle.check_open()?;
             validate_name("topic", &subscription.topic)?;
             validate_name("group", &subscription.group)?;
             let topic = self.shared.topic(&subscription.topic);
@@ -525,302 +517,14 @@ impl Subscriber for LogTransport {
                         .clone()
                 }
             };
-            let consumer = Consumer {
+            let prefetch = Prefetch::new(subscription.prefetch, group.notify.clone());
+            Ok(pull_stream(Consumer {
                 shared: self.shared.clone(),
                 topic,
                 group,
-                held: Arc::new(AtomicUsize::new(0)),
-                prefetch: subscription.prefetch.max(1),
-            };
-            let stream = futures::stream::unfold(consumer, |consumer| async move {
-                let next = consumer.next().await?;
-                Some((next, consumer))
-            });
-            Ok(Box::pin(stream) as DeliveryStream)
+                prefetch,
+            }))
         })
-    }
-}
-
-/// Events read back, by offset; `None` where an event did not decode.
-type Decoded = Vec<(u64, Option<Event>)>;
-
-struct Consumer {
-    shared: Arc<Shared>,
-    topic: Arc<TopicLog>,
-    group: Arc<Group>,
-    /// Unsettled deliveries this subscriber holds, against its prefetch.
-    held: Arc<AtomicUsize>,
-    prefetch: usize,
-}
-
-enum Step {
-    Deliver(Entry, u64),
-    Fetch(topic::ReadPos),
-    Wait(Option<Instant>),
-}
-
-impl Consumer {
-    async fn next(&self) -> Option<Result<Delivery, TransportError>> {
-        loop {
-            let notified = self.group.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.shared.closed.load(Ordering::Acquire) {
-                return None;
-            }
-            if self.held.load(Ordering::Acquire) >= self.prefetch {
-                // A settlement notifies the group.
-                notified.await;
-                continue;
-            }
-            let step = {
-                let mut st = lock(&self.group.state);
-                let now = Instant::now();
-                let expired = st.tick(now);
-                if expired > 0 {
-                    self.shared
-                        .stats
-                        .redeliveries
-                        .fetch_add(expired as u64, Ordering::Relaxed);
-                }
-                if let Some((entry, lease)) = st.take(now, self.shared.visibility) {
-                    Step::Deliver(entry, lease)
-                } else if !st.fetching
-                    && st.next_read < self.topic.durable_next.load(Ordering::Acquire)
-                {
-                    match st.read_pos.or_else(|| self.topic.seek(st.next_read)) {
-                        Some(pos) => {
-                            st.fetching = true;
-                            Step::Fetch(pos)
-                        }
-                        None => Step::Wait(st.next_deadline()),
-                    }
-                } else {
-                    Step::Wait(st.next_deadline())
-                }
-            };
-            match step {
-                Step::Deliver(entry, lease) => return Some(Ok(self.delivery(entry, lease))),
-                Step::Fetch(pos) => {
-                    if let Err(e) = self.fetch(pos) {
-                        return Some(Err(e));
-                    }
-                }
-                Step::Wait(Some(deadline)) => {
-                    tokio::select! {
-                        () = &mut notified => {}
-                        () = tokio::time::sleep_until(deadline) => {}
-                    }
-                }
-                Step::Wait(None) => notified.await,
-            }
-        }
-    }
-
-    /// Reads the next chunk of the log into the group's ready queue.
-    fn fetch(&self, pos: topic::ReadPos) -> Result<(), TransportError> {
-        let read = self.topic.read(pos);
-        let decoded: io::Result<(Decoded, topic::ReadPos)> =
-            read.map(|(records, next)| {
-                let events = records
-                    .into_iter()
-                    .map(|ReadRecord { offset, event }| match codec::decode(event) {
-                        Ok(event) => (offset, Some(event)),
-                        Err(e) => {
-                            tracing::error!(topic = %self.topic.name, offset, error = %e, "skipping an undecodable event");
-                            (offset, None)
-                        }
-                    })
-                    .collect();
-                (events, next)
-            });
-        let mut st = lock(&self.group.state);
-        st.fetching = false;
-        let (records, next) = decoded.map_err(|e| {
-            TransportError::new(
-                TransportErrorKind::Io,
-                format!("cannot read topic `{}`", self.topic.name),
-            )
-            .with_source(e)
-        })?;
-        st.read_pos = Some(next);
-        let now_ms = writer::now_ms();
-        let now = Instant::now();
-        for (offset, event) in records {
-            if offset < st.next_read {
-                continue;
-            }
-            st.next_read = offset + 1;
-            if st.is_settled(offset) {
-                continue;
-            }
-            let Some(event) = event else {
-                st.settle(offset);
-                continue;
-            };
-            let event = Arc::new(event);
-            match st.recovered_retries.remove(&offset) {
-                Some((attempt, due_ms)) => {
-                    let wait = u64::try_from(due_ms - now_ms).unwrap_or(0);
-                    st.delay(
-                        Entry {
-                            offset,
-                            event,
-                            attempt,
-                        },
-                        now + Duration::from_millis(wait),
-                    );
-                }
-                None => st.ready.push_back(Entry {
-                    offset,
-                    event,
-                    attempt: 1,
-                }),
-            }
-        }
-        drop(st);
-        // Other consumers of the group may be waiting for this chunk.
-        self.group.notify.notify_waiters();
-        Ok(())
-    }
-
-    fn delivery(&self, entry: Entry, lease: u64) -> Delivery {
-        let info = DeliveryInfo {
-            topic: self.topic.name.clone(),
-            group: self.group.name.clone(),
-            attempt: entry.attempt,
-        };
-        let acker = LogAcker {
-            shared: self.shared.clone(),
-            topic: self.topic.clone(),
-            group: self.group.clone(),
-            offset: entry.offset,
-            lease,
-            held: self.held.clone(),
-            settled: false,
-        };
-        self.held.fetch_add(1, Ordering::AcqRel);
-        Delivery::new(entry.event, info, Box::new(acker))
-    }
-}
-
-struct LogAcker {
-    shared: Arc<Shared>,
-    topic: Arc<TopicLog>,
-    group: Arc<Group>,
-    offset: u64,
-    lease: u64,
-    held: Arc<AtomicUsize>,
-    settled: bool,
-}
-
-impl Acker for LogAcker {
-    fn settle(
-        mut self: Box<Self>,
-        event: &Event,
-        info: &DeliveryInfo,
-        outcome: Outcome,
-    ) -> BoxFuture<'static, Result<(), TransportError>> {
-        self.settled = true;
-        self.held.fetch_sub(1, Ordering::AcqRel);
-        let dead_letter = match &outcome {
-            Outcome::DeadLetter(dl) => Some(encode(&dead_letter_event(event, info, dl))),
-            _ => None,
-        };
-        let attempt = info.attempt;
-        Box::pin(async move {
-            let (shared, topic, group, offset, lease) = (
-                self.shared.clone(),
-                self.topic.clone(),
-                self.group.clone(),
-                self.offset,
-                self.lease,
-            );
-            if !lock(&group.state).holds(offset, lease) {
-                return Err(TransportError::new(
-                    TransportErrorKind::Settled,
-                    "the delivery's lease expired and the event was redelivered; settle within the visibility timeout",
-                ));
-            }
-            let group_id = group.id;
-            match outcome {
-                Outcome::Ack => {
-                    let control = Control::Ack {
-                        group: group_id,
-                        offset,
-                    };
-                    shared
-                        .write(vec![Op::Control {
-                            topic: topic.clone(),
-                            control,
-                        }])
-                        .await?;
-                    let mut st = lock(&group.state);
-                    st.release(offset, lease);
-                    st.settle(offset);
-                }
-                Outcome::Retry { after } => {
-                    let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
-                    let control = Control::Retry {
-                        group: group_id,
-                        offset,
-                        attempt: attempt + 1,
-                        due_ms: writer::now_ms().saturating_add(after_ms),
-                    };
-                    shared
-                        .write(vec![Op::Control {
-                            topic: topic.clone(),
-                            control,
-                        }])
-                        .await?;
-                    let mut st = lock(&group.state);
-                    if let Some(mut entry) = st.release(offset, lease) {
-                        entry.attempt = attempt + 1;
-                        st.delay(entry, Instant::now() + after);
-                    }
-                }
-                Outcome::DeadLetter(_) => {
-                    let dlq = shared.topic(&dead_letter_topic(&topic.name));
-                    let control = Control::DeadLetter {
-                        group: group_id,
-                        offset,
-                    };
-                    shared
-                        .write(vec![
-                            Op::Append {
-                                topic: dlq,
-                                events: dead_letter.into_iter().collect(),
-                            },
-                            Op::Control {
-                                topic: topic.clone(),
-                                control,
-                            },
-                        ])
-                        .await?;
-                    let mut st = lock(&group.state);
-                    st.release(offset, lease);
-                    st.settle(offset);
-                }
-            }
-            group.notify.notify_waiters();
-            Ok(())
-        })
-    }
-}
-
-impl Drop for LogAcker {
-    fn drop(&mut self) {
-        if self.settled {
-            return;
-        }
-        self.held.fetch_sub(1, Ordering::AcqRel);
-        self.group.notify.notify_waiters();
-        let mut st = lock(&self.group.state);
-        if let Some(entry) = st.release(self.offset, self.lease) {
-            st.requeue(entry);
-            drop(st);
-            self.group.notify.notify_waiters();
-        }
     }
 }
 
@@ -845,7 +549,7 @@ impl Transport for LogTransport {
 
     fn close(&self) -> BoxFuture<'_, Result<(), TransportError>> {
         Box::pin(async move {
-            self.shared.closed.store(true, Ordering::Release);
+            self.shared.lifecycle.close();
             self.shared.notify_all();
             let tx = lock(&self.shared.tx).take();
             if let Some(tx) = tx {
