@@ -1,15 +1,17 @@
 //! Subscriptions: one channel and consumer per subscription, re-declared
 //! and resumed after a reconnection; and the acker that settles deliveries.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use eventos_core::{
-    Acker, Delivery, DeliveryInfo, Event, Outcome, Subscription, TransportError,
-    TransportErrorKind, dead_letter_event, dead_letter_topic,
+    Delivery, DeliveryInfo, Event, Outcome, Subscription, TransportError, TransportErrorKind,
+    dead_letter_event, dead_letter_topic,
 };
+use eventos_kit::{OnceAcker, Settle};
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use lapin::options::{
@@ -23,6 +25,9 @@ use tokio::sync::mpsc;
 use crate::codec::{self, Stamp};
 use crate::link::{Failure, Outgoing, Shared, Unroutable, failure, lock, now_ms};
 use crate::names::delay_bucket;
+
+/// Resolves once the transport is closed.
+type Closed = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Where a subscription's pump stands, as its stream sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,13 +163,12 @@ struct Pump {
 
 impl Pump {
     async fn run(self, mut channel: Channel, mut consumer: Consumer) {
-        let mut shutdown = self.shared.shutdown_signal();
+        let mut closed: Closed = Box::pin(self.shared.lifecycle.closed());
         let mut attached_at = tokio::time::Instant::now();
         let mut backoff = self.shared.backoff();
         loop {
-            let mut signal = shutdown.clone();
             tokio::select! {
-                () = until_closed(&mut signal) => break,
+                () = &mut closed => break,
                 () = self.tx.closed() => break,
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => self.handle(delivery).await,
@@ -184,14 +188,14 @@ impl Pump {
                         if attached_at.elapsed() < Duration::from_secs(5) {
                             let pause = backoff.next().unwrap_or(Duration::from_secs(2));
                             tokio::select! {
-                                () = until_closed(&mut shutdown) => break,
+                                () = &mut closed => break,
                                 () = self.tx.closed() => break,
                                 () = tokio::time::sleep(pause) => {}
                             }
                         } else {
                             backoff = self.shared.backoff();
                         }
-                        match self.reattach(&mut shutdown).await {
+                        match self.reattach(&mut closed).await {
                             Some((ch, c)) => (channel, consumer) = (ch, c),
                             None => break,
                         }
@@ -205,13 +209,10 @@ impl Pump {
 
     /// Attaches again after a connection loss, until it works or the
     /// subscription ends.
-    async fn reattach(
-        &self,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Option<(Channel, Consumer)> {
+    async fn reattach(&self, closed: &mut Closed) -> Option<(Channel, Consumer)> {
         loop {
             tokio::select! {
-                () = until_closed(shutdown) => return None,
+                () = &mut *closed => return None,
                 () = self.tx.closed() => return None,
                 attached = attach(&self.shared, &self.target) => match attached {
                     Ok(pair) => return Some(pair),
@@ -284,11 +285,11 @@ impl Pump {
             group: self.target.group.clone(),
             attempt: received.attempt,
         };
-        let acker = AmqpAcker {
+        let acker = OnceAcker::new(AmqpSettle {
             shared: self.shared.clone(),
             queue: self.target.queue.clone(),
-            acker: Some(acker),
-        };
+            acker,
+        });
         let _ = self
             .tx
             .send(Ok(Delivery::new(Arc::new(event), info, Box::new(acker))));
@@ -334,16 +335,6 @@ impl Pump {
     }
 }
 
-/// Resolves once the transport is closed.
-async fn until_closed(signal: &mut tokio::sync::watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not `Send`; it must not outlive this.
-    let closed = signal.wait_for(|closed| *closed).await.is_ok();
-    if !closed {
-        // The sender lives as long as the transport; without it, wait forever.
-        std::future::pending::<()>().await;
-    }
-}
-
 /// Publishes `message` so it reaches `queue` no sooner than `after`: through
 /// the delay bucket `after` rounds up to, or straight to the queue through
 /// the default exchange when there is nothing to wait.
@@ -374,14 +365,15 @@ async fn send_delayed(
         .await
 }
 
-/// Settles one delivery on the channel it came from.
-struct AmqpAcker {
+/// Settles one delivery on the channel it came from. RabbitMQ counts the
+/// prefetch itself, so the acker holds no permit.
+struct AmqpSettle {
     shared: Arc<Shared>,
     queue: String,
-    acker: Option<lapin::Acker>,
+    acker: lapin::Acker,
 }
 
-impl AmqpAcker {
+impl AmqpSettle {
     fn lost(shared: &Shared, what: &str, e: Option<lapin::Error>) -> TransportError {
         if shared.is_closed() {
             return TransportError::closed();
@@ -411,16 +403,18 @@ impl AmqpAcker {
     }
 }
 
-impl Acker for AmqpAcker {
+impl Settle for AmqpSettle {
     fn settle(
-        mut self: Box<Self>,
+        self,
         event: &Event,
         info: &DeliveryInfo,
         outcome: Outcome,
     ) -> BoxFuture<'static, Result<(), TransportError>> {
-        let acker = self.acker.take();
-        let shared = self.shared.clone();
-        let queue = self.queue.clone();
+        let AmqpSettle {
+            shared,
+            queue,
+            acker,
+        } = self;
         // What the outcome publishes, encoded now since the future owns no
         // borrow of the event.
         let prepared = match &outcome {
@@ -443,12 +437,6 @@ impl Acker for AmqpAcker {
         let dlq_topic = dead_letter_topic(&info.topic);
         let id = event.id().to_owned();
         Box::pin(async move {
-            let Some(acker) = acker else {
-                return Err(TransportError::new(
-                    TransportErrorKind::Settled,
-                    "delivery already settled",
-                ));
-            };
             let what = format!("settling event {id} with {}", outcome.label());
             let prepared = match prepared {
                 Ok(p) => p,
@@ -505,17 +493,13 @@ impl Acker for AmqpAcker {
             Self::ack(&shared, &acker, &what).await
         })
     }
-}
 
-impl Drop for AmqpAcker {
-    fn drop(&mut self) {
-        let Some(acker) = self.acker.take() else {
-            return;
-        };
-        // Unsettled: requeue now, so the event comes back without waiting
-        // for the channel to close. Without a runtime the channel's end
-        // requeues it all the same.
+    fn unsettled(self) {
+        // Requeued now, so the event comes back without waiting for the
+        // channel to close. Without a runtime the channel's end requeues
+        // it all the same.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let acker = self.acker;
             runtime.spawn(async move {
                 let _ = acker
                     .nack(BasicNackOptions {

@@ -3,12 +3,13 @@
 //! with confirms.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use eventos_core::{TransportError, TransportErrorKind};
+use eventos_kit::Lifecycle;
 use lapin::Confirmation;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -17,7 +18,7 @@ use lapin::options::{
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use crate::codec::Encoded;
 use crate::names::Names;
@@ -30,9 +31,7 @@ const NO_ROUTE: u16 = 312;
 /// How long a publish waits for subscriptions being cancelled.
 const CANCEL_WAIT: Duration = Duration::from_secs(2);
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+pub(crate) use eventos_kit::lock;
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -154,8 +153,7 @@ pub(crate) struct Shared {
     pub(crate) options: AmqpOptions,
     pub(crate) names: Names,
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
-    closed: AtomicBool,
-    shutdown: watch::Sender<bool>,
+    pub(crate) lifecycle: Lifecycle,
     /// Streams dropped whose consumer RabbitMQ has not confirmed cancelled.
     cancelling: AtomicUsize,
     cancelled: Notify,
@@ -173,15 +171,13 @@ impl Shared {
     ) -> Result<Arc<Self>, TransportError> {
         let shown = redact(url);
         let names = Names::new(&options.namespace);
-        let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Self {
             url: url.to_owned(),
             shown,
             options,
             names,
             link: tokio::sync::Mutex::new(None),
-            closed: AtomicBool::new(false),
-            shutdown,
+            lifecycle: Lifecycle::new(),
             cancelling: AtomicUsize::new(0),
             cancelled: Notify::new(),
             pumps: AtomicUsize::new(0),
@@ -192,25 +188,16 @@ impl Shared {
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.lifecycle.is_closed()
     }
 
     pub(crate) fn check_open(&self) -> Result<(), TransportError> {
-        if self.is_closed() {
-            Err(TransportError::closed())
-        } else {
-            Ok(())
-        }
-    }
-
-    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
+        self.lifecycle.check_open()
     }
 
     /// Closes the connection; streams end, later calls fail as closed.
     pub(crate) async fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.shutdown.send_replace(true);
+        self.lifecycle.close();
         self.cancelled.notify_waiters();
         // Each subscription closes its channel first: RabbitMQ answers a
         // channel close only after handling everything sent on it, so acks
