@@ -134,7 +134,7 @@ use std::time::Duration;
 
 use eventos_core::{
     Capabilities, DeliveryStream, Event, Publisher, Subscriber, Subscription, Transport,
-    TransportError, TransportErrorKind, check_payloads, validate_name,
+    TransportError, TransportErrorKind, validate_name,
 };
 #[cfg(doc)]
 use eventos_core::{DeliveryInfo, Outcome};
@@ -263,9 +263,10 @@ impl Publisher for AmqpTransport {
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
             let shared = &self.shared;
-            shared.check_open()?;
-            validate_name("topic", topic)?;
-            check_payloads("amqp", &events, shared.options.max_payload_bytes)?;
+            let max = shared.options.max_payload_bytes;
+            shared
+                .lifecycle
+                .check_publish("amqp", topic, &events, max)?;
             if events.is_empty() {
                 return Ok(());
             }
@@ -290,9 +291,7 @@ impl Subscriber for AmqpTransport {
         subscription: Subscription,
     ) -> BoxFuture<'_, Result<DeliveryStream, TransportError>> {
         Box::pin(async move {
-            self.shared.check_open()?;
-            validate_name("topic", &subscription.topic)?;
-            validate_name("group", &subscription.group)?;
+            self.shared.lifecycle.check_subscribe(&subscription)?;
             let stream = consumer::subscribe(self.shared.clone(), subscription).await?;
             Ok(Box::pin(stream) as DeliveryStream)
         })

@@ -40,7 +40,7 @@ pub use acker::{OnceAcker, Settle, already_settled};
 pub use cursor::SettledCursor;
 pub use ladder::{DELAY_LADDER_MS, delay_bucket};
 pub use lifecycle::Lifecycle;
-pub use pull::{Permit, Prefetch, Pull, Step, pull, pull_stream};
+pub use pull::{Gate, Permit, Prefetch, Pull, Step, pull, pull_stream};
 pub use queue::{GroupQueue, Keyed, QueueCounts, Queued};
 pub use schedule::RetrySchedule;
 

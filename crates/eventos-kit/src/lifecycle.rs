@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use eventos_core::TransportError;
+use eventos_core::{Event, Subscription, TransportError, check_payloads, validate_name};
 use tokio::sync::watch;
 
 /// A transport's open/closed state. Closing is one-way: streams end,
@@ -47,6 +47,36 @@ impl Lifecycle {
         } else {
             Ok(())
         }
+    }
+
+    /// Admits a publish the way every transport does: open, a valid topic
+    /// name, every payload within `max` bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::closed`], or the contract's `InvalidName` and
+    /// `Rejected` errors, naming `transport`.
+    pub fn check_publish(
+        &self,
+        transport: &str,
+        topic: &str,
+        events: &[Event],
+        max: usize,
+    ) -> Result<(), TransportError> {
+        self.check_open()?;
+        validate_name("topic", topic)?;
+        check_payloads(transport, events, max)
+    }
+
+    /// Admits a subscription: open, valid topic and group names.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::closed`], or the contract's `InvalidName` error.
+    pub fn check_subscribe(&self, subscription: &Subscription) -> Result<(), TransportError> {
+        self.check_open()?;
+        validate_name("topic", &subscription.topic)?;
+        validate_name("group", &subscription.group)
     }
 
     /// Closes; returns whether this call did (closing twice is no error).

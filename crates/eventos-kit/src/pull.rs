@@ -82,15 +82,24 @@ pub enum Step {
     Wait(Option<Instant>),
 }
 
+/// What a subscriber waits on: its transport's lifecycle (the stream ends
+/// once it is closed; the transport wakes every group when it closes), the
+/// group's notify (woken whenever the group changes: a publish, a
+/// settlement), and the subscriber's prefetch.
+#[derive(Debug, Clone, Copy)]
+pub struct Gate<'a> {
+    /// The transport's lifecycle.
+    pub lifecycle: &'a Lifecycle,
+    /// The group's notify.
+    pub wake: &'a Notify,
+    /// The subscriber's prefetch.
+    pub prefetch: &'a Prefetch,
+}
+
 /// A subscriber that hands out deliveries when asked.
 pub trait Pull: Send + Sync + 'static {
-    /// The transport's lifecycle: the stream ends once it is closed (the
-    /// transport wakes every group when it closes).
-    fn lifecycle(&self) -> &Lifecycle;
-    /// Notified whenever the group changes (a publish, a settlement).
-    fn wake(&self) -> &Notify;
-    /// The subscriber's prefetch.
-    fn prefetch(&self) -> &Prefetch;
+    /// What it waits on.
+    fn gate(&self) -> Gate<'_>;
     /// Looks at the group once, under its lock, without waiting. Called
     /// only while the prefetch has room.
     fn step(&self) -> Step;
@@ -102,14 +111,15 @@ pub trait Pull: Send + Sync + 'static {
 /// with the group's notify, which it takes before it looks, so a change
 /// between the look and the wait still wakes it.
 pub async fn pull<P: Pull + ?Sized>(source: &P) -> Option<Result<Delivery, TransportError>> {
+    let gate = source.gate();
     loop {
-        let notified = source.wake().notified();
+        let notified = gate.wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if source.lifecycle().is_closed() {
+        if gate.lifecycle.is_closed() {
             return None;
         }
-        if source.prefetch().is_full() {
+        if gate.prefetch.is_full() {
             notified.await;
             continue;
         }
@@ -174,14 +184,12 @@ mod tests {
     }
 
     impl Pull for Source {
-        fn lifecycle(&self) -> &Lifecycle {
-            &self.lifecycle
-        }
-        fn wake(&self) -> &Notify {
-            &self.wake
-        }
-        fn prefetch(&self) -> &Prefetch {
-            &self.prefetch
+        fn gate(&self) -> Gate<'_> {
+            Gate {
+                lifecycle: &self.lifecycle,
+                wake: &self.wake,
+                prefetch: &self.prefetch,
+            }
         }
         fn step(&self) -> Step {
             match self.queue.lock().unwrap().pop() {

@@ -11,9 +11,8 @@ use eventos_core::{
     Delivery, DeliveryInfo, Event, Outcome, TransportError, TransportErrorKind, dead_letter_event,
     dead_letter_topic,
 };
-use eventos_kit::{Lifecycle, OnceAcker, Prefetch, Pull, Settle, Step, lock};
+use eventos_kit::{Gate, OnceAcker, Prefetch, Pull, Settle, Step, lock};
 use futures::future::BoxFuture;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::group::{Entry, Group};
@@ -33,16 +32,12 @@ pub(crate) struct Consumer {
 }
 
 impl Pull for Consumer {
-    fn lifecycle(&self) -> &Lifecycle {
-        &self.shared.lifecycle
-    }
-
-    fn wake(&self) -> &Notify {
-        &self.group.notify
-    }
-
-    fn prefetch(&self) -> &Prefetch {
-        &self.prefetch
+    fn gate(&self) -> Gate<'_> {
+        Gate {
+            lifecycle: &self.shared.lifecycle,
+            wake: &self.group.notify,
+            prefetch: &self.prefetch,
+        }
     }
 
     fn step(&self) -> Step {

@@ -61,7 +61,7 @@ use std::time::Duration;
 
 use eventos_core::{
     Capabilities, DeliveryStream, Event, Publisher, Subscriber, Subscription, Transport,
-    TransportError, check_payloads, validate_name,
+    TransportError,
 };
 use eventos_kit::{Lifecycle, Prefetch, pull_stream};
 use futures::future::BoxFuture;
@@ -469,9 +469,10 @@ impl Publisher for LogTransport {
         events: Vec<Event>,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
-            self.shared.lifecycle.check_open()?;
-            validate_name("topic", topic)?;
-            check_payloads("log", &events, self.shared.max_payload_bytes)?;
+            let max = self.shared.max_payload_bytes;
+            self.shared
+                .lifecycle
+                .check_publish("log", topic, &events, max)?;
             if events.is_empty() {
                 return Ok(());
             }
@@ -493,9 +494,7 @@ impl Subscriber for LogTransport {
         subscription: Subscription,
     ) -> BoxFuture<'_, Result<DeliveryStream, TransportError>> {
         Box::pin(async move {
-            self.shared.lifecycle.check_open()?;
-            validate_name("topic", &subscription.topic)?;
-            validate_name("group", &subscription.group)?;
+            self.shared.lifecycle.check_subscribe(&subscription)?;
             let topic = self.shared.topic(&subscription.topic);
             let existing = lock(&topic.groups).get(&subscription.group).cloned();
             let group = match existing {

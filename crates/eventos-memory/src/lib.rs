@@ -34,7 +34,7 @@ use eventos_core::{
     validate_name,
 };
 use eventos_kit::{
-    GroupQueue, Lifecycle, OnceAcker, Prefetch, Pull, Queued, Settle, Step, lock, pull_stream,
+    Gate, GroupQueue, Lifecycle, OnceAcker, Prefetch, Pull, Queued, Settle, Step, lock, pull_stream,
 };
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
@@ -189,9 +189,7 @@ impl Subscriber for MemoryTransport {
         subscription: Subscription,
     ) -> BoxFuture<'_, Result<DeliveryStream, TransportError>> {
         Box::pin(async move {
-            self.inner.lifecycle.check_open()?;
-            validate_name("topic", &subscription.topic)?;
-            validate_name("group", &subscription.group)?;
+            self.inner.lifecycle.check_subscribe(&subscription)?;
             let topic = self.inner.topic(&subscription.topic);
             let group = lock(&topic.groups)
                 .entry(subscription.group.clone())
@@ -222,16 +220,12 @@ struct Consumer {
 }
 
 impl Pull for Consumer {
-    fn lifecycle(&self) -> &Lifecycle {
-        &self.inner.lifecycle
-    }
-
-    fn wake(&self) -> &Notify {
-        &self.group.notify
-    }
-
-    fn prefetch(&self) -> &Prefetch {
-        &self.prefetch
+    fn gate(&self) -> Gate<'_> {
+        Gate {
+            lifecycle: &self.inner.lifecycle,
+            wake: &self.group.notify,
+            prefetch: &self.prefetch,
+        }
     }
 
     fn step(&self) -> Step {
