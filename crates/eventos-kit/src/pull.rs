@@ -83,17 +83,24 @@ pub enum Step {
 }
 
 /// What a subscriber waits on: its transport's lifecycle (the stream ends
-/// once it is closed; the transport wakes every group when it closes), the
-/// group's notify (woken whenever the group changes: a publish, a
-/// settlement), and the subscriber's prefetch.
+/// once it is closed; the transport wakes every group when it closes), and
+/// its prefetch, whose notify is the group's (woken whenever the group
+/// changes: a publish, a settlement).
 #[derive(Debug, Clone, Copy)]
 pub struct Gate<'a> {
-    /// The transport's lifecycle.
-    pub lifecycle: &'a Lifecycle,
-    /// The group's notify.
-    pub wake: &'a Notify,
-    /// The subscriber's prefetch.
-    pub prefetch: &'a Prefetch,
+    lifecycle: &'a Lifecycle,
+    prefetch: &'a Prefetch,
+}
+
+impl<'a> Gate<'a> {
+    /// The gate of a subscriber with `prefetch`, on a transport with
+    /// `lifecycle`.
+    pub fn new(lifecycle: &'a Lifecycle, prefetch: &'a Prefetch) -> Self {
+        Self {
+            lifecycle,
+            prefetch,
+        }
+    }
 }
 
 /// A subscriber that hands out deliveries when asked.
@@ -113,7 +120,7 @@ pub trait Pull: Send + Sync + 'static {
 pub async fn pull<P: Pull + ?Sized>(source: &P) -> Option<Result<Delivery, TransportError>> {
     let gate = source.gate();
     loop {
-        let notified = gate.wake.notified();
+        let notified = gate.prefetch.wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         if gate.lifecycle.is_closed() {
@@ -178,18 +185,13 @@ mod tests {
     /// A queue of events behind a lock.
     struct Source {
         lifecycle: Arc<Lifecycle>,
-        wake: Arc<Notify>,
         prefetch: Prefetch,
         queue: Arc<Mutex<Vec<Event>>>,
     }
 
     impl Pull for Source {
         fn gate(&self) -> Gate<'_> {
-            Gate {
-                lifecycle: &self.lifecycle,
-                wake: &self.wake,
-                prefetch: &self.prefetch,
-            }
+            Gate::new(&self.lifecycle, &self.prefetch)
         }
         fn step(&self) -> Step {
             match self.queue.lock().unwrap().pop() {
@@ -218,7 +220,6 @@ mod tests {
         ));
         let mut stream = pull_stream(Source {
             lifecycle: lifecycle.clone(),
-            wake: wake.clone(),
             prefetch: Prefetch::new(2, wake.clone()),
             queue: queue.clone(),
         });

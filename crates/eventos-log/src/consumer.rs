@@ -33,11 +33,7 @@ pub(crate) struct Consumer {
 
 impl Pull for Consumer {
     fn gate(&self) -> Gate<'_> {
-        Gate {
-            lifecycle: &self.shared.lifecycle,
-            wake: &self.group.notify,
-            prefetch: &self.prefetch,
-        }
+        Gate::new(&self.shared.lifecycle, &self.prefetch)
     }
 
     fn step(&self) -> Step {
@@ -196,66 +192,54 @@ impl Settle for LogSettle {
                     "the delivery's lease expired and the event was redelivered; settle within the visibility timeout",
                 ));
             }
+            let control = |control| Op::Control {
+                topic: topic.clone(),
+                control,
+            };
             let group_id = group.id;
-            match outcome {
-                Outcome::Ack => {
-                    let control = Control::Ack {
-                        group: group_id,
-                        offset,
-                    };
-                    shared
-                        .write(vec![Op::Control {
-                            topic: topic.clone(),
-                            control,
-                        }])
-                        .await?;
-                    let mut st = lock(&group.state);
-                    st.release(offset, lease);
-                    st.settle(offset);
-                }
+            let ops = match &outcome {
+                Outcome::Ack => vec![control(Control::Ack {
+                    group: group_id,
+                    offset,
+                })],
                 Outcome::Retry { after } => {
                     let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
-                    let control = Control::Retry {
+                    vec![control(Control::Retry {
                         group: group_id,
                         offset,
                         attempt: attempt + 1,
                         due_ms: writer::now_ms().saturating_add(after_ms),
-                    };
-                    shared
-                        .write(vec![Op::Control {
-                            topic: topic.clone(),
-                            control,
-                        }])
-                        .await?;
-                    let mut st = lock(&group.state);
+                    })]
+                }
+                // The dead letter and the settlement in one round: never
+                // one without the other.
+                Outcome::DeadLetter(_) => vec![
+                    Op::Append {
+                        topic: shared.topic(&dead_letter_topic(&topic.name)),
+                        events: dead_letter.into_iter().collect(),
+                    },
+                    control(Control::DeadLetter {
+                        group: group_id,
+                        offset,
+                    }),
+                ],
+            };
+            // Durable first; memory changes only once the log has it.
+            shared.write(ops).await?;
+            let mut st = lock(&group.state);
+            match outcome {
+                Outcome::Retry { after } => {
                     if let Some(mut entry) = st.release(offset, lease) {
                         entry.attempt = attempt + 1;
                         st.delay(entry, Instant::now() + after);
                     }
                 }
-                Outcome::DeadLetter(_) => {
-                    let dlq = shared.topic(&dead_letter_topic(&topic.name));
-                    let control = Control::DeadLetter {
-                        group: group_id,
-                        offset,
-                    };
-                    shared
-                        .write(vec![
-                            Op::Append {
-                                topic: dlq,
-                                events: dead_letter.into_iter().collect(),
-                            },
-                            Op::Control {
-                                topic: topic.clone(),
-                                control,
-                            },
-                        ])
-                        .await?;
-                    let mut st = lock(&group.state);
+                Outcome::Ack | Outcome::DeadLetter(_) => {
                     st.release(offset, lease);
                     st.settle(offset);
                 }
             }
+            drop(st);
             group.notify.notify_waiters();
             Ok(())
         })

@@ -221,11 +221,7 @@ struct Consumer {
 
 impl Pull for Consumer {
     fn gate(&self) -> Gate<'_> {
-        Gate {
-            lifecycle: &self.inner.lifecycle,
-            wake: &self.group.notify,
-            prefetch: &self.prefetch,
-        }
+        Gate::new(&self.inner.lifecycle, &self.prefetch)
     }
 
     fn step(&self) -> Step {
