@@ -126,6 +126,7 @@
 
 mod codec;
 mod consumer;
+mod engine;
 mod link;
 mod names;
 
@@ -142,6 +143,7 @@ use futures::future::BoxFuture;
 
 use crate::link::{Outgoing, Shared, Unroutable};
 
+pub use engine::{AmqpEngine, AmqpSection};
 pub use names::{DELAY_LADDER_MS, PARKED_GROUP, delay_bucket};
 
 /// The largest payload accepted by default: 16 MiB, well inside RabbitMQ's
@@ -149,7 +151,8 @@ pub use names::{DELAY_LADDER_MS, PARKED_GROUP, delay_bucket};
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
 
 /// The kind of queue declared for groups and delay buckets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum QueueType {
     /// Replicated Raft queues; at-least-once dead-lettering for retries.
     #[default]
@@ -159,7 +162,8 @@ pub enum QueueType {
 }
 
 /// How events are laid out in AMQP messages (both are always read).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ContentMode {
     /// Attributes in `cloudEvents:` headers, the payload as the body.
     #[default]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use eventos_core::{TransportError, TransportErrorKind};
+use eventos_core::{TransportError, TransportErrorKind, redact_url};
 use eventos_kit::Lifecycle;
 use lapin::Confirmation;
 use lapin::options::{
@@ -169,7 +169,7 @@ impl Shared {
         url: &str,
         options: AmqpOptions,
     ) -> Result<Arc<Self>, TransportError> {
-        let shown = redact(url);
+        let shown = redact_url(url);
         let names = Names::new(&options.namespace);
         let shared = Arc::new(Self {
             url: url.to_owned(),
@@ -691,38 +691,5 @@ impl Shared {
             confirmed.fetch_add(1, Ordering::AcqRel);
         }
         sent
-    }
-}
-
-/// `url` without its user info, so a password never reaches a message.
-pub(crate) fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            let (authority, path) = rest.split_at(authority_end);
-            let host = authority
-                .rsplit_once('@')
-                .map_or(authority, |(_, host)| host);
-            format!("{scheme}://{host}{path}")
-        }
-        None => url
-            .rsplit_once('@')
-            .map_or(url, |(_, host)| host)
-            .to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn redaction_keeps_host_and_vhost_only() {
-        assert_eq!(
-            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
-            "amqp://127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redact("amqps://u:p@x@h/v"), "amqps://h/v");
-        assert_eq!(redact("amqp://h"), "amqp://h");
     }
 }

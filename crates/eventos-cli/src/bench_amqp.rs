@@ -121,7 +121,7 @@ pub(crate) async fn run(args: AmqpBenchArgs) -> anyhow::Result<()> {
         .with_context(|| {
             format!(
                 "cannot connect to RabbitMQ at {}; is it running? (rabbitmq-server -detached)",
-                school_system::redact_url(&args.url)
+                eventos_core::redact_url(&args.url)
             )
         })?;
     let raw_queue = format!("bench.raw.{run_id}");

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use school_system::{Service, Services, Settings, TransportKind};
+use school_system::{Service, Services, Settings};
 
 /// Which way enrollments are answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -38,12 +38,13 @@ pub(crate) struct UpArgs {
     #[arg(long, env = "EVENTOS_SMTP", value_parser = parse_smtp)]
     smtp: Option<String>,
     /// The transport: `log` (default: the embedded durable log, one
-    /// process), `memory` (the fastest queue; it loses queued work if the
-    /// process dies), or a RabbitMQ URL such as
+    /// process; `log:<dir>` or a directory path to keep it elsewhere),
+    /// `memory` (the fastest queue; it loses queued work if the process
+    /// dies), or a RabbitMQ URL such as
     /// amqp://guest:guest@127.0.0.1:5672/%2f (services may then run in
     /// several processes: see `eventos serve`).
-    #[arg(long, env = "EVENTOS_TRANSPORT")]
-    transport: Option<TransportKind>,
+    #[arg(long, env = "EVENTOS_TRANSPORT", value_parser = parse_transport)]
+    transport: Option<String>,
     /// How enrollments are answered [default: await-payment].
     #[arg(long, env = "EVENTOS_MODE", value_enum)]
     mode: Option<ModeArg>,
@@ -229,11 +230,14 @@ async fn run(title: &str, args: UpArgs, services: Services) -> anyhow::Result<()
     say!("{title}");
     say!(
         "  transport  {}",
-        match &transport {
-            TransportKind::Log => format!("log (durable) in {}", data_dir.join("log").display()),
-            TransportKind::Memory => "memory (queued work is lost if the process dies)".into(),
-            TransportKind::Amqp(_) => format!("RabbitMQ {}", transport.describe()),
-        }
+        school_system::transports()
+            .lookup(&transport)
+            .map(|engine| engine.describe(&eventos_kit::Target {
+                url: &transport,
+                data_dir: &data_dir,
+                options: None,
+            }))
+            .unwrap_or_else(|e| e.to_string())
     );
     if services.contains(Service::Mailer) {
         say!(
@@ -274,6 +278,14 @@ async fn run(title: &str, args: UpArgs, services: Services) -> anyhow::Result<()
     Ok(())
 }
 
+/// A transport the system knows; otherwise the known ones, in one line.
+fn parse_transport(s: &str) -> Result<String, String> {
+    school_system::transports()
+        .lookup(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,12 +305,27 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("eventos.toml");
         std::fs::write(&file, &block).unwrap();
-        let shown = Settings::load(Some(&file), []).unwrap();
+        let mut shown = Settings::load(Some(&file), []).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+        // The transports' sections are their own, with their own defaults.
+        let amqp = shown
+            .transports
+            .remove("amqp")
+            .expect("the help shows [amqp]");
+        let amqp_default = eventos_amqp::AmqpSection::default();
+        assert_eq!(
+            serde_json::from_value::<eventos_amqp::AmqpSection>(amqp).unwrap(),
+            amqp_default,
+            "{block}"
+        );
         assert_eq!(shown, Settings::default(), "{block}");
         assert!(block.contains("[antifraud]") && block.contains("gateway_latency_ms"));
         // Every key of every section is listed, set or commented out.
-        let defaults = serde_json::to_value(Settings::default()).unwrap();
+        let mut defaults = serde_json::to_value(Settings::default()).unwrap();
+        defaults
+            .as_object_mut()
+            .unwrap()
+            .insert("amqp".into(), serde_json::to_value(amqp_default).unwrap());
         for (key, value) in defaults.as_object().unwrap() {
             let keys: Vec<String> = match value.as_object() {
                 Some(section) => {

@@ -31,6 +31,7 @@ mod event;
 mod json;
 mod transport;
 mod typed;
+mod url;
 
 pub use binary::{BinaryParts, Binding};
 pub use error::{EventError, TransportError, TransportErrorKind};
@@ -42,6 +43,7 @@ pub use transport::{
     dead_letter_topic, validate_name,
 };
 pub use typed::TypedEvent;
+pub use url::redact_url;
 
 /// Re-exported so implementors and callers agree on the versions.
 pub use bytes::Bytes;

@@ -8,7 +8,10 @@
 //! its acker is dropped, holding no more unsettled deliveries than the
 //! prefetch, queueing a group's events in memory with delayed retries and
 //! per-key order, advancing an offset only over a settled prefix, choosing
-//! a broker delay queue for a retry.
+//! a broker delay queue for a retry. And the [`Registry`]: transports by
+//! URL scheme, each crate describing its own [`Engine`] (schemes, settings
+//! section, how to open), so the composition root names no transport type
+//! but in one registration line each.
 //!
 //! # The decisions that shaped it
 //!
@@ -34,6 +37,7 @@ mod ladder;
 mod lifecycle;
 mod pull;
 mod queue;
+mod registry;
 mod schedule;
 
 pub use acker::{OnceAcker, Settle, already_settled};
@@ -42,6 +46,7 @@ pub use ladder::{DELAY_LADDER_MS, delay_bucket};
 pub use lifecycle::Lifecycle;
 pub use pull::{Gate, Permit, Prefetch, Pull, Step, pull, pull_stream};
 pub use queue::{GroupQueue, Keyed, QueueCounts, Queued};
+pub use registry::{Engine, OpenError, Opened, Registry, Target, UnknownTransport, directory};
 pub use schedule::RetrySchedule;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};

@@ -41,6 +41,7 @@
 
 mod codec;
 mod consumer;
+mod engine;
 mod group;
 pub mod inspect;
 mod record;
@@ -67,6 +68,7 @@ use eventos_kit::{Lifecycle, Prefetch, pull_stream};
 use futures::future::BoxFuture;
 use tokio::sync::oneshot;
 
+pub use engine::LogEngine;
 pub use recovery::{Cut, RecoveryReport};
 
 use crate::consumer::Consumer;

@@ -327,3 +327,38 @@ impl Transport for MemoryTransport {
         Box::pin(std::future::ready(Ok(())))
     }
 }
+
+/// The memory transport's entry in a [`Registry`](eventos_kit::Registry):
+/// named `memory` (or `memory:`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryEngine;
+
+impl eventos_kit::Engine for MemoryEngine {
+    fn schemes(&self) -> &'static [&'static str] {
+        &["memory"]
+    }
+
+    fn example(&self) -> &'static str {
+        "memory"
+    }
+
+    fn process_local(&self) -> bool {
+        true
+    }
+
+    fn describe(&self, _: &eventos_kit::Target<'_>) -> String {
+        "memory (queued work is lost if the process dies)".into()
+    }
+
+    fn open<'a>(
+        &'a self,
+        _: eventos_kit::Target<'a>,
+    ) -> BoxFuture<'a, Result<eventos_kit::Opened, eventos_kit::OpenError>> {
+        Box::pin(async {
+            Ok(eventos_kit::Opened {
+                transport: Arc::new(MemoryTransport::new()),
+                metrics: None,
+            })
+        })
+    }
+}

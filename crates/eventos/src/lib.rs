@@ -84,7 +84,7 @@ pub use router::{
 pub use eventos_core::{
     self as core, Capabilities, DeadLetter, Delivery, DeliveryInfo, Event, EventError,
     ExtensionValue, Outcome, Publisher, StartFrom, Subscriber, Subscription, Transport,
-    TransportError, TransportErrorKind, TypedEvent, dead_letter_topic, ext,
+    TransportError, TransportErrorKind, TypedEvent, dead_letter_topic, ext, redact_url,
 };
 
 /// Completes on Ctrl-C or, on Unix, SIGTERM: the usual trigger for

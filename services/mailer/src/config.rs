@@ -137,38 +137,4 @@ pub fn default_breaker() -> eventos::middleware::Breaker {
         .pauses(Duration::from_secs(1), Duration::from_secs(60))
 }
 
-pub(crate) fn redact_url(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    if scheme.is_empty() {
-        host.to_owned()
-    } else {
-        format!("{scheme}://{host}")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redacted_urls_keep_only_scheme_host_and_port() {
-        for (url, shown) in [
-            ("smtp://127.0.0.1:2525", "smtp://127.0.0.1:2525"),
-            (
-                "smtps://user:p%40ss@mail.example:465",
-                "smtps://mail.example:465",
-            ),
-            (
-                "smtp://u:p@mail.example:587?tls=required",
-                "smtp://mail.example:587",
-            ),
-            ("mail.example", "mail.example"),
-        ] {
-            assert_eq!(redact_url(url), shown, "{url}");
-        }
-    }
-}
+pub(crate) use eventos::redact_url;

@@ -3,8 +3,10 @@
 //! billing (with its simulated gateway), payment metrics, contact form,
 //! mailer and notifier.
 //!
-//! This is the one place that names a concrete transport (invariant 7):
-//! the embedded durable log by default, or the in-memory transport. Each
+//! This is the one place that names the concrete transports (invariant
+//! 7), each in one line of [`transports`], the registry the settings'
+//! `transport` URL is looked up in: the embedded durable log by default.
+//! Each
 //! service keeps its own SQLite database in the data directory and its own
 //! outbox relay; the router runs every service's routes; axum serves every
 //! service's endpoints plus `/healthz`, `/readyz` and `/metrics` (the
@@ -24,6 +26,7 @@
 //! left at the deadline is dropped) and drain the router (in-flight
 //! deliveries finish and settle); stop the relays, close the transport.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,15 +38,13 @@ mod services;
 mod settings;
 
 pub use services::{Service, Services};
-pub use settings::{
-    AmqpContentMode, AmqpQueueType, AmqpSettings, HttpSettings, MailSettings, NotificationSettings,
-    Settings, SettingsError,
-};
+pub use settings::{HttpSettings, MailSettings, NotificationSettings, Settings, SettingsError};
 
 use anyhow::Context as _;
 use axum::http::StatusCode;
 use axum::routing::get;
 use eventos::{Route, Router, Transport};
+use eventos_kit::{Registry, Target};
 use eventos_outbox::{Relay, Store};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use school_antifraud::{Antifraud, AntifraudConfig};
@@ -56,82 +57,13 @@ use school_notifier::Notifier;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// Which transport carries the events.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum TransportKind {
-    /// The embedded durable log in `<data-dir>/log` (the default).
-    Log,
-    /// In memory: the fastest, and queued work is lost if the process dies.
-    Memory,
-    /// RabbitMQ at this `amqp://` URL: services may run in several
-    /// processes, each with its own data directory.
-    Amqp(String),
-}
-
-impl TransportKind {
-    /// Whether every service must run in this one process (the log and
-    /// memory transports are local to it).
-    pub fn is_local(&self) -> bool {
-        matches!(self, TransportKind::Log | TransportKind::Memory)
-    }
-
-    /// How it is shown to people: without the URL's password.
-    pub fn describe(&self) -> String {
-        match self {
-            TransportKind::Log => "log".into(),
-            TransportKind::Memory => "memory".into(),
-            TransportKind::Amqp(url) => redact_url(url),
-        }
-    }
-}
-
-/// `amqp://user:secret@host/` → `amqp://user:***@host/`.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
-impl std::str::FromStr for TransportKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "log" => Ok(TransportKind::Log),
-            "memory" => Ok(TransportKind::Memory),
-            url if url.starts_with("amqp://") || url.starts_with("amqps://") => {
-                Ok(TransportKind::Amqp(url.to_owned()))
-            }
-            other => Err(format!(
-                "unknown transport {other:?}: use log, memory, or a RabbitMQ URL like amqp://guest:guest@127.0.0.1:5672/%2f"
-            )),
-        }
-    }
-}
-
-impl TryFrom<String> for TransportKind {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<TransportKind> for String {
-    fn from(t: TransportKind) -> String {
-        match t {
-            TransportKind::Log => "log".into(),
-            TransportKind::Memory => "memory".into(),
-            TransportKind::Amqp(url) => url,
-        }
-    }
+/// Every transport the system can run on, by URL scheme: one line each.
+/// `log` (or a directory path) is the default.
+pub fn transports() -> Registry {
+    Registry::new()
+        .with(eventos_log::LogEngine)
+        .with(eventos_memory::MemoryEngine)
+        .with(eventos_amqp::AmqpEngine)
 }
 
 /// How to run the system.
@@ -141,12 +73,14 @@ pub struct SystemConfig {
     pub data_dir: PathBuf,
     /// The HTTP address.
     pub listen: SocketAddr,
-    /// The transport.
-    pub transport: TransportKind,
+    /// The transport, as [`transports`] knows it: `log`, `log:<dir>`, a
+    /// directory path, `memory`, `amqp://user:pass@host:5672/%2f`.
+    pub transport: String,
     /// Which services this process runs (all of them by default).
     pub services: Services,
-    /// The RabbitMQ transport's settings, when `transport` is `Amqp`.
-    pub amqp: AmqpSettings,
+    /// The transports' settings sections by name (`amqp`), each read by
+    /// the transport it belongs to.
+    pub transport_options: BTreeMap<String, serde_json::Value>,
     /// Where contact messages are mailed: a bare `local@domain` (no display
     /// name), as `school_http::EmailAddress` parses it.
     pub school_inbox: String,
@@ -183,9 +117,9 @@ impl SystemConfig {
         Self {
             data_dir: data_dir.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            transport: TransportKind::Log,
+            transport: "log".into(),
             services: Services::all(),
-            amqp: AmqpSettings::default(),
+            transport_options: BTreeMap::new(),
             school_inbox: ContactConfig::default().school_inbox,
             shutdown_timeout: Duration::from_secs(10),
             http: HttpSettings::default(),
@@ -229,7 +163,7 @@ impl System {
 /// What the stores' writers and the log have synced, in the Prometheus
 /// text format: `eventos bench accept` divides these by the messages
 /// accepted to report the syncs each one cost.
-fn durability_metrics(stores: &[Store], log: Option<&eventos_log::LogTransport>) -> String {
+fn durability_metrics(stores: &[Store]) -> String {
     use std::fmt::Write as _;
     let mut text = String::new();
     let mut counter = |name: &str, help: &str, samples: &[(String, u64)]| {
@@ -269,19 +203,6 @@ fn durability_metrics(stores: &[Store], log: Option<&eventos_log::LogTransport>)
         "Background checkpoints of the write-ahead log.",
         &per_store(|s| s.checkpoints),
     );
-    if let Some(log) = log {
-        let stats = log.stats();
-        counter(
-            "eventos_log_syncs_total",
-            "fdatasyncs of the embedded log.",
-            &[(String::new(), stats.syncs)],
-        );
-        counter(
-            "eventos_log_events_appended_total",
-            "Events the embedded log made durable.",
-            &[(String::new(), stats.events_appended)],
-        );
-    }
     text
 }
 
@@ -323,47 +244,26 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
     let limits = edge::Limits::new(&config.http)?;
     // One count for every streaming endpoint, so the limits hold across them.
     let sse = school_http::SseStreams::new(config.http.sse_limits());
-    // Kept beside the transport for its sync counters on /metrics.
-    let mut durable_log: Option<Arc<eventos_log::LogTransport>> = None;
-    let transport: Arc<dyn Transport> = match &config.transport {
-        TransportKind::Amqp(url) => {
-            let options = eventos_amqp::AmqpOptions {
-                namespace: config.amqp.namespace.clone(),
-                queue_type: match config.amqp.queue_type {
-                    AmqpQueueType::Quorum => eventos_amqp::QueueType::Quorum,
-                    AmqpQueueType::Classic => eventos_amqp::QueueType::Classic,
-                },
-                mode: match config.amqp.content_mode {
-                    AmqpContentMode::Binary => eventos_amqp::ContentMode::Binary,
-                    AmqpContentMode::Structured => eventos_amqp::ContentMode::Structured,
-                },
-                queue_expires: config.amqp.queue_expires_secs.map(Duration::from_secs),
-                ..eventos_amqp::AmqpOptions::default()
-            };
-            Arc::new(
-                eventos_amqp::AmqpTransport::connect(url, options)
-                    .await
-                    .with_context(|| format!("connecting to {}", redact_url(url)))?,
-            )
-        }
-        TransportKind::Memory => Arc::new(eventos_memory::MemoryTransport::new()),
-        TransportKind::Log => {
-            let dir = config.data_dir.join("log");
-            let log = tokio::task::spawn_blocking(move || eventos_log::LogTransport::open(dir))
-                .await
-                .context("opening the log")??;
-            let report = log.recovery_report();
-            if !report.cuts.is_empty() {
-                tracing::warn!(
-                    cuts = report.cuts.len(),
-                    "the log was cut back to its last valid records"
-                );
-            }
-            let log = Arc::new(log);
-            durable_log = Some(Arc::clone(&log));
-            log
-        }
+    let registry = transports();
+    let engine = registry
+        .lookup(&config.transport)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let target = Target {
+        url: &config.transport,
+        data_dir: &config.data_dir,
+        options: engine
+            .section()
+            .and_then(|section| config.transport_options.get(section)),
     };
+    let opened = engine
+        .open(target)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let transport: Arc<dyn Transport> = opened.transport;
+    // The engine's own counters (the log's syncs), beside the stores' on
+    // /metrics.
+    let transport_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>> =
+        opened.metrics.map(Arc::from);
     let open = |name: &str| config.data_dir.join(format!("{name}.db"));
     let store = |name: &'static str| {
         let path = open(name);
@@ -543,7 +443,10 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                 let metrics = metrics.clone();
                 let payment_metrics = payment_metrics.clone();
                 let streams = streams.live();
-                let durability = durability_metrics(&store_stats, durable_log.as_deref());
+                let mut durability = durability_metrics(&store_stats);
+                if let Some(engine) = &transport_metrics {
+                    durability.push_str(&engine());
+                }
                 async move {
                     let mut text = metrics.render();
                     text.push_str(&durability);

@@ -16,7 +16,9 @@ use figment::Figment;
 use figment::providers::{Format as _, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::{SystemConfig, TransportKind};
+use std::collections::BTreeMap;
+
+use crate::SystemConfig;
 
 /// The mailer's retry policy (`[mail]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,75 +136,27 @@ pub struct NotificationSettings {
     pub token_key: Option<String>,
 }
 
-/// Which kind of queue holds a group's events on RabbitMQ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AmqpQueueType {
-    /// Replicated, durable; the default.
-    #[default]
-    Quorum,
-    /// A classic (single-node) queue.
-    Classic,
-}
-
-/// How events are laid out in a RabbitMQ message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AmqpContentMode {
-    /// Attributes in `cloudEvents:` headers, data as the body; the default.
-    #[default]
-    Binary,
-    /// The whole event as `application/cloudevents+json`.
-    Structured,
-}
-
-/// The RabbitMQ transport (`[amqp]`), used when `transport` is an
-/// `amqp://` URL.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AmqpSettings {
-    /// Prefix of every exchange and queue eventos declares, so several
-    /// systems can share one broker.
-    pub namespace: String,
-    /// The kind of queue per (topic, group).
-    pub queue_type: AmqpQueueType,
-    /// How events are published (both are read).
-    pub content_mode: AmqpContentMode,
-    /// If set, RabbitMQ deletes a group's queue unused (no consumer) for
-    /// this many seconds, events and all: for disposable systems such as
-    /// tests, never for one whose queued work matters.
-    pub queue_expires_secs: Option<u64>,
-}
-
-impl Default for AmqpSettings {
-    fn default() -> Self {
-        Self {
-            namespace: "eventos".into(),
-            queue_type: AmqpQueueType::default(),
-            content_mode: AmqpContentMode::default(),
-            queue_expires_secs: None,
-        }
-    }
-}
-
 /// Everything `eventos up` can be told.
+///
+/// Unknown keys are errors, checked by hand: a transport's section
+/// (`[amqp]`) belongs to the transport, which reads it, so the settings
+/// keep every table they do not know and ask the registry whose it is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct Settings {
     /// Where the databases, the log and the mail files live.
     pub data_dir: PathBuf,
     /// The HTTP address.
     pub listen: SocketAddr,
-    /// `log` (durable, the default) or `memory`.
-    pub transport: TransportKind,
+    /// The transport: `log` (durable, the default), `log:<dir>` or a
+    /// directory path, `memory`, or a broker URL (`amqp://…`).
+    pub transport: String,
     /// SMTP server URL; without one, mail is written as `.eml` files.
     pub smtp: Option<String>,
     /// How long in-flight work may take to finish on shutdown, seconds.
     pub shutdown_timeout_secs: u64,
     /// The HTTP edge.
     pub http: HttpSettings,
-    /// The RabbitMQ transport.
-    pub amqp: AmqpSettings,
     /// The mailer.
     pub mail: MailSettings,
     /// Who may read notifications.
@@ -213,6 +167,10 @@ pub struct Settings {
     pub antifraud: school_antifraud::AntifraudConfig,
     /// The billing service and its simulated gateway.
     pub billing: school_billing::BillingConfig,
+    /// Every other key: the transports' sections (`[amqp]`), read by
+    /// their transport; anything else is refused by [`Settings::load`].
+    #[serde(flatten)]
+    pub transports: BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for Settings {
@@ -220,16 +178,16 @@ impl Default for Settings {
         Self {
             data_dir: PathBuf::from("eventos-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            transport: TransportKind::Log,
+            transport: "log".into(),
             smtp: None,
             shutdown_timeout_secs: 10,
             http: HttpSettings::default(),
-            amqp: AmqpSettings::default(),
             mail: MailSettings::default(),
             notifications: NotificationSettings::default(),
             enrollment: school_enrollment::EnrollmentConfig::default(),
             antifraud: school_antifraud::AntifraudConfig::default(),
             billing: school_billing::BillingConfig::default(),
+            transports: BTreeMap::new(),
         }
     }
 }
@@ -276,7 +234,30 @@ impl Settings {
                 .unwrap_or_else(|_| figment::value::Value::from(value.clone()));
             figment = figment.merge(Serialized::global(&path, parsed));
         }
-        figment.extract().map_err(|e| SettingsError(one_line(&e)))
+        let settings: Self = figment.extract().map_err(|e| SettingsError(one_line(&e)))?;
+        settings.check_transports(&crate::transports())?;
+        Ok(settings)
+    }
+
+    /// The transport URL names a known transport, and every key left over
+    /// is the section of one, with options it accepts.
+    fn check_transports(&self, registry: &eventos_kit::Registry) -> Result<(), SettingsError> {
+        registry
+            .lookup(&self.transport)
+            .map_err(|e| SettingsError(format!("invalid settings: `transport`: {e}")))?;
+        for (key, value) in &self.transports {
+            let Some(engine) = registry.by_section(key) else {
+                let sections: Vec<&str> = registry.sections().collect();
+                return Err(SettingsError(format!(
+                    "invalid settings: unknown key `{key}`; the transports' sections are {}",
+                    sections.join(", ")
+                )));
+            };
+            engine
+                .check_options(value)
+                .map_err(|e| SettingsError(format!("invalid settings: {e}")))?;
+        }
+        Ok(())
     }
 
     /// The runtime configuration these settings describe.
@@ -299,7 +280,7 @@ impl Settings {
                 Duration::from_millis(self.mail.breaker_max_pause_ms),
             );
         config.still_trying_after = Duration::from_millis(self.mail.still_trying_after_ms);
-        config.amqp = self.amqp;
+        config.transport_options = self.transports;
         config.http = self.http;
         config.notifications_key = self.notifications.token_key;
         config.enrollment = self.enrollment;
@@ -351,14 +332,7 @@ mod tests {
         ];
         let s = Settings::load(Some(&path), env).unwrap();
         assert_eq!(s.listen.port(), 9000);
-        assert_eq!(
-            s.transport,
-            TransportKind::Amqp("amqp://guest:guest@127.0.0.1:5672/%2f".into())
-        );
-        assert_eq!(
-            s.transport.describe(),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
+        assert_eq!(s.transport, "amqp://guest:guest@127.0.0.1:5672/%2f");
         assert_eq!(s.enrollment.mode, school_events::AcceptanceMode::Optimistic);
         assert_eq!(s.antifraud.score_threshold, 90);
         assert_eq!(s.mail.max_attempts, 3);
@@ -374,9 +348,24 @@ mod tests {
             e.contains("score_treshold") && e.contains("eventos.toml"),
             "{e}"
         );
-        let (_d, path) = file("transport = \"kafka\"\n");
+        let (_d, path) = file("transport = \"foo://x\"\n");
         let e = Settings::load(Some(&path), []).unwrap_err().to_string();
-        assert!(e.contains("kafka") && e.contains("amqp://"), "{e}");
+        assert!(
+            e.contains("foo://x") && e.contains("amqp") && e.contains("memory"),
+            "{e}"
+        );
+        // A transport's section is the transport's to check.
+        let (_d, path) = file("[amqp]\nnamespac = \"x\"\n");
+        let e = Settings::load(Some(&path), []).unwrap_err().to_string();
+        assert!(e.contains("[amqp]") && e.contains("namespac"), "{e}");
+        let e = Settings::load(None, [("EVENTOS_AMQP__QUEUE_TYPE".into(), "fancy".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fancy"), "{e}");
+        // Neither a section of anyone nor a key of the settings.
+        let (_d, path) = file("listn = \"127.0.0.1:1\"\n");
+        let e = Settings::load(Some(&path), []).unwrap_err().to_string();
+        assert!(e.contains("unknown key `listn`"), "{e}");
         let (_d, path) = file("[enrollment]\nmode = \"sometimes\"\n");
         let e = Settings::load(Some(&path), []).unwrap_err().to_string();
         assert!(e.contains("mode") && e.contains("sometimes"), "{e}");

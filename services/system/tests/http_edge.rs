@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use school_system::{HttpSettings, System, SystemConfig, TransportKind, start};
+use school_system::{HttpSettings, System, SystemConfig, start};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -32,7 +32,7 @@ async fn system(dir: &tempfile::TempDir, http: HttpSettings) -> System {
     let mut config = SystemConfig::new(dir.path());
     config.notifications_key = Some(TOKEN_KEY.to_owned());
     config.listen = "127.0.0.1:0".parse().unwrap();
-    config.transport = TransportKind::Memory;
+    config.transport = "memory".to_owned();
     config.http = http;
     config.shutdown_timeout = Duration::from_secs(5);
     start(config).await.unwrap()
@@ -478,7 +478,7 @@ async fn shutdown_drops_a_stuck_request_at_the_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = SystemConfig::new(dir.path());
     config.listen = "127.0.0.1:0".parse().unwrap();
-    config.transport = TransportKind::Memory;
+    config.transport = "memory".to_owned();
     config.http = HttpSettings {
         body_timeout_ms: 60_000,
         request_timeout_ms: 60_000,

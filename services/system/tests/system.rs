@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use school_system::{SystemConfig, TransportKind, start};
+use school_system::{SystemConfig, start};
 
 #[tokio::test]
 async fn contact_round_trip_over_http_survives_a_restart() {
@@ -10,7 +10,7 @@ async fn contact_round_trip_over_http_survives_a_restart() {
     let config = || {
         let mut c = SystemConfig::new(dir.path());
         c.listen = "127.0.0.1:0".parse().unwrap();
-        c.transport = TransportKind::Log;
+        c.transport = "log".to_owned();
         c
     };
     let system = start(config()).await.unwrap();
@@ -138,7 +138,7 @@ async fn enrollment_works_on_the_memory_transport_with_eml_mail() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = SystemConfig::new(dir.path());
     config.listen = "127.0.0.1:0".parse().unwrap();
-    config.transport = TransportKind::Memory;
+    config.transport = "memory".to_owned();
     config.antifraud.latency_ms = [0, 0];
     config.billing.gateway_latency_ms = [0, 0];
     let system = start(config).await.unwrap();
@@ -215,14 +215,14 @@ fn not_owner_only(dir: &std::path::Path) -> Vec<String> {
 #[tokio::test]
 async fn a_data_directory_has_one_system_whatever_the_transport() {
     let dir = tempfile::tempdir().unwrap();
-    let config = |transport: TransportKind| {
+    let config = |transport: String| {
         let mut config = SystemConfig::new(dir.path());
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.transport = transport;
         config
     };
-    let first = start(config(TransportKind::Memory)).await.unwrap();
-    for transport in [TransportKind::Memory, TransportKind::Log] {
+    let first = start(config("memory".to_owned())).await.unwrap();
+    for transport in ["memory".to_owned(), "log".to_owned()] {
         let e = start(config(transport.clone())).await.unwrap_err();
         let text = format!("{e:#}");
         assert!(
@@ -233,7 +233,7 @@ async fn a_data_directory_has_one_system_whatever_the_transport() {
         );
     }
     first.shutdown().await.unwrap();
-    let again = start(config(TransportKind::Memory)).await.unwrap();
+    let again = start(config("memory".to_owned())).await.unwrap();
     again.shutdown().await.unwrap();
 }
 
@@ -244,7 +244,7 @@ async fn a_process_runs_only_its_services() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = SystemConfig::new(dir.path());
     config.listen = "127.0.0.1:0".parse().unwrap();
-    config.transport = TransportKind::Memory;
+    config.transport = "memory".to_owned();
     config.services = "contact,antifraud".parse().unwrap();
     let system = start(config).await.unwrap();
     let base = format!("http://{}", system.addr());
@@ -273,7 +273,7 @@ async fn a_school_inbox_with_a_display_name_stops_the_start() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = SystemConfig::new(dir.path());
     config.listen = "127.0.0.1:0".parse().unwrap();
-    config.transport = TransportKind::Memory;
+    config.transport = "memory".to_owned();
     config.services = "contact".parse().unwrap();
     config.school_inbox = "Admissions <admissions@school.example>".into();
     let Err(e) = start(config).await else {
