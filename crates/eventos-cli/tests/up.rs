@@ -63,6 +63,11 @@ fn bad_flags_get_one_line_saying_how_to_fix_them() {
         (&["demo", "--rate", "0"][..], "--rate"),
         (&["up", "--listen", "nowhere"][..], "--listen"),
         (&["up", "--transport", "kafka"][..], "--transport"),
+        // An unknown scheme is answered with every known one.
+        (
+            &["up", "--transport", "foo://x"][..],
+            "unknown transport \"foo://x\": use log or a directory path, memory, or amqp, amqps (e.g. amqp://guest:guest@127.0.0.1:5672/%2f)",
+        ),
         (
             &["up", "--smtp", "mail.example.com"][..],
             "is not an SMTP URL",
