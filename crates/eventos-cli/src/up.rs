@@ -66,6 +66,9 @@ Settings file (--config eventos.toml), every key optional, defaults shown:
   transport = \"log\"                 # or \"memory\", or \"amqp://user:pass@host:5672/%2f\"
   # smtp = \"smtp://127.0.0.1:2525\"  # unset: .eml files in <data_dir>/mail
   shutdown_timeout_secs = 10        # HTTP connections and in-flight events
+  shutdown_grace_ms = 0             # /readyz answers 503 this long before
+                                    # HTTP stops: the load balancer's check
+                                    # interval
 
   [http]                            # the HTTP edge; each refusal is a problem
   header_timeout_ms = 10000         # headers must arrive within it of the

@@ -87,6 +87,10 @@ pub struct SystemConfig {
     /// How long in-flight work may take to finish on shutdown: HTTP
     /// connections and deliveries each drain within it, side by side.
     pub shutdown_timeout: Duration,
+    /// How long, once shutdown starts, the system keeps serving while
+    /// `/readyz` answers 503, so a load balancer stops sending it requests
+    /// before connections are refused. Zero (the default) stops at once.
+    pub shutdown_grace: Duration,
     /// The HTTP edge's timeouts and limits.
     pub http: HttpSettings,
     /// The SMTP server (`smtp://host:port`); without one, mail is written
@@ -122,6 +126,7 @@ impl SystemConfig {
             transport_options: BTreeMap::new(),
             school_inbox: ContactConfig::default().school_inbox,
             shutdown_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::ZERO,
             http: HttpSettings::default(),
             smtp: None,
             mail_retry: school_mailer::default_backoff(),
@@ -478,8 +483,10 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
             )
         })?;
     let addr = listener.local_addr()?;
-    let http_stop = stop.clone();
+    let http_stop = CancellationToken::new();
+    let begun = stop.clone();
     let shutdown_timeout = config.shutdown_timeout;
+    let shutdown_grace = config.shutdown_grace;
     let task = tokio::spawn(async move {
         // HTTP and the router drain side by side, so one deadline bounds
         // both: requests commit to the outbox and never wait on a delivery.
@@ -493,8 +500,13 @@ pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
                 shutdown_timeout
             ),
             async {
-                http_stop.cancelled().await;
+                begun.cancelled().await;
+                // Not ready first, while still serving: whoever routes
+                // requests here sees the 503 and stops before connections
+                // are refused.
                 ready.store(false, Ordering::Release);
+                tokio::time::sleep(shutdown_grace).await;
+                http_stop.cancel();
                 running.shutdown().await
             }
         );

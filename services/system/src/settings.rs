@@ -155,6 +155,10 @@ pub struct Settings {
     pub smtp: Option<String>,
     /// How long in-flight work may take to finish on shutdown, seconds.
     pub shutdown_timeout_secs: u64,
+    /// How long, once shutdown starts, HTTP keeps being served while
+    /// `/readyz` answers 503, ms; set it to the load balancer's check
+    /// interval so it stops routing here first.
+    pub shutdown_grace_ms: u64,
     /// The HTTP edge.
     pub http: HttpSettings,
     /// The mailer.
@@ -181,6 +185,7 @@ impl Default for Settings {
             transport: "log".into(),
             smtp: None,
             shutdown_timeout_secs: 10,
+            shutdown_grace_ms: 0,
             http: HttpSettings::default(),
             mail: MailSettings::default(),
             notifications: NotificationSettings::default(),
@@ -268,6 +273,7 @@ impl Settings {
         config.smtp = self.smtp;
         config.school_inbox = self.mail.school_inbox;
         config.shutdown_timeout = Duration::from_secs(self.shutdown_timeout_secs);
+        config.shutdown_grace = Duration::from_millis(self.shutdown_grace_ms);
         config.mail_retry = eventos::Backoff::new(
             Duration::from_millis(self.mail.retry_base_ms),
             Duration::from_millis(self.mail.retry_cap_ms),

@@ -282,3 +282,44 @@ async fn a_school_inbox_with_a_display_name_stops_the_start() {
     let text = format!("{e:#}");
     assert!(text.contains("mail.school_inbox"), "{text}");
 }
+
+/// Once shutdown starts, `/readyz` answers 503 while HTTP is still served
+/// for the grace, so a load balancer stops routing here before
+/// connections are refused; then the system stops.
+#[tokio::test]
+async fn readyz_answers_503_during_the_shutdown_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SystemConfig::new(dir.path());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.transport = "memory".to_owned();
+    config.shutdown_grace = Duration::from_secs(30);
+    let system = start(config).await.unwrap();
+    let base = format!("http://{}", system.addr());
+    let http = reqwest::Client::new();
+    let status = |path: &'static str| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            http.get(format!("{base}{path}"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
+    };
+    assert_eq!(status("/readyz").await.unwrap(), 200);
+    let stopping = tokio::spawn(system.shutdown());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if status("/readyz").await.unwrap() == 503 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz still answers 200 after shutdown began"
+        );
+        tokio::task::yield_now().await;
+    }
+    // Not ready, but serving: the grace has not run out.
+    assert_eq!(status("/healthz").await.unwrap(), 200);
+    assert!(!stopping.is_finished());
+    stopping.abort();
+}
