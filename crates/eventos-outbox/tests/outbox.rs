@@ -151,18 +151,31 @@ async fn unsent_rows_survive_a_failed_publish_and_a_restart() {
 async fn the_relay_wakes_on_commit() {
     let (_dir, store) = store().await;
     let transport = MemoryTransport::new();
-    let probe = tokio::spawn(received(probe(&transport, "things").await, 1));
+    let mut probe = probe(&transport, "things").await;
     let relay = Relay::new(store.clone(), Arc::new(transport.clone()));
     let running = tokio::spawn(relay.run(std::future::pending()));
-    // Time for the relay's first (empty) pass, so the write lands while it
-    // waits: what is tested is the wake, not the first pass.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A first event through, and its row marked: the relay has made its
+    // passes and waits, so what the second write tests is the wake.
+    store
+        .write(|c: &Connection| enqueue(c, "things", &event(4)))
+        .await
+        .unwrap();
+    let (first, rest) = probe.into_future().await;
+    probe = rest;
+    let first = first.unwrap().unwrap();
+    assert_eq!(first.event().decode_data::<u32>().unwrap(), 4);
+    first.ack().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while store.unsent().await.unwrap() > 0 {
+        assert!(std::time::Instant::now() < deadline, "never marked sent");
+        tokio::task::yield_now().await;
+    }
     let started = std::time::Instant::now();
     store
         .write(|c: &Connection| enqueue(c, "things", &event(5)))
         .await
         .unwrap();
-    assert_eq!(probe.await.unwrap(), vec![5]);
+    assert_eq!(received(probe, 1).await, vec![5]);
     assert!(
         started.elapsed() < Duration::from_millis(900),
         "woken, not polled: {:?}",

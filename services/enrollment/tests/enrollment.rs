@@ -846,10 +846,28 @@ async fn the_card_is_tokenized_and_a_capture_activates_once() {
             attempt: 1,
         })
         .unwrap();
+    let declined_id = declined.id().to_owned();
     bus.publish(topics::PAYMENT_DECLINED, vec![declined])
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Handled (its id is in the inbox), and the enrollment is still active.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let handled: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM eventos_inbox WHERE event_id = ?")
+                .bind(&declined_id)
+                .fetch_one(service.store().pool())
+                .await
+                .unwrap();
+        if handled > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the late decline was never handled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(service.view(&accepted.id).await.unwrap().status, "active");
     running.shutdown().await.unwrap();
 
