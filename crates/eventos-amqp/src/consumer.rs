@@ -8,8 +8,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use eventos_core::{
-    Delivery, DeliveryInfo, Event, Outcome, Subscription, TransportError, TransportErrorKind,
-    dead_letter_event, dead_letter_topic,
+    Delivery, DeliveryInfo, ErrorChain, Event, Outcome, Subscription, TransportError,
+    TransportErrorKind, dead_letter_event, dead_letter_topic,
 };
 use eventos_kit::{OnceAcker, Settle};
 use futures::future::BoxFuture;
@@ -217,7 +217,7 @@ impl Pump {
                 attached = attach(&self.shared, &self.target) => match attached {
                     Ok(pair) => return Some(pair),
                     Err(e) => {
-                        tracing::warn!(queue = %self.target.queue, error = %e, "cannot resubscribe yet");
+                        tracing::warn!(queue = %self.target.queue, error = %ErrorChain(&e), "cannot resubscribe yet");
                         let _ = self.tx.send(Err(e));
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
@@ -322,7 +322,7 @@ impl Pump {
                 let _ = acker.ack(BasicAckOptions::default()).await;
             }
             Err(e) => {
-                tracing::warn!(queue = %self.target.queue, error = %e, stamped, due, "cannot delay a retry again; it will be redelivered");
+                tracing::warn!(queue = %self.target.queue, error = %ErrorChain(&e), stamped, due, "cannot delay a retry again; it will be redelivered");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let _ = acker
                     .nack(BasicNackOptions {

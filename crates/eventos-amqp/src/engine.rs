@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use eventos_core::redact_url;
+use eventos_core::{ErrorChain, redact_url};
 use eventos_kit::{Engine, OpenError, Opened, Target};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -94,7 +94,10 @@ impl Engine for AmqpEngine {
             let options = AmqpSection::from_value(target.options).map_err(OpenError)?;
             let transport = AmqpTransport::connect(target.url, options.options())
                 .await
-                .map_err(|e| OpenError(format!("connecting to {}: {e}", redact_url(target.url))))?;
+                .map_err(|e| {
+                    let url = redact_url(target.url);
+                    OpenError(format!("connecting to {url}: {}", ErrorChain(&e)))
+                })?;
             Ok(Opened {
                 transport: std::sync::Arc::new(transport),
                 metrics: None,

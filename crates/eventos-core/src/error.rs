@@ -116,11 +116,38 @@ impl TransportError {
     }
 }
 
+/// The message only: the cause is [`source`](std::error::Error::source)'s
+/// to give, so a chain printer (`{:#}` of anyhow, [`ErrorChain`]) says it
+/// once.
 impl fmt::Display for TransportError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)?;
-        if let Some(source) = &self.source {
-            write!(f, ": {source}")?;
+        f.write_str(&self.message)
+    }
+}
+
+/// Shows an error and every cause it does not already say, as one line
+/// (`error: cause: cause`), for log fields and messages.
+#[derive(Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Debug for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut said = self.0.to_string();
+        f.write_str(&said)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !said.contains(&text) {
+                write!(f, ": {text}")?;
+                said.push_str(&text);
+            }
+            source = cause.source();
         }
         Ok(())
     }
@@ -137,5 +164,25 @@ impl std::error::Error for TransportError {
 impl From<std::io::Error> for TransportError {
     fn from(e: std::io::Error) -> Self {
         TransportError::new(TransportErrorKind::Io, "i/o error").with_source(e)
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_is_said_once() {
+        let e = TransportError::new(TransportErrorKind::Io, "cannot read topic `t`")
+            .with_source(std::io::Error::other("disk on fire"));
+        assert_eq!(e.to_string(), "cannot read topic `t`");
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "cannot read topic `t`: disk on fire"
+        );
+        // A message that already says its cause is not repeated.
+        let said = TransportError::new(TransportErrorKind::Io, "i/o: disk on fire")
+            .with_source(std::io::Error::other("disk on fire"));
+        assert_eq!(ErrorChain(&said).to_string(), "i/o: disk on fire");
     }
 }

@@ -34,7 +34,7 @@ mod typed;
 mod url;
 
 pub use binary::{BinaryParts, Binding};
-pub use error::{EventError, TransportError, TransportErrorKind};
+pub use error::{ErrorChain, EventError, TransportError, TransportErrorKind};
 pub use event::{Event, EventBuilder, ExtensionValue, SPEC_VERSION, ext, is_json_content_type};
 pub use json::{BATCH_CONTENT_TYPE, CONTENT_TYPE};
 pub use transport::{

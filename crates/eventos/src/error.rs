@@ -86,8 +86,9 @@ impl HandlerError {
         self.retry_after
     }
 
-    /// Schedules a retry after `delay` (set by the retry layer).
-    pub fn set_retry_after(&mut self, delay: Option<Duration>) {
+    /// Schedules a retry after `delay`: the retry layer's decision, so no
+    /// handler can bypass the route's policy.
+    pub(crate) fn set_retry_after(&mut self, delay: Option<Duration>) {
         self.retry_after = delay;
     }
 
@@ -96,12 +97,14 @@ impl HandlerError {
         self.reason.as_deref()
     }
 
-    /// Records why the delivery is being given up (set by the retry layer).
-    pub fn set_reason(&mut self, reason: impl Into<String>) {
+    /// Records why the delivery is being given up (the retry layer's).
+    pub(crate) fn set_reason(&mut self, reason: impl Into<String>) {
         self.reason = Some(reason.into());
     }
 }
 
+/// Transparent: it says what the handler's error says, and its causes
+/// are that error's, so a chain printer says each once.
 impl fmt::Display for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(&self.source, f)
@@ -110,7 +113,7 @@ impl fmt::Display for HandlerError {
 
 impl std::error::Error for HandlerError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&*self.source)
+        self.source.source()
     }
 }
 
@@ -164,5 +167,23 @@ impl<T, E: Into<BoxError>> ResultExt<T> for Result<T, E> {
     }
     fn permanent(self) -> Result<T, HandlerError> {
         self.map_err(HandlerError::permanent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handler_error_is_transparent_so_each_cause_is_said_once() {
+        let transport = eventos_core::TransportError::new(
+            eventos_core::TransportErrorKind::Unavailable,
+            "broker unreachable",
+        )
+        .with_source(std::io::Error::other("connection refused"));
+        let e = HandlerError::from(transport);
+        assert_eq!(e.to_string(), "broker unreachable");
+        let chain = eventos_core::ErrorChain(&e).to_string();
+        assert_eq!(chain, "broker unreachable: connection refused");
     }
 }

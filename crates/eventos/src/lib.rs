@@ -16,7 +16,8 @@
 //! * **Handlers never ack.** A handler returns `Ok` or a [`HandlerError`]
 //!   that says transient or permanent; the middleware classify it and the
 //!   router settles every delivery with exactly one
-//!   [`Outcome`](eventos_core::Outcome) ([`decide`]).
+//!   [`Outcome`](eventos_core::Outcome), computed once as a
+//!   [`Decided`](middleware::Decided).
 //! * **Retries are stored, not slept.** The retry layer picks a delay
 //!   ([`Backoff`]: exponential, full jitter, capped) and the transport
 //!   redelivers after it, so a retry survives a restart where the transport
@@ -78,7 +79,7 @@ pub use error::{BoxError, ErrorKind, HandlerError, ResultExt};
 pub use handler::{Typed, handler_fn, typed, typed_with};
 pub use message::Message;
 pub use router::{
-    BoxHandler, Route, Router, RouterError, RouterStats, RunningRouter, StatsSnapshot, decide,
+    BoxHandler, Route, Router, RouterError, RouterStats, RunningRouter, StatsSnapshot,
 };
 
 pub use eventos_core::{

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use eventos_core::{
-    DeadLetter, Delivery, DeliveryStream, Outcome, StartFrom, Subscription, Transport,
+    Delivery, DeliveryStream, ErrorChain, Outcome, StartFrom, Subscription, Transport,
     TransportError, TransportErrorKind,
 };
 use futures::StreamExt as _;
@@ -19,47 +19,17 @@ use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt as _};
 
 use crate::middleware::{
-    Breaker, CatchPanicLayer, CircuitBreakerLayer, DeadLetterHook, DeadLetterLayer, MetricsLayer,
-    RetryLayer, RetryPolicy, TimeoutLayer, TraceLayer,
+    Breaker, CatchPanicLayer, CircuitBreakerLayer, DeadLetterHook, DeadLetterLayer, DecideLayer,
+    Decided, MetricsLayer, RetryLayer, RetryPolicy, TimeoutLayer, TraceLayer,
 };
 use crate::{Backoff, HandlerError, Message};
 
 /// A type-erased handler stack.
 pub type BoxHandler = BoxCloneService<Message, (), HandlerError>;
 
-/// The decision for a handler's result: the one place where a result
-/// becomes an [`Outcome`].
-///
-/// `Ok` acks. An error the retry layer scheduled is retried after its delay.
-/// Any other error is dead-lettered with the reason the retry layer gave —
-/// or `no retry policy` when the route has none.
-pub fn decide(result: &Result<(), HandlerError>) -> Outcome {
-    match result {
-        Ok(()) => Outcome::Ack,
-        Err(e) => match e.retry_after() {
-            Some(after) => Outcome::Retry { after },
-            None => Outcome::DeadLetter(DeadLetter {
-                reason: e.reason().unwrap_or("no retry policy").to_owned(),
-                error: Some(error_chain(e)),
-            }),
-        },
-    }
-}
-
-/// `error: cause: cause`, as one line.
-fn error_chain(e: &HandlerError) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e.inner());
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+/// A route's whole stack, type-erased: it answers each delivery with the
+/// decision the router settles it with.
+type BoxStack = BoxCloneService<Message, Decided, HandlerError>;
 
 /// One (topic, group) and the handler that consumes it, with its
 /// middleware settings. See the [`middleware`](crate::middleware) module
@@ -187,17 +157,18 @@ impl Route {
     }
 
     /// The complete middleware stack around the handler.
-    fn into_service(self) -> BoxHandler {
+    fn into_service(self) -> BoxStack {
         let stack = ServiceBuilder::new()
             .layer(MetricsLayer)
             .layer(TraceLayer)
             .option_layer(self.dead_letter)
+            .layer(DecideLayer)
             .option_layer(self.retry)
             .option_layer(self.breaker)
             .option_layer(self.timeout.map(TimeoutLayer::new))
             .layer(CatchPanicLayer)
             .service(self.handler);
-        BoxCloneService::new(stack.map_err(|e: HandlerError| e))
+        BoxCloneService::new(stack)
     }
 }
 
@@ -205,14 +176,16 @@ impl Route {
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
     /// Subscribing a route failed; nothing was started.
-    #[error("cannot subscribe group `{group}` to topic `{topic}`: {source}")]
+    #[error(
+        "cannot subscribe group `{group}` to topic `{topic}`: {}",
+        ErrorChain(source)
+    )]
     Subscribe {
         /// The route's topic.
         topic: String,
         /// The route's group.
         group: String,
-        /// The transport's error.
-        #[source]
+        /// The transport's error, said in the message with its causes.
         source: TransportError,
     },
     /// Two routes share a (topic, group); they would compete for the same
@@ -235,6 +208,10 @@ pub enum RouterError {
         /// The group.
         group: String,
     },
+    /// A consumer or the supervisor panicked or was cancelled: a bug, and
+    /// the routes it ran stopped with it.
+    #[error("a router task failed: {0}")]
+    TaskFailed(String),
 }
 
 /// Counters of what the router has settled, for tests and dashboards.
@@ -275,13 +252,12 @@ impl RouterStats {
         }
     }
 
-    fn record(&self, outcome: &Outcome) {
-        let counter = match outcome {
+    fn counter(&self, outcome: &Outcome) -> &AtomicU64 {
+        match outcome {
             Outcome::Ack => &self.acked,
             Outcome::Retry { .. } => &self.retried,
             Outcome::DeadLetter(_) => &self.dead_lettered,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -454,10 +430,7 @@ impl RunningRouter {
         self.stop.cancel();
         match self.supervisor.await {
             Ok(result) => result,
-            Err(e) => {
-                tracing::error!(error = %e, "router supervisor failed");
-                Ok(())
-            }
+            Err(e) => Err(RouterError::TaskFailed(format!("the supervisor: {e}"))),
         }
     }
 }
@@ -486,12 +459,10 @@ fn flatten(
 ) -> Result<(), RouterError> {
     match joined {
         Ok(result) => result,
-        // The consumer loop itself never panics (handlers run under
-        // catch-panic in their own tasks); if it did, keep draining.
-        Err(e) => {
-            tracing::error!(error = %e, "route consumer task failed");
-            Ok(())
-        }
+        // The consumer loop is not meant to panic (handlers run under
+        // catch-panic in their own tasks); if it did, the others still
+        // drain, and the router reports it.
+        Err(e) => Err(RouterError::TaskFailed(format!("a route consumer: {e}"))),
     }
 }
 
@@ -505,7 +476,7 @@ struct Consumer {
 }
 
 impl Consumer {
-    async fn run(self, service: BoxHandler, mut stream: DeliveryStream) -> Result<(), RouterError> {
+    async fn run(self, service: BoxStack, mut stream: DeliveryStream) -> Result<(), RouterError> {
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let mut tasks = JoinSet::new();
         let mut ended = None;
@@ -555,7 +526,7 @@ impl Consumer {
                     break;
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(topic = %self.topic, group = %self.group, error = %e, "transport error while consuming; the stream continues");
+                    tracing::warn!(topic = %self.topic, group = %self.group, error = %ErrorChain(&e), "transport error while consuming; the stream continues");
                     tokio::select! {
                         () = self.stop.cancelled() => break,
                         () = tokio::time::sleep(error_pause) => {}
@@ -610,23 +581,33 @@ impl Consumer {
     }
 }
 
-/// Runs `service`, already ready, on one delivery and settles it.
-async fn handle(mut service: BoxHandler, delivery: Delivery, stats: Arc<RouterStats>) {
+/// Runs `service`, already ready, on one delivery and settles it with the
+/// stack's decision; the decision counts once the settlement succeeded.
+async fn handle(mut service: BoxStack, delivery: Delivery, stats: Arc<RouterStats>) {
     let (event, info, settlement) = delivery.into_parts();
     let message = Message::new(event, info);
-    let result = service.call(message).await;
-    let outcome = decide(&result);
-    stats.record(&outcome);
+    // The stack only fails to become ready, which the router checked.
+    let decided = match service.call(message).await {
+        Ok(decided) => decided,
+        Err(e) => Decided::from_result(Err(e)),
+    };
+    let outcome = decided.into_outcome();
+    let counter = stats.counter(&outcome);
     let label = outcome.label();
     let info = settlement.info().clone();
-    if let Err(e) = settlement.settle(outcome).await {
-        stats.settle_failed.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(
-            topic = %info.topic,
-            group = %info.group,
-            outcome = label,
-            error = %e,
-            "could not settle a delivery; the transport will redeliver it"
-        );
+    match settlement.settle(outcome).await {
+        Ok(()) => {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            stats.settle_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                topic = %info.topic,
+                group = %info.group,
+                outcome = label,
+                error = %ErrorChain(&e),
+                "could not settle a delivery; the transport will redeliver it"
+            );
+        }
     }
 }

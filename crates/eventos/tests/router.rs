@@ -761,3 +761,102 @@ async fn without_a_check_one_delivery_probes_and_the_route_resumes() {
     running.shutdown().await.unwrap();
     assert_eq!(through.lock().unwrap().len(), 20, "every job once");
 }
+
+/// A decision counts once its settlement succeeded: a dead letter the
+/// transport cannot take (the dead-letter topic's name is over the limit)
+/// is a failed settlement, not a dead letter.
+#[tokio::test]
+async fn a_decision_counts_only_once_it_is_settled() {
+    let (transport, bus) = setup();
+    // 197 characters: valid; with ".dlq" it is not.
+    let topic = "t".repeat(197);
+    let running = Router::new(transport.clone())
+        .route(Route::new(
+            topic.clone(),
+            "worker",
+            handler_fn(|_: Message| async { Err(HandlerError::permanent("bad input")) }),
+        ))
+        .start()
+        .await
+        .unwrap();
+    bus.emit(&topic, &Job { n: 1 }).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while running.stats().snapshot().settle_failed == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the settlement never failed"
+        );
+        tokio::task::yield_now().await;
+    }
+    let stats = running.stats().snapshot();
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    running.shutdown().await.unwrap();
+}
+
+/// A transport whose stream panics when polled: the consumer task dies.
+struct PanickingStream(MemoryTransport, Arc<AtomicBool>);
+
+impl Publisher for PanickingStream {
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        events: Vec<Event>,
+    ) -> futures::future::BoxFuture<'a, Result<(), eventos::TransportError>> {
+        self.0.publish(topic, events)
+    }
+}
+
+impl Subscriber for PanickingStream {
+    fn subscribe(
+        &self,
+        _: Subscription,
+    ) -> futures::future::BoxFuture<'_, Result<DeliveryStream, eventos::TransportError>> {
+        let polled = self.1.clone();
+        Box::pin(async move {
+            let stream: DeliveryStream = Box::pin(futures::stream::poll_fn(
+                move |_| -> std::task::Poll<Option<Result<Delivery, eventos::TransportError>>> {
+                    polled.store(true, Ordering::Release);
+                    panic!("the stream broke")
+                },
+            ));
+            Ok(stream)
+        })
+    }
+}
+
+impl Transport for PanickingStream {
+    fn name(&self) -> &'static str {
+        "panicking"
+    }
+    fn capabilities(&self) -> eventos::Capabilities {
+        self.0.capabilities()
+    }
+    fn close(&self) -> futures::future::BoxFuture<'_, Result<(), eventos::TransportError>> {
+        self.0.close()
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_consumer_task_is_an_error_not_a_clean_stop() {
+    let polled = Arc::new(AtomicBool::new(false));
+    let transport = Arc::new(PanickingStream(MemoryTransport::new(), polled.clone()));
+    let running = Router::new(transport)
+        .route(Route::new(
+            "jobs",
+            "worker",
+            handler_fn(|_: Message| async { Ok::<(), HandlerError>(()) }),
+        ))
+        .start()
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !polled.load(Ordering::Acquire) {
+        assert!(tokio::time::Instant::now() < deadline, "never polled");
+        tokio::task::yield_now().await;
+    }
+    let ended = running.shutdown().await;
+    assert!(
+        matches!(&ended, Err(RouterError::TaskFailed(what)) if what.contains("consumer")),
+        "{ended:?}"
+    );
+}

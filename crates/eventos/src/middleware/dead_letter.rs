@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use eventos_core::{DeliveryInfo, Event};
+use eventos_core::{DeliveryInfo, Event, Outcome};
 use futures::future::BoxFuture;
 use tower::{Layer, Service};
 
+use crate::middleware::Decided;
 use crate::{HandlerError, Message};
 
 /// A delivery that is being dead-lettered.
@@ -49,7 +50,7 @@ where
     }
 }
 
-/// Runs a [`DeadLetterHook`] for failures the retry layer gave up on.
+/// Runs a [`DeadLetterHook`] for deliveries decided to be dead-lettered.
 #[derive(Clone)]
 pub struct DeadLetterLayer {
     hook: Arc<dyn DeadLetterHook>,
@@ -101,12 +102,12 @@ fn hook_retry_delay(attempt: u32) -> Duration {
 
 impl<S> Service<Message> for DeadLettering<S>
 where
-    S: Service<Message, Response = (), Error = HandlerError>,
+    S: Service<Message, Response = Decided, Error = HandlerError>,
     S::Future: Send + 'static,
 {
-    type Response = ();
+    type Response = Decided;
     type Error = HandlerError;
-    type Future = BoxFuture<'static, Result<(), HandlerError>>;
+    type Future = BoxFuture<'static, Result<Decided, HandlerError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
@@ -118,18 +119,14 @@ where
         let hook = self.hook.clone();
         let fut = self.inner.call(msg);
         Box::pin(async move {
-            let Err(mut error) = fut.await else {
-                return Ok(());
+            let mut decided = fut.await?;
+            let Outcome::DeadLetter(dead_letter) = decided.outcome() else {
+                return Ok(decided);
             };
-            if error.retry_after().is_some() {
-                return Err(error);
-            }
             let failed = DeadLettered {
                 event,
-                reason: error
-                    .reason()
-                    .map_or_else(|| "no retry policy".to_owned(), str::to_owned),
-                error: error.to_string(),
+                reason: dead_letter.reason.clone(),
+                error: decided.error().map(ToString::to_string).unwrap_or_default(),
                 info,
             };
             let attempt = failed.info.attempt;
@@ -138,9 +135,9 @@ where
                     error = %hook_error,
                     "dead-letter hook failed; the delivery will be retried so the reaction is not lost"
                 );
-                error.set_retry_after(Some(hook_retry_delay(attempt)));
+                decided.retry_instead(hook_retry_delay(attempt));
             }
-            Err(error)
+            Ok(decided)
         })
     }
 }

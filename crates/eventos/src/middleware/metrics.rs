@@ -13,7 +13,8 @@ use std::time::Instant;
 use futures::future::BoxFuture;
 use tower::{Layer, Service};
 
-use crate::{HandlerError, Message, decide};
+use crate::middleware::Decided;
+use crate::{HandlerError, Message};
 
 /// Records deliveries by outcome, handling latency and in-flight count.
 #[derive(Debug, Clone, Copy, Default)]
@@ -34,12 +35,12 @@ pub struct Metrics<S> {
 
 impl<S> Service<Message> for Metrics<S>
 where
-    S: Service<Message, Response = (), Error = HandlerError>,
+    S: Service<Message, Response = Decided, Error = HandlerError>,
     S::Future: Send + 'static,
 {
-    type Response = ();
+    type Response = Decided;
     type Error = HandlerError;
-    type Future = BoxFuture<'static, Result<(), HandlerError>>;
+    type Future = BoxFuture<'static, Result<Decided, HandlerError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
@@ -54,7 +55,7 @@ where
         let started = Instant::now();
         let fut = self.inner.call(msg);
         Box::pin(async move {
-            let result = fut.await;
+            let decided = fut.await?;
             drop(in_flight);
             metrics::histogram!("eventos_handler_duration_seconds", &labels)
                 .record(started.elapsed().as_secs_f64());
@@ -63,10 +64,10 @@ where
                 "eventos_deliveries_total",
                 "topic" => topic,
                 "group" => group,
-                "outcome" => decide(&result).label(),
+                "outcome" => decided.outcome().label(),
             )
             .increment(1);
-            result
+            Ok(decided)
         })
     }
 }

@@ -1,8 +1,10 @@
 //! The middleware: tower layers around a handler.
 //!
-//! Every layer wraps a `Service<Message, Response = (), Error = HandlerError>`
-//! and is one itself, so they compose with each other and with any tower
-//! layer that does not change the request type. A [`Route`](crate::Route)
+//! The layers inside the decision (retry and below, yours included) wrap a
+//! `Service<Message, Response = (), Error = HandlerError>` and are one
+//! themselves, so they compose with each other and with any tower layer
+//! that does not change the request type; the layers above it see a
+//! [`Decided`]. A [`Route`](crate::Route)
 //! assembles the standard stack in this order, outermost first:
 //!
 //! | layer | why it sits there |
@@ -27,6 +29,7 @@
 mod catch_panic;
 mod circuit_breaker;
 mod dead_letter;
+mod decide;
 mod metrics;
 mod retry;
 mod timeout;
@@ -35,6 +38,8 @@ mod trace;
 pub use catch_panic::{CatchPanic, CatchPanicLayer, Panicked};
 pub use circuit_breaker::{Breaker, CircuitBreaker, CircuitBreakerLayer};
 pub use dead_letter::{DeadLetterHook, DeadLetterLayer, DeadLettered, DeadLettering};
+pub(crate) use decide::DecideLayer;
+pub use decide::Decided;
 pub use metrics::{Metrics, MetricsLayer};
 pub use retry::{Retry, RetryLayer, RetryPolicy};
 pub use timeout::{TimedOut, Timeout, TimeoutLayer};

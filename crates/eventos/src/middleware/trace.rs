@@ -6,7 +6,10 @@ use futures::future::BoxFuture;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 
-use crate::{Context, HandlerError, Message, decide};
+use eventos_core::Outcome;
+
+use crate::middleware::Decided;
+use crate::{Context, HandlerError, Message};
 
 /// Opens a `delivery` span (topic, group, event id and type, attempt,
 /// trace and correlation ids) around each attempt, makes the causal
@@ -30,12 +33,12 @@ pub struct Trace<S> {
 
 impl<S> Service<Message> for Trace<S>
 where
-    S: Service<Message, Response = (), Error = HandlerError>,
+    S: Service<Message, Response = Decided, Error = HandlerError>,
     S::Future: Send + 'static,
 {
-    type Response = ();
+    type Response = Decided;
     type Error = HandlerError;
-    type Future = BoxFuture<'static, Result<(), HandlerError>>;
+    type Future = BoxFuture<'static, Result<Decided, HandlerError>>;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
@@ -59,21 +62,18 @@ where
         };
         Box::pin(
             ctx.scope(async move {
-                let result = fut.await;
-                match (&result, decide(&result)) {
-                    (Ok(()), _) => tracing::debug!("acked"),
-                    (Err(e), eventos_core::Outcome::Retry { after }) => {
-                        tracing::warn!(error = %e, retry_in = ?after, "handler failed; will retry");
+                let decided = fut.await?;
+                let error = decided.error().map(ToString::to_string).unwrap_or_default();
+                match decided.outcome() {
+                    Outcome::Ack => tracing::debug!("acked"),
+                    Outcome::Retry { after } => {
+                        tracing::warn!(%error, retry_in = ?after, "handler failed; will retry");
                     }
-                    (Err(e), outcome) => {
-                        let reason = match &outcome {
-                            eventos_core::Outcome::DeadLetter(dl) => dl.reason.clone(),
-                            _ => String::new(),
-                        };
-                        tracing::error!(error = %e, %reason, "handler failed; dead-lettering");
+                    Outcome::DeadLetter(dl) => {
+                        tracing::error!(%error, reason = %dl.reason, "handler failed; dead-lettering");
                     }
                 }
-                result
+                Ok(decided)
             })
             .instrument(span),
         )
