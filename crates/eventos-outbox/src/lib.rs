@@ -270,6 +270,40 @@ impl Store {
         self.inner.writer.write(f).await
     }
 
+    /// Handles the event `event_id` once for `consumer`: runs `f` in the
+    /// next round together with the consumer's inbox record, so the
+    /// effects, the events `f` enqueues and "handled" commit as one —
+    /// "handle this event once, and emit what it causes". A redelivered
+    /// event finds its record and `f` does not run: `Ok(None)`.
+    ///
+    /// The inbox insert is the write's first statement, so whatever `f`
+    /// reads sees every write committed before, and no other write runs
+    /// until this one is done.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::write`].
+    pub async fn once<T, E, F>(
+        &self,
+        consumer: impl Into<String>,
+        event_id: impl Into<String>,
+        f: F,
+    ) -> Result<Option<T>, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<OutboxError> + Send + 'static,
+    {
+        let (consumer, event_id) = (consumer.into(), event_id.into());
+        self.write(move |tx: &Connection| {
+            if !first_delivery(tx, &consumer, &event_id)? {
+                return Ok(None);
+            }
+            f(tx).map(Some)
+        })
+        .await
+    }
+
     /// Runs `f` like [`Store::write`], for a write whose loss in a power
     /// cut costs only work done again — the relay's "sent" marks (a row
     /// left unmarked is published again, and consumers drop the

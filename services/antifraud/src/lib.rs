@@ -27,7 +27,7 @@
 //!   run concurrently and may finish out of submission order, and a burst
 //!   must still be caught by whichever of its checks runs last. The payment
 //!   being checked is never counted against itself.
-//! * **Once per event.** The inbox entry ([`first_delivery`]), the history
+//! * **Once per event.** The inbox entry ([`Store::once`]), the history
 //!   row with the verdict, and the verdict event in the outbox are written
 //!   in one transaction: a redelivered payment changes nothing and is acked.
 //! * **Latency is simulated.** A real risk check calls a third party and
@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use eventos::{Context, HandlerError, Message, ResultExt as _, Route, typed_with};
 use eventos_outbox::rusqlite::{self, Connection, params};
-use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
+use eventos_outbox::{OutboxError, Store, enqueue};
 use rand::Rng as _;
 use school_events::{FraudCheckFailed, FraudCheckPassed, PaymentSubmitted, topics};
 use school_http::{EmailAddress, now_ms};
@@ -498,9 +498,13 @@ impl Antifraud {
 
         let config = Arc::clone(&self.config);
         let event_id = msg.event().id().to_owned();
+        let checked = event_id.clone();
+        // The inbox insert is the write's first statement: the counts below
+        // see every check committed before, and the writer runs no other
+        // write until this one is done.
         let verdict = self
             .store
-            .write(move |tx: &Connection| {
+            .once(GROUP, checked, move |tx: &Connection| {
                 let fingerprint = p.payment.card.fingerprint.trim().to_owned();
                 let email = email_key(&p.student.email);
                 let at_ms = p.submitted_at_ms;
@@ -509,12 +513,6 @@ impl Antifraud {
                     at_ms.saturating_sub(window_ms),
                     at_ms.saturating_add(window_ms),
                 );
-                // The inbox insert is the write's first statement: the
-                // counts below see every check committed before, and the
-                // writer runs no other write until this one is done.
-                if !first_delivery(tx, GROUP, &event_id)? {
-                    return Ok(None);
-                }
                 let card_count =
                     uses(tx, Key::Card, &fingerprint, (since_ms, until_ms), config.max_per_card)
                         .transient()?;
@@ -570,7 +568,8 @@ impl Antifraud {
                 enqueue(tx, topic, &event)?;
                 Ok::<_, HandlerError>(Some((enrollment_id, score, passed)))
             })
-            .await?;
+            .await?
+            .flatten();
         let Some((enrollment_id, score, passed)) = verdict else {
             return Ok(());
         };

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use eventos::middleware::DeadLettered;
 use eventos::{Context, HandlerError, Message, ResultExt as _, Route, TypedEvent as _, typed_with};
 use eventos_outbox::rusqlite::{Connection, OptionalExtension as _, params};
-use eventos_outbox::{KeyLocks, OutboxError, Store, enqueue, first_delivery};
+use eventos_outbox::{KeyLocks, OutboxError, Store, enqueue};
 use school_events::{
     AcceptanceMode, FraudCheckFailed, FraudCheckPassed, PaymentCaptured, PaymentDeclined,
     PaymentDetails, PaymentRefunded, PaymentSubmitted, topics,
@@ -375,10 +375,7 @@ impl Billing {
         let recorded = self
             .inner
             .store
-            .write(move |tx: &Connection| {
-                if !first_delivery(tx, GROUP, &event_id)? {
-                    return Ok(false);
-                }
+            .once(GROUP, event_id, move |tx: &Connection| {
                 let updated = tx
                     .prepare_cached(
                         "UPDATE billing_payments
@@ -402,7 +399,8 @@ impl Billing {
                 enqueue(tx, topics::PAYMENT_CAPTURED, &event)?;
                 Ok::<_, OutboxError>(true)
             })
-            .await?;
+            .await?
+            .unwrap_or(false);
         if recorded {
             tracing::info!(enrollment_id, last4, attempt, "payment captured");
         } else {
@@ -436,10 +434,7 @@ impl Billing {
         let recorded = self
             .inner
             .store
-            .write(move |tx: &Connection| {
-                if !first_delivery(tx, GROUP, &event_id)? {
-                    return Ok(false);
-                }
+            .once(GROUP, event_id, move |tx: &Connection| {
                 let updated = tx
                     .prepare_cached(
                         "UPDATE billing_payments
@@ -453,7 +448,8 @@ impl Billing {
                 enqueue(tx, topics::PAYMENT_DECLINED, &event)?;
                 Ok::<_, OutboxError>(true)
             })
-            .await?;
+            .await?
+            .unwrap_or(false);
         if !recorded {
             return Ok(());
         }
@@ -586,10 +582,7 @@ impl Billing {
         let blocked = self
             .inner
             .store
-            .write(move |tx: &Connection| {
-                if !first_delivery(tx, GROUP, &event_id)? {
-                    return Ok(false);
-                }
+            .once(GROUP, event_id, move |tx: &Connection| {
                 let now = now_ms();
                 let inserted = tx
                     .prepare_cached(
@@ -610,7 +603,8 @@ impl Billing {
                 }
                 Ok(true)
             })
-            .await?;
+            .await?
+            .unwrap_or(false);
         if !blocked {
             return Ok(());
         }
@@ -672,10 +666,7 @@ impl Billing {
         let refunded = self
             .inner
             .store
-            .write(move |tx: &Connection| {
-                if !first_delivery(tx, GROUP, &event_id)? {
-                    return Ok(false);
-                }
+            .once(GROUP, event_id, move |tx: &Connection| {
                 let updated = tx
                     .prepare_cached(
                         "UPDATE billing_payments SET status = 'refunded', refund_id = ?, reason = ?, updated_ms = ?
@@ -688,7 +679,8 @@ impl Billing {
                 enqueue(tx, topics::PAYMENT_REFUNDED, &event)?;
                 Ok::<_, OutboxError>(true)
             })
-            .await?;
+            .await?
+            .unwrap_or(false);
         if !refunded {
             return Ok(());
         }

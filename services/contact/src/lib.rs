@@ -29,7 +29,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use eventos::{Context, HandlerError, Message, Route, TypedEvent as _, typed_with};
 use eventos_outbox::rusqlite::{self, Connection, params};
-use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
+use eventos_outbox::{OutboxError, Store, enqueue};
 use school_events::{
     ContactMessageDelayed, EmailDeferred, EmailFailed, EmailRequested, EmailSent, MailPurpose,
     topics,
@@ -453,10 +453,7 @@ impl Contact {
             detail.map(str::to_owned),
         );
         self.store
-            .write(move |tx: &Connection| {
-                if !first_delivery(tx, GROUP, &event_id)? {
-                    return Ok(());
-                }
+            .once(GROUP, event_id, move |tx: &Connection| {
                 // A deferral arriving after the final outcome must not
                 // undo it.
                 let updated = tx

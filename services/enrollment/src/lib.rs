@@ -47,7 +47,7 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::routing::{get, post};
 use eventos::{Context, HandlerError, Message, ResultExt as _, Route, TypedEvent, typed_with};
 use eventos_outbox::rusqlite::{self, Connection, OptionalExtension as _, params};
-use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
+use eventos_outbox::{OutboxError, Store, enqueue};
 use futures::{Stream, StreamExt as _};
 use school_events::{
     AcceptanceMode, EmailDeferred, EmailFailed, EmailRequested, EmailSent, EnrollmentActivated,
@@ -1008,10 +1008,7 @@ impl Enrollment {
         let (id, shown) = (id.to_owned(), entry.clone());
         let changed = self
             .store
-            .write(move |tx: &Connection| {
-                if !first_delivery(tx, GROUP, &event_id)? {
-                    return Ok(None);
-                }
+            .once(GROUP, event_id, move |tx: &Connection| {
                 let Some(row) = load(tx, &id).transient()? else {
                     // Mail about other things (contact messages) and
                     // verdicts for enrollments this database does not hold
@@ -1048,7 +1045,8 @@ impl Enrollment {
                 }
                 Ok::<_, HandlerError>(Some((id, status)))
             })
-            .await?;
+            .await?
+            .flatten();
         let Some((id, status)) = changed else {
             return Ok(());
         };

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use eventos::middleware::DeadLettered;
 use eventos::{Bus, Publisher};
 use eventos_outbox::rusqlite::{Connection, params};
-use eventos_outbox::{KeyLocks, OutboxError, Relay, Store, enqueue, first_delivery};
+use eventos_outbox::{KeyLocks, OutboxError, Relay, Store, enqueue};
 use lettre::message::Mailbox;
 use school_events::{EmailDeferred, EmailFailed, EmailRequested, EmailSent, topics};
 
@@ -211,18 +211,16 @@ impl Mailer {
         );
         let recorded = inner
             .store
-            .write(move |tx: &Connection| {
-                if !first_delivery(tx, GROUP, &id)? {
-                    return Ok(false);
-                }
+            .once(GROUP, id.clone(), move |tx: &Connection| {
                 tx.prepare_cached(
                     "INSERT INTO mailer_sent (mail_id, about, attempt, via, sent_ms) VALUES (?, ?, ?, ?, ?)",
                 )?
                 .execute(params![id, about, attempt, via, now_ms()])?;
                 enqueue(tx, topics::MAIL_SENT, &sent)?;
-                Ok::<_, OutboxError>(true)
+                Ok::<_, OutboxError>(())
             })
-            .await?;
+            .await?
+            .is_some();
         if !recorded {
             // Recorded by another process between our check and now; the
             // mail went out twice (the edge described above). Its event is
@@ -262,10 +260,8 @@ impl Mailer {
             let key = format!("{}#{attempt}", request.mail_id);
             self.inner
                 .store
-                .write(move |tx: &Connection| {
-                    if first_delivery(tx, DEFERRED_CONSUMER, &key)? {
-                        enqueue(tx, topics::MAIL_DEFERRED, &event)?;
-                    }
+                .once(DEFERRED_CONSUMER, key, move |tx: &Connection| {
+                    enqueue(tx, topics::MAIL_DEFERRED, &event)?;
                     Ok::<_, OutboxError>(())
                 })
                 .await?;
@@ -326,14 +322,12 @@ impl Mailer {
         let first = self
             .inner
             .store
-            .write(move |tx: &Connection| {
-                if !first_delivery(tx, FAILED_CONSUMER, &id)? {
-                    return Ok(false);
-                }
+            .once(FAILED_CONSUMER, id, move |tx: &Connection| {
                 enqueue(tx, topics::MAIL_FAILURES, &event)?;
-                Ok::<_, OutboxError>(true)
+                Ok::<_, OutboxError>(())
             })
-            .await?;
+            .await?
+            .is_some();
         if !first {
             return Ok(Reported::AlreadyReported);
         }

@@ -14,7 +14,7 @@
 //!   many payments, how much money), so they live in the service's own
 //!   SQLite file and survive restarts.
 //! * **Once per event.** Each event's update is written in the same
-//!   transaction as its inbox entry ([`first_delivery`]): a redelivered
+//!   transaction as its inbox entry ([`Store::once`]): a redelivered
 //!   event counts once.
 //! * **Raw counts stored, everything else derived.** The approval ratio and
 //!   the fraud rate are computed from the counters when read, so they
@@ -43,7 +43,7 @@ use std::fmt::Write as _;
 
 use eventos::{HandlerError, Message, Route, TypedEvent, typed_with};
 use eventos_outbox::rusqlite::{self, Connection, params};
-use eventos_outbox::{OutboxError, Store, first_delivery};
+use eventos_outbox::{OutboxError, Store};
 use school_events::{
     EnrollmentActivated, FraudCheckFailed, FraudCheckPassed, PaymentCaptured, PaymentDeclined,
     PaymentRefunded, PaymentSubmitted, topics,
@@ -244,10 +244,7 @@ impl Metrics {
     async fn record(&self, msg: &Message, observation: Observation) -> Result<(), HandlerError> {
         let event_id = msg.event().id().to_owned();
         self.store
-            .write(move |tx: &Connection| {
-                if !first_delivery(tx, GROUP, &event_id)? {
-                    return Ok(());
-                }
+            .once(GROUP, event_id, move |tx: &Connection| {
                 match observation {
                     Observation::Count {
                         metric,

@@ -34,7 +34,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use eventos::{Context, HandlerError, Message, Route, typed_with};
 use eventos_outbox::rusqlite::{Connection, params};
-use eventos_outbox::{OutboxError, Store, enqueue, first_delivery};
+use eventos_outbox::{OutboxError, Store, enqueue};
 use futures::{Stream, StreamExt as _};
 use school_events::{ContactMessageDelayed, EmailFailed, EmailRequested, MailPurpose, topics};
 use school_http::{
@@ -336,10 +336,7 @@ impl Notifier {
         let row = notification.clone();
         let first = self
             .store
-            .write(move |tx: &Connection| {
-                if !first_delivery(tx, GROUP, &event_id)? {
-                    return Ok(false);
-                }
+            .once(GROUP, event_id, move |tx: &Connection| {
                 tx.prepare_cached(
                     "INSERT INTO notifications (id, email, kind, about, text, emailed, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 )?
@@ -355,10 +352,10 @@ impl Notifier {
                 if let Some(event) = mail {
                     enqueue(tx, topics::MAIL_REQUESTS, &event)?;
                 }
-                Ok::<_, OutboxError>(true)
+                Ok::<_, OutboxError>(())
             })
             .await?;
-        if !first {
+        if first.is_none() {
             return Ok(());
         }
         // Nobody listening is fine: the notification is stored.
