@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use eventos::{HandlerError, Message, Publisher, Route, Router, Transport, handler_fn};
-use eventos_core::{Bytes, Event};
+use eventos_core::Bytes;
 use eventos_log::LogTransport;
+
+use crate::bench_event::bench_event;
 
 /// Options of `eventos bench`.
 #[derive(Debug, clap::Args)]
@@ -302,14 +304,6 @@ fn payload() -> Vec<u8> {
     p.resize(PAYLOAD_BYTES - 2, b'x');
     p.extend_from_slice(br#""}"#);
     p
-}
-
-/// The event every bench publishes: a fixed payload, a fresh id.
-pub(crate) fn bench_event(payload: &Bytes) -> Event {
-    Event::builder("/eventos/bench", "bench.event.v1")
-        .data("application/json", payload.clone())
-        .build()
-        .expect("the bench event is valid")
 }
 
 /// The size of one record as the log writes it, framing included, so the

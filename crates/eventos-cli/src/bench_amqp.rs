@@ -19,7 +19,7 @@ use eventos_amqp::{AmqpOptions, AmqpTransport, QueueType};
 use eventos_core::{Bytes, Event, StartFrom, Subscription};
 use futures::StreamExt as _;
 
-use crate::bench::bench_event;
+use crate::bench_event::bench_event;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,

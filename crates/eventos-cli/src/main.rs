@@ -16,6 +16,7 @@
 mod bench;
 mod bench_accept;
 mod bench_amqp;
+mod bench_event;
 mod demo;
 mod log;
 mod progress;

@@ -16,8 +16,9 @@ use futures::future::BoxFuture;
 use tokio::time::Instant;
 
 use crate::group::{Entry, Group};
+use crate::position::ReadPos;
 use crate::record::Control;
-use crate::topic::{ReadPos, ReadRecord, TopicLog};
+use crate::topic::{ReadRecord, TopicLog};
 use crate::writer::{self, Op};
 use crate::{Shared, codec, encode};
 

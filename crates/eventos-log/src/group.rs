@@ -12,7 +12,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use crate::topic::ReadPos;
+use crate::position::ReadPos;
 use eventos_core::Event;
 use eventos_kit::{RetrySchedule, SettledCursor, lock};
 use tokio::sync::Notify;

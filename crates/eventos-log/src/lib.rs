@@ -44,6 +44,7 @@ mod consumer;
 mod engine;
 mod group;
 pub mod inspect;
+mod position;
 mod record;
 mod recovery;
 pub mod storage;
@@ -578,8 +579,8 @@ pub mod fuzzing {
 
     use bytes::Bytes;
 
+    use crate::position::ReadPos;
     use crate::storage::{SimStorage, Storage};
-    use crate::topic::ReadPos;
 
     /// Treats `data` as a segment file: scans it, decodes every event the
     /// scan accepts, then runs full recovery on it and reads the recovered

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use bytes::{Buf, Bytes};
 
 use crate::group::Group;
+use crate::position::ReadPos;
 use crate::record::{self, HEADER_LEN, Parsed, Record};
 use crate::storage::StorageFile;
 use crate::sync::{lock, read};
@@ -67,13 +68,6 @@ impl Segment {
             i => index[i - 1].1,
         }
     }
-}
-
-/// Where a reader is: a segment and a byte position in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ReadPos {
-    pub(crate) segment: u64,
-    pub(crate) pos: u64,
 }
 
 /// A topic: segments on disk plus the groups consuming it.

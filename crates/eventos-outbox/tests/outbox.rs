@@ -332,3 +332,48 @@ async fn interleaved_topics_go_out_in_one_pass_and_a_refused_topic_waits_alone_i
     assert_eq!(store.unsent().await.unwrap(), 0);
     assert_eq!(relay.relay_once().await.unwrap(), 0, "nothing sent twice");
 }
+
+#[tokio::test]
+async fn once_runs_the_effects_with_the_inbox_record_and_not_again() {
+    let (_dir, store) = store().await;
+    let effects = |store: &Store| {
+        let store = store.clone();
+        async move {
+            store
+                .once("billing", "e1", |c: &Connection| {
+                    enqueue(c, "things", &event(1))?;
+                    Ok::<_, OutboxError>("charged")
+                })
+                .await
+        }
+    };
+    assert_eq!(effects(&store).await.unwrap(), Some("charged"));
+    // A redelivery: nothing runs, nothing is enqueued again.
+    assert_eq!(effects(&store).await.unwrap(), None);
+    assert_eq!(store.unsent().await.unwrap(), 1);
+    // Another consumer handles the same event on its own.
+    let other = store
+        .once("metrics", "e1", |_: &Connection| Ok::<_, OutboxError>(()))
+        .await
+        .unwrap();
+    assert_eq!(other, Some(()));
+    // A failing handling rolls its inbox record back with it, so the
+    // retry runs again.
+    let failed = store
+        .once("billing", "e2", |c: &Connection| {
+            enqueue(c, "things", &event(2))?;
+            Err::<(), _>(OutboxError::WriterGone)
+        })
+        .await;
+    assert!(matches!(failed, Err(OutboxError::WriterGone)), "{failed:?}");
+    assert_eq!(
+        store.unsent().await.unwrap(),
+        1,
+        "its event rolled back too"
+    );
+    let retried = store
+        .once("billing", "e2", |_: &Connection| Ok::<_, OutboxError>(()))
+        .await
+        .unwrap();
+    assert_eq!(retried, Some(()), "the retry runs");
+}
