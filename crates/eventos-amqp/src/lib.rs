@@ -318,6 +318,9 @@ impl Transport for AmqpTransport {
             replay: false,
             survives_broker_restart: true,
             max_payload_bytes: self.shared.options.max_payload_bytes,
+            // Ready counts are a passive declare away, but in-flight and
+            // retry counts per group need the management API.
+            inspection: false,
         }
     }
 

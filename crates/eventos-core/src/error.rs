@@ -63,6 +63,8 @@ pub enum TransportErrorKind {
     Io,
     /// The delivery was already settled, or its lease expired.
     Settled,
+    /// The transport cannot do this at all (see its [`Capabilities`](crate::Capabilities)).
+    Unsupported,
     /// Anything else.
     Other,
 }

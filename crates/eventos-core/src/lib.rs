@@ -38,9 +38,9 @@ pub use error::{ErrorChain, EventError, TransportError, TransportErrorKind};
 pub use event::{Event, EventBuilder, ExtensionValue, SPEC_VERSION, ext, is_json_content_type};
 pub use json::{BATCH_CONTENT_TYPE, CONTENT_TYPE};
 pub use transport::{
-    Acker, Capabilities, DeadLetter, Delivery, DeliveryInfo, DeliveryStream, Outcome, Publisher,
-    Settlement, StartFrom, Subscriber, Subscription, Transport, check_payloads, dead_letter_event,
-    dead_letter_topic, validate_name,
+    Acker, Capabilities, DeadLetter, Delivery, DeliveryInfo, DeliveryStream, GroupCounts, Outcome,
+    Publisher, Settlement, StartFrom, Subscriber, Subscription, Transport, check_payloads,
+    dead_letter_event, dead_letter_topic, validate_name,
 };
 pub use typed::TypedEvent;
 pub use url::redact_url;

@@ -42,6 +42,11 @@ pub struct Capabilities {
     /// The largest payload (`data`, not the whole encoded event) the
     /// transport accepts, in bytes.
     pub max_payload_bytes: usize,
+    /// [`Transport::group_counts`], [`Transport::dead_letters`] and
+    /// [`Transport::dead_letter`] answer, and dead letters are kept on
+    /// `<topic>.dlq` whether or not anyone subscribes to it (across
+    /// restarts where `persistent` holds too).
+    pub inspection: bool,
 }
 
 impl Default for Capabilities {
@@ -57,6 +62,7 @@ impl Default for Capabilities {
             replay: false,
             survives_broker_restart: false,
             max_payload_bytes: 1024 * 1024,
+            inspection: false,
         }
     }
 }
@@ -159,6 +165,36 @@ pub trait Subscriber: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<DeliveryStream, TransportError>>;
 }
 
+/// What one group holds on one topic, as its transport sees it: for
+/// dashboards, `eventos dlq` and tests.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct GroupCounts {
+    /// Deliverable now (or as soon as a consumer asks).
+    pub ready: u64,
+    /// Handed out and not settled.
+    pub in_flight: u64,
+    /// Waiting for a retry delay.
+    pub retrying: u64,
+    /// When the earliest retry is due.
+    pub next_retry: Option<std::time::SystemTime>,
+    /// Dead-lettered by this group, kept on `<topic>.dlq`.
+    pub dead_lettered: u64,
+}
+
+fn unsupported<T: Send + 'static>(
+    transport: &str,
+    what: &str,
+) -> BoxFuture<'static, Result<T, TransportError>> {
+    let error = TransportError::new(
+        TransportErrorKind::Unsupported,
+        format!(
+            "the {transport} transport cannot {what} (its capabilities say `inspection: false`)"
+        ),
+    );
+    Box::pin(std::future::ready(Err(error)))
+}
+
 /// A complete transport: publisher, subscriber, capabilities, lifecycle.
 pub trait Transport: Publisher + Subscriber {
     /// A short name for logs and metrics (`memory`, `log`, `amqp`, …).
@@ -171,6 +207,51 @@ pub trait Transport: Publisher + Subscriber {
     /// and releases resources. Settling a delivery obtained before still
     /// works where the transport can do it. Closing twice is not an error.
     fn close(&self) -> BoxFuture<'_, Result<(), TransportError>>;
+
+    /// What `group` holds on `topic`; `None` if the transport knows no
+    /// such group.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportErrorKind::Unsupported`] where
+    /// [`Capabilities::inspection`] is false; transient kinds.
+    fn group_counts<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Option<GroupCounts>, TransportError>> {
+        let _ = (topic, group);
+        unsupported(self.name(), "count a group's events")
+    }
+
+    /// The dead letters of `topic` (the events on `<topic>.dlq`), oldest
+    /// first, at most `limit`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Transport::group_counts`].
+    fn dead_letters<'a>(
+        &'a self,
+        topic: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Event>, TransportError>> {
+        let _ = (topic, limit);
+        unsupported(self.name(), "list dead letters")
+    }
+
+    /// The dead letter of `topic` with event id `id`, if there is one.
+    ///
+    /// # Errors
+    ///
+    /// As [`Transport::group_counts`].
+    fn dead_letter<'a>(
+        &'a self,
+        topic: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Event>, TransportError>> {
+        let _ = (topic, id);
+        unsupported(self.name(), "fetch a dead letter")
+    }
 }
 
 /// The name of the dead-letter topic of `topic`.

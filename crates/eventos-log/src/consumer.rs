@@ -255,3 +255,41 @@ impl Settle for LogSettle {
         self.group.notify.notify_waiters();
     }
 }
+
+/// Every durable event of `topic`, oldest first, while `keep` says go on:
+/// what inspection reads of a dead-letter topic.
+pub(crate) fn scan(
+    topic: &TopicLog,
+    mut keep: impl FnMut(Event) -> bool,
+) -> Result<(), TransportError> {
+    let end = topic.durable_next.load(Ordering::Acquire);
+    let Some(mut pos) = topic.seek(topic.first_offset()) else {
+        return Ok(());
+    };
+    loop {
+        let (records, next) = topic.read(pos).map_err(|e| {
+            TransportError::new(
+                TransportErrorKind::Io,
+                format!("cannot read topic `{}`", topic.name),
+            )
+            .with_source(e)
+        })?;
+        let mut last = None;
+        for ReadRecord { offset, event } in records {
+            last = Some(offset);
+            if offset >= end {
+                return Ok(());
+            }
+            // An undecodable record is skipped here as the consumers do.
+            if let Ok(event) = codec::decode(event)
+                && !keep(event)
+            {
+                return Ok(());
+            }
+        }
+        if next == pos || last.is_some_and(|o| o + 1 >= end) {
+            return Ok(());
+        }
+        pos = next;
+    }
+}

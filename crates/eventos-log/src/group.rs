@@ -159,6 +159,11 @@ impl GroupState {
         }
     }
 
+    /// When the earliest scheduled retry is due.
+    pub(crate) fn next_retry_due(&self) -> Option<Instant> {
+        self.delayed.next_due()
+    }
+
     /// Counts for stats.
     pub(crate) fn counts(&self) -> (usize, usize, usize) {
         (self.ready.len(), self.delayed.len(), self.in_flight.len())

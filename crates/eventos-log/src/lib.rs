@@ -59,11 +59,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use eventos_core::{
-    Capabilities, DeliveryStream, Event, Publisher, Subscriber, Subscription, Transport,
-    TransportError,
+    Capabilities, DeliveryStream, Event, GroupCounts, Publisher, Subscriber, Subscription,
+    Transport, TransportError, TransportErrorKind, dead_letter_topic, ext,
 };
 use eventos_kit::{Lifecycle, Prefetch, pull_stream};
 use futures::future::BoxFuture;
@@ -530,6 +530,31 @@ impl Subscriber for LogTransport {
     }
 }
 
+impl LogTransport {
+    /// Reads `<topic>.dlq` on a blocking thread, collecting what `keep`
+    /// pushes while it says go on.
+    fn scan_dead_letters<'a>(
+        &'a self,
+        topic: &'a str,
+        mut keep: impl FnMut(&mut Vec<Event>, Event) -> bool + Send + 'static,
+    ) -> BoxFuture<'a, Result<Vec<Event>, TransportError>> {
+        Box::pin(async move {
+            let Some(dlq) = lock(&self.shared.topics)
+                .get(&dead_letter_topic(topic))
+                .cloned()
+            else {
+                return Ok(Vec::new());
+            };
+            tokio::task::spawn_blocking(move || {
+                let mut found = Vec::new();
+                consumer::scan(&dlq, |e| keep(&mut found, e)).map(|()| found)
+            })
+            .await
+            .map_err(|e| TransportError::new(TransportErrorKind::Other, e.to_string()))?
+        })
+    }
+}
+
 impl Transport for LogTransport {
     fn name(&self) -> &'static str {
         "log"
@@ -546,6 +571,7 @@ impl Transport for LogTransport {
             replay: true,
             survives_broker_restart: false,
             max_payload_bytes: self.shared.max_payload_bytes,
+            inspection: true,
         }
     }
 
@@ -567,6 +593,104 @@ impl Transport for LogTransport {
             }
             drop(lock(&self.shared.lock_file).take());
             Ok(())
+        })
+    }
+
+    fn group_counts<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Option<GroupCounts>, TransportError>> {
+        Box::pin(async move {
+            let Some(log) = lock(&self.shared.topics).get(topic).cloned() else {
+                return Ok(None);
+            };
+            let Some(g) = lock(&log.groups).get(group).cloned() else {
+                return Ok(None);
+            };
+            let mut counts = GroupCounts::default();
+            {
+                let st = lock(&g.state);
+                let end = log.durable_next.load(Ordering::Acquire);
+                let unread = end.saturating_sub(st.next_read);
+                let recovered = st
+                    .recovered_retries
+                    .keys()
+                    .filter(|&&o| o >= st.next_read)
+                    .count() as u64;
+                let (ready, delayed, in_flight) = st.counts();
+                counts.ready = ready as u64 + unread.saturating_sub(recovered);
+                counts.in_flight = in_flight as u64;
+                counts.retrying = delayed as u64 + recovered;
+                let now_ms = writer::now_ms();
+                let recovered_due = st
+                    .recovered_retries
+                    .values()
+                    .map(|&(_, due_ms)| due_ms)
+                    .min()
+                    .map(|due_ms| {
+                        let wait = u64::try_from(due_ms - now_ms).unwrap_or(0);
+                        SystemTime::now() + Duration::from_millis(wait)
+                    });
+                let delayed_due = st.next_retry_due().map(|at| {
+                    let now = tokio::time::Instant::now();
+                    SystemTime::now() + at.saturating_duration_since(now)
+                });
+                counts.next_retry = match (delayed_due, recovered_due) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            let dlq = lock(&self.shared.topics)
+                .get(&dead_letter_topic(topic))
+                .cloned();
+            if let Some(dlq) = dlq {
+                let group = group.to_owned();
+                counts.dead_lettered = tokio::task::spawn_blocking(move || {
+                    let mut n = 0;
+                    consumer::scan(&dlq, |e| {
+                        if e.extension_str(ext::DEAD_LETTER_GROUP) == Some(group.as_str()) {
+                            n += 1;
+                        }
+                        true
+                    })
+                    .map(|()| n)
+                })
+                .await
+                .map_err(|e| TransportError::new(TransportErrorKind::Other, e.to_string()))??;
+            }
+            Ok(Some(counts))
+        })
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        topic: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Event>, TransportError>> {
+        self.scan_dead_letters(topic, move |found: &mut Vec<Event>, e| {
+            found.push(e);
+            found.len() < limit
+        })
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        topic: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Event>, TransportError>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            let found = self
+                .scan_dead_letters(topic, move |found: &mut Vec<Event>, e| {
+                    if e.id() == id {
+                        found.push(e);
+                        return false;
+                    }
+                    true
+                })
+                .await?;
+            Ok(found.into_iter().next())
         })
     }
 }

@@ -29,9 +29,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use eventos_core::{
-    Capabilities, Delivery, DeliveryInfo, DeliveryStream, Event, Outcome, Publisher, Subscriber,
-    Subscription, Transport, TransportError, check_payloads, dead_letter_event, dead_letter_topic,
-    validate_name,
+    Capabilities, Delivery, DeliveryInfo, DeliveryStream, Event, GroupCounts, Outcome, Publisher,
+    Subscriber, Subscription, Transport, TransportError, check_payloads, dead_letter_event,
+    dead_letter_topic, ext, validate_name,
 };
 use eventos_kit::{
     Gate, GroupQueue, Lifecycle, OnceAcker, Prefetch, Pull, Queued, Settle, Step, lock, pull_stream,
@@ -58,6 +58,10 @@ impl Default for MemoryTransport {
 #[derive(Debug)]
 struct Inner {
     topics: Mutex<HashMap<String, Arc<Topic>>>,
+    /// Every dead letter, by the topic it was dead-lettered from: kept
+    /// whether or not anyone subscribes to `<topic>.dlq`, for as long as
+    /// the process lives.
+    dead: Mutex<HashMap<String, Vec<Arc<Event>>>>,
     lifecycle: Lifecycle,
     max_payload_bytes: usize,
 }
@@ -101,6 +105,7 @@ impl MemoryTransport {
         Self {
             inner: Arc::new(Inner {
                 topics: Mutex::new(HashMap::new()),
+                dead: Mutex::new(HashMap::new()),
                 lifecycle: Lifecycle::new(),
                 max_payload_bytes,
             }),
@@ -280,8 +285,12 @@ impl Settle for MemorySettle {
                 let dl = dead_letter_event(event, info, &dead_letter);
                 // Dead-lettering still works after close: the delivery was
                 // handed out before, and its outcome must not be lost.
-                match inner.publish_now(&dead_letter_topic(&info.topic), vec![dl]) {
+                match inner.publish_now(&dead_letter_topic(&info.topic), vec![dl.clone()]) {
                     Ok(()) => {
+                        lock(&inner.dead)
+                            .entry(info.topic.to_string())
+                            .or_default()
+                            .push(Arc::new(dl));
                         lock(&group.queue).ack(queued);
                         Ok(())
                     }
@@ -318,6 +327,7 @@ impl Transport for MemoryTransport {
             replay: false,
             survives_broker_restart: false,
             max_payload_bytes: self.inner.max_payload_bytes,
+            inspection: true,
         }
     }
 
@@ -325,6 +335,75 @@ impl Transport for MemoryTransport {
         self.inner.lifecycle.close();
         self.inner.notify_all();
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn group_counts<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Option<GroupCounts>, TransportError>> {
+        let counts = self.group(topic, group).map(|g| {
+            let queue = lock(&g.queue).counts();
+            let dead_lettered = lock(&self.inner.dead).get(topic).map_or(0, |dead| {
+                dead.iter()
+                    .filter(|e| e.extension_str(ext::DEAD_LETTER_GROUP) == Some(group))
+                    .count()
+            });
+            let mut counts = GroupCounts::default();
+            counts.ready = as_u64(queue.ready + queue.blocked);
+            counts.in_flight = as_u64(queue.in_flight);
+            counts.retrying = as_u64(queue.delayed);
+            counts.next_retry = queue.next_due.map(wall_clock);
+            counts.dead_lettered = as_u64(dead_lettered);
+            counts
+        });
+        Box::pin(std::future::ready(Ok(counts)))
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        topic: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Event>, TransportError>> {
+        let dead = lock(&self.inner.dead)
+            .get(topic)
+            .map_or_else(Vec::new, |dead| {
+                dead.iter().take(limit).map(|e| Event::clone(e)).collect()
+            });
+        Box::pin(std::future::ready(Ok(dead)))
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        topic: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Event>, TransportError>> {
+        let found = lock(&self.inner.dead)
+            .get(topic)
+            .and_then(|dead| dead.iter().find(|e| e.id() == id).map(|e| Event::clone(e)));
+        Box::pin(std::future::ready(Ok(found)))
+    }
+}
+
+impl MemoryTransport {
+    fn group(&self, topic: &str, group: &str) -> Option<Arc<Group>> {
+        let topic = lock(&self.inner.topics).get(topic).cloned()?;
+        lock(&topic.groups).get(group).cloned()
+    }
+}
+
+fn as_u64(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// A monotonic instant as the wall-clock time it falls at.
+fn wall_clock(at: Instant) -> std::time::SystemTime {
+    let now = Instant::now();
+    let wall = std::time::SystemTime::now();
+    if at >= now {
+        wall + (at - now)
+    } else {
+        wall - (now - at)
     }
 }
 

@@ -13,6 +13,7 @@ use crate::support::{CaseResult, Ctx};
 mod delivery;
 mod envelope;
 mod groups;
+mod inspect;
 mod lifecycle;
 mod limits;
 mod load;
@@ -32,6 +33,7 @@ pub(crate) enum Need {
     HarnessRestartsBroker,
     /// `max_payload_bytes + 1` bytes can be allocated for the oversize case.
     TestableMaxPayload,
+    Inspection,
 }
 
 /// The largest `max_payload_bytes` the oversize case will try to exceed.
@@ -50,6 +52,7 @@ impl Need {
             Need::SurvivesBrokerRestart => "survives_broker_restart",
             Need::HarnessRestartsBroker => "restart_broker",
             Need::TestableMaxPayload => "max_payload_bytes <= 64 MiB",
+            Need::Inspection => "inspection",
         }
     }
 
@@ -85,6 +88,7 @@ impl Need {
             Need::SurvivesBrokerRestart => caps.survives_broker_restart,
             Need::HarnessRestartsBroker => profile.can_restart_broker,
             Need::TestableMaxPayload => caps.max_payload_bytes <= MAX_TESTABLE_PAYLOAD,
+            Need::Inspection => caps.inspection,
         }
     }
 }
@@ -146,6 +150,12 @@ pub(crate) static CASES: &[Case] = &[
     // Load.
     case!(load::concurrent_publishers),
     case!(load::burst_10k_no_loss),
+    // Inspection: counts and kept dead letters.
+    case!(inspect::counts_match_what_was_done, Inspection),
+    case!(
+        inspect::dead_letters_are_kept_without_a_subscriber,
+        Inspection
+    ),
     // Lifecycle: close, reopen, broker restarts.
     case!(lifecycle::close_ends_streams),
     case!(lifecycle::survives_reopen, Persistent),
