@@ -182,19 +182,12 @@ async fn start_router(
     running
 }
 
-async fn eventually<F, Fut>(what: &str, mut check: F)
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    school_testkit::eventually(what, Duration::from_secs(10), check).await;
 }
 
 async fn next<T: TypedEvent>(stream: &mut DeliveryStream) -> T {

@@ -407,13 +407,11 @@ async fn a_message_is_accepted_at_once_and_follows_its_mail() {
 }
 
 async fn wait_for(contact: &Contact, id: &str, status: &str) -> MessageView {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let view = contact.view(id).await.unwrap();
-        if view.status == status || std::time::Instant::now() > deadline {
-            assert_eq!(view.status, status, "{view:?}");
-            return view;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    school_testkit::eventually(
+        &format!("message {id} {status}"),
+        Duration::from_secs(5),
+        || async { contact.view(id).await.unwrap().status == status },
+    )
+    .await;
+    contact.view(id).await.unwrap()
 }

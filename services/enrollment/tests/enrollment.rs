@@ -705,18 +705,13 @@ async fn an_idempotency_key_returns_the_same_enrollment_or_a_conflict() {
 }
 
 async fn wait_for(service: &Enrollment, id: &str, status: &str) -> EnrollmentView {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let view = service.view(id).await.unwrap();
-        if view.status == status {
-            return view;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never {status}: {view:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    school_testkit::eventually(
+        &format!("enrollment {id} {status}"),
+        Duration::from_secs(10),
+        || async { service.view(id).await.unwrap().status == status },
+    )
+    .await;
+    service.view(id).await.unwrap()
 }
 
 /// Accepts one enrollment and returns it with the `PaymentSubmitted` the
@@ -851,23 +846,20 @@ async fn the_card_is_tokenized_and_a_capture_activates_once() {
         .await
         .unwrap();
     // Handled (its id is in the inbox), and the enrollment is still active.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let handled: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM eventos_inbox WHERE event_id = ?")
-                .bind(&declined_id)
-                .fetch_one(service.store().pool())
-                .await
-                .unwrap();
-        if handled > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the late decline was never handled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    school_testkit::eventually(
+        "the late decline handled",
+        Duration::from_secs(10),
+        || async {
+            let handled: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM eventos_inbox WHERE event_id = ?")
+                    .bind(&declined_id)
+                    .fetch_one(service.store().pool())
+                    .await
+                    .unwrap();
+            handled > 0
+        },
+    )
+    .await;
     assert_eq!(service.view(&accepted.id).await.unwrap().status, "active");
     running.shutdown().await.unwrap();
 

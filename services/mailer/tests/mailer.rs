@@ -153,14 +153,7 @@ async fn nothing_more(stream: &mut eventos::core::DeliveryStream, within: Durati
 }
 
 async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !done() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    school_testkit::eventually(what, WAIT, || std::future::ready(done())).await;
 }
 
 fn assert_is_the_request(mail: &ReceivedMail, req: &EmailRequested) {
@@ -417,11 +410,10 @@ async fn the_same_mail_requested_twice_is_sent_once() {
 }
 
 async fn wait_until_relayed(mailer: &Mailer) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while mailer.store().unsent().await.unwrap() > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "outbox not relayed");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    school_testkit::eventually("the outbox relayed", WAIT, || async {
+        mailer.store().unsent().await.unwrap() == 0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

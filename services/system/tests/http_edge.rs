@@ -136,16 +136,12 @@ async fn sse_streams(addr: SocketAddr) -> usize {
         .unwrap()
 }
 
-async fn eventually<F, Fut>(what: &str, mut check: F)
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + PATIENCE;
-    while !check().await {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    school_testkit::eventually(what, PATIENCE, check).await;
 }
 
 /// Opens a notification stream and reads its answer's head.

@@ -15,6 +15,8 @@
 //!   file), parsed into the headers and body a test asserts on.
 //! * [`files_containing`] — what a run left on disk that holds a given
 //!   text (the card-number scans).
+//! * [`eventually`] — waiting for a condition with a deadline, the one
+//!   way the tests wait for what happens asynchronously.
 //!
 //! # The decision that shaped it
 //!
@@ -36,7 +38,9 @@
 mod mail;
 mod scan;
 mod smtp;
+mod wait;
 
 pub use mail::{Envelope, MailParseError, Mailbox, ReceivedMail};
 pub use scan::files_containing;
 pub use smtp::{Mode, SmtpServer};
+pub use wait::eventually;
