@@ -34,9 +34,19 @@
 //!
 //! The service names no transport: it takes a `Store` and gives back an HTTP
 //! router and event routes; the binary wires them.
+//!
+//! Laid out along its seams: `wire` (the request and the views), `validate`
+//! (the body and the idempotency key, before anything is stored), `state`
+//! (the transition table, what each status says, the student's mails),
+//! `http` (the endpoints); this file keeps the service itself — accepting,
+//! applying verdicts, reading — and its SQL.
 
 mod card;
 mod currency;
+mod http;
+mod state;
+mod validate;
+mod wire;
 
 use std::convert::Infallible;
 
@@ -75,6 +85,13 @@ const CARD_IN_TEXT_DETAIL: &str =
 
 pub use card::{FingerprintKey, KeyError, luhn};
 pub use currency::is_iso_4217;
+use http::{show, stream, submit};
+pub use state::{Verdict, transition};
+use state::{is_enrollment_mail, message_for, mode_name, notice, parse_mode};
+use validate::{Checked, idempotency_key, key_conflict, validate};
+pub use wire::{
+    Accepted, Change, EnrollmentView, NewEnrollment, NewPayment, NewStudent, PaymentView,
+};
 
 /// The migrations of the enrollment database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -103,162 +120,6 @@ pub struct EnrollmentConfig {
     pub card_fingerprint_key: Option<String>,
 }
 
-/// The body of `POST /enrollments`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewEnrollment {
-    /// Who enrolls.
-    pub student: NewStudent,
-    /// In which course.
-    pub course_id: String,
-    /// How they pay.
-    pub payment: NewPayment,
-}
-
-/// The student part of the request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewStudent {
-    /// Full name.
-    pub name: String,
-    /// E-mail address.
-    pub email: String,
-}
-
-/// The payment part of the request. It holds the card: it lives only for
-/// the request and is dropped once tokenized.
-#[derive(Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewPayment {
-    /// The card number (spaces and dashes allowed).
-    pub card_number: String,
-    /// `MM/YY` or `MM/YYYY`.
-    pub expiry: String,
-    /// Three or four digits.
-    pub cvv: String,
-    /// The name on the card.
-    pub holder: String,
-    /// Amount in the currency's minor unit, 1 to [`MAX_AMOUNT_CENTS`].
-    pub amount_cents: u64,
-    /// ISO 4217 code, e.g. `EUR`.
-    pub currency: String,
-}
-
-impl std::fmt::Debug for NewPayment {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NewPayment")
-            .field("holder", &self.holder)
-            .field("amount_cents", &self.amount_cents)
-            .field("currency", &self.currency)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The answer to `POST /enrollments`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Accepted {
-    /// The enrollment's id.
-    pub id: String,
-    /// `payment_processing` (await_payment) or `active` (optimistic), or the
-    /// current status when an idempotent request is replayed.
-    pub status: String,
-    /// What to tell the student.
-    pub message: String,
-    /// What reads the student's notifications
-    /// (`GET /notifications?email=…&token=…`).
-    pub notifications_token: String,
-}
-
-/// The payment as `GET /enrollments/{id}` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PaymentView {
-    /// Minor units.
-    pub amount_cents: u64,
-    /// ISO 4217.
-    pub currency: String,
-    /// Card brand.
-    pub card_brand: String,
-    /// The last four digits.
-    pub card_last4: String,
-    /// `pending`, `captured`, `declined`, `refunded`.
-    pub status: String,
-}
-
-/// The answer to `GET /enrollments/{id}`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct EnrollmentView {
-    /// The id.
-    pub id: String,
-    /// `payment_processing`, `active`, `rejected`, `payment_failed` or
-    /// `suspended`.
-    pub status: String,
-    /// How it was accepted.
-    pub mode: AcceptanceMode,
-    /// The course.
-    pub course_id: String,
-    /// The student.
-    pub student: Student,
-    /// The payment.
-    pub payment: PaymentView,
-    /// Why it was rejected or suspended.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// RFC 3339.
-    pub created_at: String,
-    /// RFC 3339.
-    pub updated_at: String,
-    /// What happened, oldest first.
-    pub timeline: Vec<TimelineEntry>,
-}
-
-/// A change streamed by `GET /enrollments/{id}/events`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Change {
-    /// The enrollment.
-    pub id: String,
-    /// Its status after the change.
-    pub status: String,
-    /// What happened.
-    pub entry: TimelineEntry,
-}
-
-/// What a verdict does to an enrollment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// The fraud check passed.
-    FraudPassed,
-    /// The fraud check failed.
-    FraudFailed,
-    /// The charge was captured.
-    Captured,
-    /// The charge was declined.
-    Declined,
-    /// A capture was refunded.
-    Refunded,
-}
-
-/// The status an enrollment moves to, if any: the whole state machine.
-///
-/// `await_payment`: `payment_processing` → `active` on capture, `rejected`
-/// on a failed fraud check, `payment_failed` on a decline. `optimistic`:
-/// `active` → `suspended` on a failed fraud check or a decline. Anything
-/// else (a pass, a refund, a verdict after a final state) changes no status.
-pub fn transition(mode: AcceptanceMode, status: &str, verdict: Verdict) -> Option<&'static str> {
-    match (mode, status, verdict) {
-        (AcceptanceMode::AwaitPayment, "payment_processing", Verdict::Captured) => Some("active"),
-        (AcceptanceMode::AwaitPayment, "payment_processing", Verdict::FraudFailed) => {
-            Some("rejected")
-        }
-        (AcceptanceMode::AwaitPayment, "payment_processing", Verdict::Declined) => {
-            Some("payment_failed")
-        }
-        (AcceptanceMode::Optimistic, "active", Verdict::FraudFailed | Verdict::Declined) => {
-            Some("suspended")
-        }
-        _ => None,
-    }
-}
-
 /// The enrollment service.
 #[derive(Debug, Clone)]
 pub struct Enrollment {
@@ -274,205 +135,6 @@ fn unavailable(e: &dyn std::fmt::Display) -> Problem {
     tracing::error!(error = %e, "enrollment database unavailable");
     Problem::unavailable(
         "the enrollment could not be stored right now; nothing was accepted or charged, try again in a moment",
-    )
-}
-
-fn mode_name(mode: AcceptanceMode) -> &'static str {
-    match mode {
-        AcceptanceMode::AwaitPayment => "await_payment",
-        AcceptanceMode::Optimistic => "optimistic",
-    }
-}
-
-fn parse_mode(s: &str) -> AcceptanceMode {
-    if s == "optimistic" {
-        AcceptanceMode::Optimistic
-    } else {
-        AcceptanceMode::AwaitPayment
-    }
-}
-
-fn message_for(status: &str) -> &'static str {
-    match status {
-        "payment_processing" => "your payment is being processed; we will e-mail you the outcome",
-        "active" => "you are enrolled; we will e-mail you the details",
-        "rejected" => "the payment was refused by our fraud checks",
-        "payment_failed" => "the payment could not be taken",
-        "suspended" => "the enrollment is suspended: the payment could not be confirmed",
-        _ => "",
-    }
-}
-
-#[derive(Clone)]
-struct Checked {
-    student: Student,
-    course_id: String,
-    payment: PaymentDetails,
-}
-
-fn validate(req: &NewEnrollment, key: &FingerprintKey) -> Result<Checked, Problem> {
-    let mut errors = Vec::new();
-    let mut fail = |pointer: &str, detail: &str| {
-        // One error per field: the first thing wrong with it.
-        if !errors.iter().any(|e: &FieldError| e.pointer == pointer) {
-            errors.push(FieldError {
-                pointer: pointer.into(),
-                detail: detail.into(),
-            });
-        }
-    };
-    let p = &req.payment;
-    for (pointer, text) in [
-        ("/student/name", &req.student.name),
-        ("/student/email", &req.student.email),
-        ("/course_id", &req.course_id),
-        ("/payment/card_number", &p.card_number),
-        ("/payment/expiry", &p.expiry),
-        ("/payment/cvv", &p.cvv),
-        ("/payment/holder", &p.holder),
-        ("/payment/currency", &p.currency),
-    ] {
-        if has_control(text, false) {
-            fail(pointer, CONTROL_DETAIL);
-        }
-    }
-    // A card number typed into a text field would be stored, logged,
-    // published and mailed with it; the card goes in its own field only.
-    for (pointer, text) in [
-        ("/student/name", &req.student.name),
-        ("/student/email", &req.student.email),
-        ("/course_id", &req.course_id),
-        ("/payment/expiry", &p.expiry),
-        ("/payment/holder", &p.holder),
-        ("/payment/currency", &p.currency),
-    ] {
-        if holds_card_number(text) {
-            fail(pointer, CARD_IN_TEXT_DETAIL);
-        }
-    }
-    let len = |s: &str| s.trim().chars().count();
-    if !(1..=200).contains(&len(&req.student.name)) {
-        fail("/student/name", "give a name of 1 to 200 characters");
-    }
-    let email = EmailAddress::parse(req.student.email.trim());
-    if let Err(e) = &email {
-        fail("/student/email", &e.to_string());
-    }
-    let course = req.course_id.trim();
-    if course.is_empty()
-        || course.len() > 64
-        || !course
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        fail(
-            "/course_id",
-            "give a course id of 1 to 64 letters, digits, '-' or '_', like rust-101",
-        );
-    }
-    let digits = match card::digits(&p.card_number) {
-        Some(d) if card::luhn(&d) => Some(d),
-        Some(_) => {
-            fail(
-                "/payment/card_number",
-                "the card number fails its check digit (Luhn); check for a typo",
-            );
-            None
-        }
-        None => {
-            fail(
-                "/payment/card_number",
-                "give the card number as 12 to 19 digits (spaces or dashes allowed)",
-            );
-            None
-        }
-    };
-    let expiry = match card::expiry(&p.expiry) {
-        Some((m, y)) if card::expired(m, y, chrono::Utc::now()) => {
-            fail(
-                "/payment/expiry",
-                "the card has expired; use a card valid this month or later",
-            );
-            None
-        }
-        Some(e) => Some(e),
-        None => {
-            fail("/payment/expiry", "give the expiry as MM/YY, like 12/30");
-            None
-        }
-    };
-    if !card::cvv_ok(&p.cvv) {
-        fail("/payment/cvv", "give the 3 or 4 digits on the card");
-    }
-    if !(1..=200).contains(&len(&p.holder)) {
-        fail("/payment/holder", "give the name on the card");
-    }
-    if !(1..=MAX_AMOUNT_CENTS).contains(&p.amount_cents) {
-        fail(
-            "/payment/amount_cents",
-            &format!(
-                "give an amount of 1 to {MAX_AMOUNT_CENTS} minor units (cents), like 49900 for 499.00"
-            ),
-        );
-    }
-    if !currency::is_iso_4217(&p.currency) {
-        fail(
-            "/payment/currency",
-            "give an ISO 4217 currency code in capitals, like EUR or USD",
-        );
-    }
-    match (errors.is_empty(), digits, expiry, email) {
-        (true, Some(digits), Some((month, year)), Ok(email)) => Ok(Checked {
-            student: Student {
-                name: req.student.name.trim().to_owned(),
-                email: email.to_string(),
-            },
-            course_id: course.to_owned(),
-            payment: PaymentDetails {
-                amount_cents: p.amount_cents,
-                currency: p.currency.clone(),
-                holder: p.holder.trim().to_owned(),
-                card: card::tokenize(key, &digits, month, year),
-            },
-        }),
-        _ => Err(Problem::validation(errors)),
-    }
-}
-
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
-    let mut values = headers.get_all("idempotency-key").iter();
-    let Some(value) = values.next() else {
-        return Ok(None);
-    };
-    // Which of two keys was meant is a guess, and a wrong guess replays
-    // another request's enrollment or makes a second one.
-    if values.next().is_some() {
-        return Err(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "duplicate-idempotency-key",
-            "Duplicate Idempotency-Key",
-            "send the Idempotency-Key header once, with one key",
-        ));
-    }
-    match value.to_str() {
-        Ok(k) if (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()) => {
-            Ok(Some(k.to_owned()))
-        }
-        _ => Err(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid-idempotency-key",
-            "Invalid Idempotency-Key",
-            "the Idempotency-Key header must be 1 to 255 visible ASCII characters, e.g. a UUID",
-        )),
-    }
-}
-
-fn key_conflict() -> Problem {
-    Problem::new(
-        StatusCode::CONFLICT,
-        "idempotency-key-reused",
-        "Idempotency-Key reused",
-        "this Idempotency-Key was already used with a different request; use a new key for a new enrollment",
     )
 }
 
@@ -529,55 +191,6 @@ fn own_entry(kind: &str, detail: Option<String>, at_ms: i64) -> TimelineEntry {
         service: "enrollment".into(),
         attempt: 1,
         detail,
-    }
-}
-
-/// Whether `mail_id` is one of this service's mails to the student about
-/// enrollment `about` ([`notice`]'s slugs). Most mail is about other
-/// things (contact messages): telling them apart by name costs no read and
-/// no write.
-fn is_enrollment_mail(mail_id: &str, about: &str) -> bool {
-    mail_id
-        .strip_suffix(about)
-        .and_then(|slug| slug.strip_suffix('-'))
-        .is_some_and(|slug| NOTICE_SLUGS.contains(&slug))
-}
-
-/// The first part of the id of every mail [`notice`] writes.
-const NOTICE_SLUGS: [&str; 4] = ["welcome", "rejected", "payment-failed", "suspended"];
-
-/// What a mail to the student says, per status reached.
-fn notice(status: &str, course: &str, reason: Option<&str>) -> (&'static str, String, String) {
-    let why = reason
-        .map(|r| format!("\n\nReason: {r}"))
-        .unwrap_or_default();
-    match status {
-        "active" => (
-            "welcome",
-            format!("Welcome to {course}"),
-            format!("You are enrolled in {course}. See you in class!"),
-        ),
-        "rejected" => (
-            "rejected",
-            format!("Your enrollment in {course} was not accepted"),
-            format!(
-                "We could not accept your enrollment in {course}: the payment did not pass our checks. No money was taken.{why}"
-            ),
-        ),
-        "payment_failed" => (
-            "payment-failed",
-            format!("Your payment for {course} did not go through"),
-            format!(
-                "We could not take the payment for {course}, so you are not enrolled yet. Please try again with another card.{why}"
-            ),
-        ),
-        _ => (
-            "suspended",
-            format!("Your enrollment in {course} is suspended"),
-            format!(
-                "Your enrollment in {course} is suspended because the payment could not be confirmed. Any money taken is refunded.{why}"
-            ),
-        ),
     }
 }
 
@@ -1153,74 +766,6 @@ fn load(tx: &Connection, id: &str) -> Result<Option<Row>, rusqlite::Error> {
         })
     })
     .optional()
-}
-
-async fn submit(
-    State(enrollment): State<Enrollment>,
-    headers: HeaderMap,
-    body: Result<StrictJson<NewEnrollment>, Problem>,
-) -> Result<impl IntoResponse, Problem> {
-    // StrictJson's rejections quote no value and no long digit run.
-    let StrictJson(req) = body?;
-    let key = idempotency_key(&headers)?;
-    let (accepted, replayed) = enrollment.accept(req, key).await?;
-    let mut out = HeaderMap::new();
-    if let Ok(location) = HeaderValue::from_str(&format!("/enrollments/{}", accepted.id)) {
-        out.insert(header::LOCATION, location);
-    }
-    if replayed {
-        out.insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    Ok((StatusCode::ACCEPTED, out, axum::Json(accepted)))
-}
-
-fn path_id(id: Result<PathId, Problem>) -> Result<String, Problem> {
-    id.map(|PathId(id)| id)
-        .map_err(|_| Problem::not_found("this enrollment"))
-}
-
-async fn show(
-    State(enrollment): State<Enrollment>,
-    id: Result<PathId, Problem>,
-) -> Result<axum::Json<EnrollmentView>, Problem> {
-    let id = path_id(id)?;
-    enrollment.view(&id).await.map(axum::Json)
-}
-
-/// Server-sent events: the enrollment as it is now (`snapshot`), then each
-/// change (`change`) as it is committed; bounded and ended by the
-/// service's [`SseStreams`].
-async fn stream(
-    State(enrollment): State<Enrollment>,
-    client: ClientIp,
-    id: Result<PathId, Problem>,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
-    let id = path_id(id)?;
-    let permit = enrollment.sse.open(client)?;
-    // Subscribe before reading, so no change falls in between.
-    let live = BroadcastStream::new(enrollment.live.subscribe());
-    let view = enrollment.view(&id).await?;
-    let snapshot = SseEvent::default()
-        .event("snapshot")
-        .json_data(&view)
-        .unwrap_or_default();
-    // A lagging stream skips what it missed, as the snapshot it can fetch
-    // again holds it.
-    let changes = live.filter_map(move |change| {
-        std::future::ready(match change {
-            Ok(change) if change.id == id => Some(
-                SseEvent::default()
-                    .event("change")
-                    .json_data(&change)
-                    .unwrap_or_default(),
-            ),
-            _ => None,
-        })
-    });
-    Ok(enrollment.sse.respond(
-        permit,
-        futures::stream::once(std::future::ready(snapshot)).chain(changes),
-    ))
 }
 
 #[cfg(test)]
