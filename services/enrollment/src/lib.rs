@@ -86,8 +86,8 @@ const CARD_IN_TEXT_DETAIL: &str =
 pub use card::{FingerprintKey, KeyError, luhn};
 pub use currency::is_iso_4217;
 use http::{show, stream, submit};
-pub use state::{Verdict, transition};
-use state::{is_enrollment_mail, message_for, mode_name, notice, parse_mode};
+pub use state::{Status, Verdict, transition};
+use state::{is_enrollment_mail, mode_name, notice, parse_mode};
 use validate::{Checked, idempotency_key, key_conflict, validate};
 pub use wire::{
     Accepted, Change, EnrollmentView, NewEnrollment, NewPayment, NewStudent, PaymentView,
@@ -195,7 +195,7 @@ fn own_entry(kind: &str, detail: Option<String>, at_ms: i64) -> TimelineEntry {
 }
 
 struct Row {
-    status: String,
+    status: Status,
     mode: AcceptanceMode,
     course_id: String,
     student_name: String,
@@ -440,9 +440,10 @@ impl Enrollment {
             return Err(key_conflict());
         }
         let status: String = row.get("status");
+        let message = Status::parse(&status).map_or("", Status::message);
         Ok(Some(Accepted {
             id: row.get("id"),
-            message: message_for(&status).into(),
+            message: message.into(),
             status,
             notifications_token: String::new(),
         }))
@@ -456,8 +457,8 @@ impl Enrollment {
         let id = uuid::Uuid::now_v7().to_string();
         let now = now_ms();
         let status = match self.mode {
-            AcceptanceMode::AwaitPayment => "payment_processing",
-            AcceptanceMode::Optimistic => "active",
+            AcceptanceMode::AwaitPayment => Status::PaymentProcessing,
+            AcceptanceMode::Optimistic => Status::Active,
         };
         let submitted = PaymentSubmitted {
             enrollment_id: id.clone(),
@@ -512,23 +513,23 @@ impl Enrollment {
                 )?;
                 if mode == AcceptanceMode::Optimistic {
                     let row = Row {
-                        status: status.into(),
+                        status,
                         mode,
                         course_id: c.course_id.clone(),
                         student_name: c.student.name.clone(),
                         student_email: c.student.email.clone(),
                         created_ms: now,
                     };
-                    Self::announce(tx, &id, &row, "active", None, now)?;
+                    Self::announce(tx, &id, &row, Status::Active, None, now)?;
                 }
                 Ok::<_, StoreError>(())
             })
             .await?;
-        tracing::info!(enrollment = %id, course = %c.course_id, last4 = %c.payment.card.last4, status, "enrollment accepted");
+        tracing::info!(enrollment = %id, course = %c.course_id, last4 = %c.payment.card.last4, %status, "enrollment accepted");
         Ok(Accepted {
             id,
-            status: status.into(),
-            message: message_for(status).into(),
+            status: status.as_str().into(),
+            message: status.message().into(),
             notifications_token: String::new(),
         })
     }
@@ -539,11 +540,11 @@ impl Enrollment {
         tx: &Connection,
         id: &str,
         row: &Row,
-        status: &str,
+        status: Status,
         reason: Option<&str>,
         now: i64,
     ) -> Result<(), StoreError> {
-        if status == "active" {
+        if status == Status::Active {
             let activated = EnrollmentActivated {
                 enrollment_id: id.to_owned(),
                 course_id: row.course_id.clone(),
@@ -562,7 +563,7 @@ impl Enrollment {
         } else {
             let rejected = EnrollmentRejected {
                 enrollment_id: id.to_owned(),
-                status: status.to_owned(),
+                status: status.as_str().to_owned(),
                 reason: reason.unwrap_or_default().to_owned(),
             };
             let event = Context::new_event(SOURCE, &rejected)?;
@@ -570,7 +571,11 @@ impl Enrollment {
             add_entry(
                 tx,
                 id,
-                &own_entry(EnrollmentRejected::TYPE, Some(status.to_owned()), now),
+                &own_entry(
+                    EnrollmentRejected::TYPE,
+                    Some(status.as_str().to_owned()),
+                    now,
+                ),
                 now,
             )?;
         }
@@ -629,7 +634,7 @@ impl Enrollment {
                     return Ok(None);
                 };
                 add_entry(tx, &id, &entry, now).transient()?;
-                let mut status = row.status.clone();
+                let mut status = row.status;
                 if let Effect::Verdict(verdict, ..) = what {
                     let payment_status = match verdict {
                         Verdict::Captured => Some("captured"),
@@ -644,19 +649,19 @@ impl Enrollment {
                         .and_then(|mut s| s.execute(params![p, now, id]))
                         .transient()?;
                     }
-                    if let Some(next) = transition(row.mode, &row.status, verdict) {
+                    if let Some(next) = transition(row.mode, row.status, verdict) {
                         // Only a refusal has a reason to show.
-                        let reason = entry.detail.as_deref().filter(|_| next != "active");
+                        let reason = entry.detail.as_deref().filter(|_| next != Status::Active);
                         tx.prepare_cached(
                             "UPDATE enrollments SET status = ?, reason = ?, updated_ms = ? WHERE id = ? AND status = ?",
                         )
                         .and_then(|mut s| s.execute(params![next, reason, now, id, row.status]))
                         .transient()?;
                         Self::announce(tx, &id, &row, next, reason, now).transient()?;
-                        next.clone_into(&mut status);
+                        status = next;
                     }
                 }
-                Ok::<_, HandlerError>(Some((id, status)))
+                Ok::<_, HandlerError>(Some((id, status.as_str().to_owned())))
             })
             .await?
             .flatten();
@@ -757,7 +762,7 @@ fn load(tx: &Connection, id: &str) -> Result<Option<Row>, rusqlite::Error> {
     )?
     .query_row(params![id], |r| {
         Ok(Row {
-            status: r.get::<_, String>("status")?,
+            status: r.get::<_, Status>("status")?,
             mode: parse_mode(&r.get::<_, String>("mode")?),
             course_id: r.get::<_, String>("course_id")?,
             student_name: r.get::<_, String>("student_name")?,
@@ -775,7 +780,12 @@ mod tests {
     #[test]
     fn every_notice_is_told_apart_from_other_mail_by_its_id() {
         let id = "0193c0de-0000-7000-8000-000000000001";
-        for status in ["active", "rejected", "payment_failed", "suspended"] {
+        for status in [
+            Status::Active,
+            Status::Rejected,
+            Status::PaymentFailed,
+            Status::Suspended,
+        ] {
             let (slug, _, _) = notice(status, "rust-101", None);
             assert!(is_enrollment_mail(&format!("{slug}-{id}"), id), "{status}");
         }
@@ -794,21 +804,37 @@ mod tests {
             Verdict::Declined,
             Verdict::Refunded,
         ] {
-            for status in ["rejected", "payment_failed", "suspended"] {
+            for status in [Status::Rejected, Status::PaymentFailed, Status::Suspended] {
                 assert_eq!(transition(AwaitPayment, status, verdict), None);
                 assert_eq!(transition(Optimistic, status, verdict), None);
             }
-            assert_eq!(transition(AwaitPayment, "active", verdict), None);
+            assert_eq!(transition(AwaitPayment, Status::Active, verdict), None);
         }
         assert_eq!(
-            transition(AwaitPayment, "payment_processing", Verdict::Captured),
-            Some("active")
+            transition(AwaitPayment, Status::PaymentProcessing, Verdict::Captured),
+            Some(Status::Active)
         );
         assert_eq!(
-            transition(Optimistic, "active", Verdict::Declined),
-            Some("suspended")
+            transition(Optimistic, Status::Active, Verdict::Declined),
+            Some(Status::Suspended)
         );
-        assert_eq!(transition(Optimistic, "active", Verdict::Captured), None);
+        assert_eq!(
+            transition(Optimistic, Status::Active, Verdict::Captured),
+            None
+        );
+    }
+
+    #[test]
+    fn a_status_is_stored_and_shown_by_its_name() {
+        for status in Status::ALL {
+            assert_eq!(Status::parse(status.as_str()), Some(status));
+            assert_eq!(
+                serde_json::to_value(status).unwrap(),
+                serde_json::json!(status.as_str())
+            );
+            assert!(!status.message().is_empty());
+        }
+        assert_eq!(Status::parse("pending"), None);
     }
 
     #[test]

@@ -3,6 +3,87 @@
 
 use super::*;
 
+/// Where an enrollment stands. Stored and shown as its snake-case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Accepted; waiting for the fraud check and the charge
+    /// (`await_payment`).
+    PaymentProcessing,
+    /// Enrolled.
+    Active,
+    /// Refused by the fraud check.
+    Rejected,
+    /// The charge was declined.
+    PaymentFailed,
+    /// Enrolled at once (`optimistic`), then the fraud check or the charge
+    /// failed.
+    Suspended,
+}
+
+impl Status {
+    /// Every status, in the order an enrollment can reach them.
+    pub const ALL: [Status; 5] = [
+        Status::PaymentProcessing,
+        Status::Active,
+        Status::Rejected,
+        Status::PaymentFailed,
+        Status::Suspended,
+    ];
+
+    /// Its name, as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::PaymentProcessing => "payment_processing",
+            Status::Active => "active",
+            Status::Rejected => "rejected",
+            Status::PaymentFailed => "payment_failed",
+            Status::Suspended => "suspended",
+        }
+    }
+
+    /// The status named `name`, if it is one.
+    pub fn parse(name: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// What the student is told about it.
+    pub fn message(self) -> &'static str {
+        match self {
+            Status::PaymentProcessing => {
+                "your payment is being processed; we will e-mail you the outcome"
+            }
+            Status::Active => "you are enrolled; we will e-mail you the details",
+            Status::Rejected => "the payment was refused by our fraud checks",
+            Status::PaymentFailed => "the payment could not be taken",
+            Status::Suspended => "the enrollment is suspended: the payment could not be confirmed",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl rusqlite::types::FromSql for Status {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let name = value.as_str()?;
+        Status::parse(name).ok_or_else(|| {
+            rusqlite::types::FromSqlError::Other(
+                format!("unknown enrollment status {name:?}").into(),
+            )
+        })
+    }
+}
+
+impl rusqlite::types::ToSql for Status {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
 /// What a verdict does to an enrollment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -24,17 +105,14 @@ pub enum Verdict {
 /// on a failed fraud check, `payment_failed` on a decline. `optimistic`:
 /// `active` → `suspended` on a failed fraud check or a decline. Anything
 /// else (a pass, a refund, a verdict after a final state) changes no status.
-pub fn transition(mode: AcceptanceMode, status: &str, verdict: Verdict) -> Option<&'static str> {
+pub fn transition(mode: AcceptanceMode, status: Status, verdict: Verdict) -> Option<Status> {
+    use AcceptanceMode::{AwaitPayment, Optimistic};
     match (mode, status, verdict) {
-        (AcceptanceMode::AwaitPayment, "payment_processing", Verdict::Captured) => Some("active"),
-        (AcceptanceMode::AwaitPayment, "payment_processing", Verdict::FraudFailed) => {
-            Some("rejected")
-        }
-        (AcceptanceMode::AwaitPayment, "payment_processing", Verdict::Declined) => {
-            Some("payment_failed")
-        }
-        (AcceptanceMode::Optimistic, "active", Verdict::FraudFailed | Verdict::Declined) => {
-            Some("suspended")
+        (AwaitPayment, Status::PaymentProcessing, Verdict::Captured) => Some(Status::Active),
+        (AwaitPayment, Status::PaymentProcessing, Verdict::FraudFailed) => Some(Status::Rejected),
+        (AwaitPayment, Status::PaymentProcessing, Verdict::Declined) => Some(Status::PaymentFailed),
+        (Optimistic, Status::Active, Verdict::FraudFailed | Verdict::Declined) => {
+            Some(Status::Suspended)
         }
         _ => None,
     }
@@ -55,17 +133,6 @@ pub(crate) fn parse_mode(s: &str) -> AcceptanceMode {
     }
 }
 
-pub(crate) fn message_for(status: &str) -> &'static str {
-    match status {
-        "payment_processing" => "your payment is being processed; we will e-mail you the outcome",
-        "active" => "you are enrolled; we will e-mail you the details",
-        "rejected" => "the payment was refused by our fraud checks",
-        "payment_failed" => "the payment could not be taken",
-        "suspended" => "the enrollment is suspended: the payment could not be confirmed",
-        _ => "",
-    }
-}
-
 /// Whether `mail_id` is one of this service's mails to the student about
 /// enrollment `about` ([`notice`]'s slugs). Most mail is about other
 /// things (contact messages): telling them apart by name costs no read and
@@ -82,7 +149,7 @@ pub(crate) const NOTICE_SLUGS: [&str; 4] = ["welcome", "rejected", "payment-fail
 
 /// What a mail to the student says, per status reached.
 pub(crate) fn notice(
-    status: &str,
+    status: Status,
     course: &str,
     reason: Option<&str>,
 ) -> (&'static str, String, String) {
@@ -90,26 +157,28 @@ pub(crate) fn notice(
         .map(|r| format!("\n\nReason: {r}"))
         .unwrap_or_default();
     match status {
-        "active" => (
+        // Not a status mail is sent for; answered like the others, so
+        // there is no panic path.
+        Status::Active | Status::PaymentProcessing => (
             "welcome",
             format!("Welcome to {course}"),
             format!("You are enrolled in {course}. See you in class!"),
         ),
-        "rejected" => (
+        Status::Rejected => (
             "rejected",
             format!("Your enrollment in {course} was not accepted"),
             format!(
                 "We could not accept your enrollment in {course}: the payment did not pass our checks. No money was taken.{why}"
             ),
         ),
-        "payment_failed" => (
+        Status::PaymentFailed => (
             "payment-failed",
             format!("Your payment for {course} did not go through"),
             format!(
                 "We could not take the payment for {course}, so you are not enrolled yet. Please try again with another card.{why}"
             ),
         ),
-        _ => (
+        Status::Suspended => (
             "suspended",
             format!("Your enrollment in {course} is suspended"),
             format!(
