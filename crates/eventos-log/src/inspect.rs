@@ -44,9 +44,9 @@ use bytes::{Buf as _, Bytes};
 use chrono::{DateTime, Utc};
 use eventos_core::{Event, validate_name};
 
-use crate::group::GroupState;
-use crate::record::{self, Control, Parsed, Record};
+use crate::record::{self, Parsed, Record};
 use crate::recovery::{self, Cut};
+use crate::recovery::{GroupReplay, group_of};
 use crate::storage::{Storage, StorageFile, read_all};
 use crate::topic::parse_segment_name;
 use crate::writer::load_groups;
@@ -417,7 +417,7 @@ impl DataDir {
         };
         progress(p);
 
-        let mut replay: HashMap<u32, Replay> = HashMap::new();
+        let mut replay: HashMap<u32, GroupReplay> = HashMap::new();
         let mut kept: Vec<u64> = Vec::new();
         let mut expected: Option<u64> = None;
         let mut control_records = 0u64;
@@ -473,7 +473,7 @@ impl DataDir {
             .iter()
             .map(|entry| {
                 let r = replay.remove(&entry.id).unwrap_or_default();
-                r.into_stat(entry, first_offset, next_offset)
+                stat(r, entry, first_offset, next_offset)
             })
             .collect();
         p.done = p.total;
@@ -526,71 +526,26 @@ impl DataDir {
     }
 }
 
-fn group_of(control: &Control) -> u32 {
-    match *control {
-        Control::Ack { group, .. }
-        | Control::Retry { group, .. }
-        | Control::DeadLetter { group, .. } => group,
-    }
-}
-
-/// One group's control records, gathered across segments.
-#[derive(Debug, Default)]
-struct Replay {
-    settled: Vec<u64>,
-    retries: HashMap<u64, (u32, i64)>,
-    acked: u64,
-    dead_lettered: u64,
-}
-
-impl Replay {
-    fn apply(&mut self, control: &Control) {
-        match *control {
-            Control::Ack { offset, .. } => {
-                self.acked += 1;
-                self.settled.push(offset);
-            }
-            Control::DeadLetter { offset, .. } => {
-                self.dead_lettered += 1;
-                self.settled.push(offset);
-            }
-            Control::Retry {
-                offset,
-                attempt,
-                due_ms,
-                ..
-            } => {
-                self.retries.insert(offset, (attempt, due_ms));
-            }
-        }
-    }
-
-    /// The group's position, computed as recovery computes it.
-    fn into_stat(
-        mut self,
-        entry: &crate::writer::GroupEntry,
-        first_offset: u64,
-        next_offset: u64,
-    ) -> GroupStat {
-        let mut state = GroupState::at(entry.start.max(first_offset).min(next_offset));
-        self.settled.sort_unstable();
-        for offset in self.settled {
-            state.settle(offset);
-        }
-        self.retries.retain(|offset, _| !state.is_settled(*offset));
-        let settled_ahead = state.cursor.settled_ahead_below(next_offset) as u64;
-        GroupStat {
-            name: entry.name.clone(),
-            id: entry.id,
-            start: entry.start,
-            cursor: state.cursor.position(),
-            unsettled: next_offset
-                .saturating_sub(state.cursor.position())
-                .saturating_sub(settled_ahead),
-            pending_retries: self.retries.len(),
-            acked: self.acked,
-            dead_lettered: self.dead_lettered,
-        }
+/// The group's position, computed as recovery computes it.
+fn stat(
+    mut replay: GroupReplay,
+    entry: &crate::writer::GroupEntry,
+    first_offset: u64,
+    next_offset: u64,
+) -> GroupStat {
+    let state = replay.state(entry.start, first_offset, next_offset);
+    let settled_ahead = state.cursor.settled_ahead_below(next_offset) as u64;
+    GroupStat {
+        name: entry.name.clone(),
+        id: entry.id,
+        start: entry.start,
+        cursor: state.cursor.position(),
+        unsettled: next_offset
+            .saturating_sub(state.cursor.position())
+            .saturating_sub(settled_ahead),
+        pending_retries: state.recovered_retries.len(),
+        acked: replay.acked,
+        dead_lettered: replay.dead_lettered,
     }
 }
 

@@ -125,10 +125,64 @@ pub(crate) fn scan(data: Bytes, base: u64) -> Scan {
     s
 }
 
-#[derive(Default)]
-struct GroupReplay {
+/// One group's control records, gathered across a topic's segments: what
+/// recovery rebuilds the group from, and what `eventos log stat` shows
+/// without opening the log (both replay through this, so they agree).
+#[derive(Debug, Default)]
+pub(crate) struct GroupReplay {
     settled: Vec<u64>,
     retries: HashMap<u64, (u32, i64)>,
+    /// Acks replayed.
+    pub(crate) acked: u64,
+    /// Dead letters replayed.
+    pub(crate) dead_lettered: u64,
+}
+
+impl GroupReplay {
+    /// Takes in one control record of the group.
+    pub(crate) fn apply(&mut self, control: &Control) {
+        match *control {
+            Control::Ack { offset, .. } => {
+                self.acked += 1;
+                self.settled.push(offset);
+            }
+            Control::DeadLetter { offset, .. } => {
+                self.dead_lettered += 1;
+                self.settled.push(offset);
+            }
+            Control::Retry {
+                offset,
+                attempt,
+                due_ms,
+                ..
+            } => {
+                self.retries.insert(offset, (attempt, due_ms));
+            }
+        }
+    }
+
+    /// The group's state: its cursor over what was settled, starting at
+    /// `start` kept within what the topic retains, and the retries still
+    /// pending.
+    pub(crate) fn state(&mut self, start: u64, first_offset: u64, next_offset: u64) -> GroupState {
+        let mut state = GroupState::at(start.max(first_offset).min(next_offset));
+        self.settled.sort_unstable();
+        for offset in self.settled.drain(..) {
+            state.settle(offset);
+        }
+        self.retries.retain(|offset, _| !state.is_settled(*offset));
+        state.recovered_retries = std::mem::take(&mut self.retries);
+        state
+    }
+}
+
+/// The group a control record is about.
+pub(crate) fn group_of(control: &Control) -> u32 {
+    match *control {
+        Control::Ack { group, .. }
+        | Control::Retry { group, .. }
+        | Control::DeadLetter { group, .. } => group,
+    }
 }
 
 pub(crate) fn recover(storage: &dyn Storage, topics_dir: &Path) -> Result<Recovered, LogError> {
@@ -198,23 +252,7 @@ fn recover_topic(
         out.report.segments += 1;
         out.report.records += result.records;
         for c in &result.controls {
-            match *c {
-                Control::Ack { group, offset } | Control::DeadLetter { group, offset } => {
-                    replay.entry(group).or_default().settled.push(offset);
-                }
-                Control::Retry {
-                    group,
-                    offset,
-                    attempt,
-                    due_ms,
-                } => {
-                    replay
-                        .entry(group)
-                        .or_default()
-                        .retries
-                        .insert(offset, (attempt, due_ms));
-                }
-            }
+            replay.entry(group_of(c)).or_default().apply(c);
         }
         let segment = Segment::new(base, path.clone(), file.clone());
         segment
@@ -279,15 +317,11 @@ fn recover_topic(
     {
         let mut groups = lock(&topic.groups);
         for entry in &registry {
-            let mut state = GroupState::at(entry.start.max(first).min(next_offset));
-            if let Some(mut r) = replay.remove(&entry.id) {
-                r.settled.sort_unstable();
-                for offset in r.settled {
-                    state.settle(offset);
-                }
-                r.retries.retain(|offset, _| !state.is_settled(*offset));
-                state.recovered_retries = r.retries;
-            }
+            let state =
+                replay
+                    .remove(&entry.id)
+                    .unwrap_or_default()
+                    .state(entry.start, first, next_offset);
             groups.insert(
                 entry.name.clone(),
                 Arc::new(Group::new(entry.id, &entry.name, state)),
