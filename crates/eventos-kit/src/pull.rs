@@ -37,11 +37,6 @@ impl Prefetch {
         self.held.load(Ordering::Acquire) >= self.limit
     }
 
-    /// Unsettled deliveries held.
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::Acquire)
-    }
-
     /// Counts one more delivery held. Call it with the delivery in hand,
     /// after [`Prefetch::is_full`] said no: a permit taken and dropped
     /// unused would wake the subscriber for nothing.

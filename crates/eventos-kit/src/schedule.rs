@@ -80,11 +80,6 @@ impl<T> RetrySchedule<T> {
     pub fn is_empty(&self) -> bool {
         self.heap.is_empty()
     }
-
-    /// Every scheduled item with its due instant, in no order.
-    pub fn iter(&self) -> impl Iterator<Item = (Instant, &T)> {
-        self.heap.iter().map(|Reverse(due)| (due.at, &due.item))
-    }
 }
 
 #[cfg(test)]
