@@ -335,9 +335,9 @@ impl Pump {
     }
 }
 
-/// Publishes `message` so it reaches `queue` no sooner than `after`: through
-/// the delay bucket `after` rounds up to, or straight to the queue through
-/// the default exchange when there is nothing to wait.
+/// Publishes `message` so it reaches `queue` no sooner than `after`: into
+/// the queue's delay queue for the bucket `after` rounds up to, or straight
+/// to the queue when there is nothing to wait.
 async fn send_delayed(
     shared: &Shared,
     queue: &str,
@@ -345,19 +345,18 @@ async fn send_delayed(
     after: Duration,
     id: &str,
 ) -> Result<(), TransportError> {
-    let exchange = if after.is_zero() {
-        String::new()
+    let routing_key = if after.is_zero() {
+        queue.to_owned()
     } else {
         let bucket = delay_bucket(after);
         shared
-            .retrying(|link| async move { shared.declare_delay(&link, bucket).await })
-            .await?;
-        shared.names.delay(bucket)
+            .retrying(|link| async move { shared.declare_delay(&link, queue, bucket).await })
+            .await?
     };
     shared
         .publish(vec![Outgoing {
-            exchange,
-            routing_key: queue.to_owned(),
+            exchange: String::new(),
+            routing_key,
             message,
             id: id.to_owned(),
             unroutable: Unroutable::Fail,

@@ -26,6 +26,10 @@ pub struct AmqpSection {
     /// this many seconds, events and all: for disposable systems such as
     /// tests, never for one whose queued work matters.
     pub queue_expires_secs: Option<u64>,
+    /// The management API that inspection (`eventos` counts and dead
+    /// letters) reads, `http://user:password@host:15672`; by default port
+    /// 15672 of the AMQP host with the AMQP credentials.
+    pub management_url: Option<String>,
 }
 
 impl Default for AmqpSection {
@@ -36,6 +40,7 @@ impl Default for AmqpSection {
             queue_type: options.queue_type,
             content_mode: options.mode,
             queue_expires_secs: None,
+            management_url: None,
         }
     }
 }
@@ -48,6 +53,7 @@ impl AmqpSection {
             queue_type: self.queue_type,
             mode: self.content_mode,
             queue_expires: self.queue_expires_secs.map(Duration::from_secs),
+            management_url: self.management_url,
             ..AmqpOptions::default()
         }
     }

@@ -46,12 +46,15 @@
 //!
 //! **Retries without plugins: a ladder of delay queues.** A retry is a copy
 //! of the event, stamped with the next attempt (`x-eventos-attempt`) and
-//! its due time (`x-eventos-due`), published to the *delay bucket* its
-//! delay rounds **up** to in [`DELAY_LADDER_MS`] (50 ms … 24 h, steps of at
-//! most 5/3). A bucket is a fanout exchange and a queue with that
-//! `x-message-ttl` whose expired messages are dead-lettered to the default
-//! exchange with their routing key, the group's queue name: back to that
-//! group only. Only after the copy is confirmed is the original acked, so a
+//! its due time (`x-eventos-due`), published to the group's *delay queue*
+//! for the bucket its delay rounds **up** to in [`DELAY_LADDER_MS`]
+//! (50 ms … 24 h, steps of at most 5/3): `<group queue>~<ms>ms`, with that
+//! `x-message-ttl`, whose expired messages are dead-lettered through the
+//! default exchange to the group's queue. Delay queues are per group, not
+//! shared, so that what a group has waiting is the depth of its own delay
+//! queues, which inspection reports; RabbitMQ deletes one unused for ten
+//! minutes past its bucket (`x-expires`; the transport declares it again
+//! before using it once half of that has passed). Only after the copy is confirmed is the original acked, so a
 //! crash in between duplicates the event and never loses it. Precision: a
 //! retry never comes back sooner than asked (the TTL starts after settle
 //! was called); it comes back at most ~1.7× the delay later, plus the
@@ -109,6 +112,20 @@
 //! to confirm the cancellation, so it is never handed to the member that
 //! left.
 //!
+//! **Inspection through the management API.** [`Transport::group_counts`]
+//! reads a group queue's ready and unacknowledged depths from the
+//! `rabbitmq_management` plugin ([`AmqpOptions::management_url`], by
+//! default port 15672 of the AMQP host with its credentials): AMQP tells
+//! only the ready depth. Those are the broker's statistics, a few seconds
+//! old; messages RabbitMQ has pushed to a consumer ahead of what it took
+//! (its prefetch) count as in flight. What waits for a retry, its next due
+//! time, and the dead letters (listed, fetched by id, counted per group)
+//! are read by peeking: `basic.get` up to 10 000 messages, then one
+//! `basic.nack` with requeue. A peek hides those messages from consumers
+//! for its round trip and counts as a delivery in a quorum queue's
+//! `x-delivery-count` of the parked dead letters; a delay queue's count
+//! does not follow the copy back to its group.
+//!
 //! Resources are never deleted by the transport. [`AmqpOptions::queue_expires`]
 //! (`x-expires`, off by default) lets RabbitMQ remove group queues unused
 //! for that long; it suits disposable groups, not production ones, whose
@@ -127,6 +144,7 @@
 mod codec;
 mod consumer;
 mod engine;
+mod inspect;
 mod link;
 mod names;
 
@@ -134,8 +152,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventos_core::{
-    Capabilities, DeliveryStream, Event, Publisher, Subscriber, Subscription, Transport,
-    TransportError, TransportErrorKind, validate_name,
+    Capabilities, DeliveryStream, Event, GroupCounts, Publisher, Subscriber, Subscription,
+    Transport, TransportError, TransportErrorKind, validate_name,
 };
 #[cfg(doc)]
 use eventos_core::{DeliveryInfo, Outcome};
@@ -195,6 +213,10 @@ pub struct AmqpOptions {
     /// keeps queues until an operator removes them; set it only where
     /// groups are disposable, as in tests.
     pub queue_expires: Option<Duration>,
+    /// The management API inspection reads depths from
+    /// (`http://user:password@host:15672`). `None` (the default) means port
+    /// 15672 of the AMQP host, with the AMQP URL's credentials.
+    pub management_url: Option<String>,
 }
 
 impl Default for AmqpOptions {
@@ -207,6 +229,7 @@ impl Default for AmqpOptions {
             retry_for: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(30),
             queue_expires: None,
+            management_url: None,
         }
     }
 }
@@ -318,9 +341,8 @@ impl Transport for AmqpTransport {
             replay: false,
             survives_broker_restart: true,
             max_payload_bytes: self.shared.options.max_payload_bytes,
-            // Ready counts are a passive declare away, but in-flight and
-            // retry counts per group need the management API.
-            inspection: false,
+            // Through the management API (see `inspect`).
+            inspection: true,
         }
     }
 
@@ -328,6 +350,39 @@ impl Transport for AmqpTransport {
         Box::pin(async move {
             self.shared.close().await;
             Ok(())
+        })
+    }
+
+    fn group_counts<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Option<GroupCounts>, TransportError>> {
+        Box::pin(async move {
+            self.shared.check_open()?;
+            inspect::group_counts(&self.shared, topic, group).await
+        })
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        topic: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Event>, TransportError>> {
+        Box::pin(async move {
+            self.shared.check_open()?;
+            inspect::dead_letters(&self.shared, topic, limit).await
+        })
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        topic: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Event>, TransportError>> {
+        Box::pin(async move {
+            self.shared.check_open()?;
+            inspect::dead_letter(&self.shared, topic, id).await
         })
     }
 }

@@ -2,10 +2,10 @@
 //! and everything that only needs a connection: declaring and publishing
 //! with confirms.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use eventos_core::{TransportError, TransportErrorKind, redact_url};
@@ -30,6 +30,8 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 const NO_ROUTE: u16 = 312;
 /// How long a publish waits for subscriptions being cancelled.
 const CANCEL_WAIT: Duration = Duration::from_secs(2);
+/// How long past its bucket an unused delay queue lives.
+pub(crate) const DELAY_QUEUE_SLACK: Duration = Duration::from_secs(600);
 
 pub(crate) use eventos_kit::lock;
 
@@ -113,8 +115,9 @@ pub(crate) fn failure(what: &str, e: lapin::Error) -> Failure {
 pub(crate) struct Link {
     pub(crate) connection: Connection,
     publish: Channel,
-    /// Delay buckets and dead-letter queues declared over this connection.
-    declared: Mutex<HashSet<String>>,
+    /// Delay and dead-letter queues declared over this connection, and
+    /// when.
+    declared: Mutex<HashMap<String, Instant>>,
 }
 
 impl Link {
@@ -152,6 +155,8 @@ pub(crate) struct Shared {
     pub(crate) shown: String,
     pub(crate) options: AmqpOptions,
     pub(crate) names: Names,
+    /// The management API for inspection, or why there is none.
+    pub(crate) management: Result<crate::inspect::Management, String>,
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
     pub(crate) lifecycle: Lifecycle,
     /// Streams dropped whose consumer RabbitMQ has not confirmed cancelled.
@@ -171,11 +176,13 @@ impl Shared {
     ) -> Result<Arc<Self>, TransportError> {
         let shown = redact_url(url);
         let names = Names::new(&options.namespace);
+        let management = crate::inspect::Management::new(url, options.management_url.as_deref());
         let shared = Arc::new(Self {
             url: url.to_owned(),
             shown,
             options,
             names,
+            management,
             link: tokio::sync::Mutex::new(None),
             lifecycle: Lifecycle::new(),
             cancelling: AtomicUsize::new(0),
@@ -318,7 +325,7 @@ impl Shared {
             Ok(publish) => Ok(Link {
                 connection,
                 publish,
-                declared: Mutex::new(HashSet::new()),
+                declared: Mutex::new(HashMap::new()),
             }),
             Err(e) => Err(failure(
                 &format!(
@@ -411,19 +418,24 @@ impl Shared {
     }
 
     /// Declares something on a channel of its own, so a refusal does not
-    /// close the publishing channel; once per connection when `cache` holds.
+    /// close the publishing channel; once per connection and per `fresh`
+    /// when that is set, every time when not.
     pub(crate) async fn declare_once<F, Fut>(
         &self,
         link: &Link,
         key: &str,
-        cache: bool,
+        fresh: Option<Duration>,
         declare: F,
     ) -> Result<(), Failure>
     where
         F: FnOnce(Channel) -> Fut,
         Fut: Future<Output = Result<(), lapin::Error>>,
     {
-        if cache && lock(&link.declared).contains(key) {
+        if let Some(fresh) = fresh
+            && lock(&link.declared)
+                .get(key)
+                .is_some_and(|at| at.elapsed() < fresh)
+        {
             return Ok(());
         }
         let what = format!("declaring {key:?}");
@@ -436,8 +448,8 @@ impl Shared {
             .await
             .map_err(|e| failure(&what, e))?;
         let _ = channel.close(200, "declared".into()).await;
-        if cache {
-            lock(&link.declared).insert(key.to_owned());
+        if fresh.is_some() {
+            lock(&link.declared).insert(key.to_owned(), Instant::now());
         }
         Ok(())
     }
@@ -468,19 +480,34 @@ impl Shared {
         args
     }
 
-    /// Declares the delay bucket `bucket`: a fanout exchange and a queue
-    /// whose messages expire after `bucket` into the default exchange, which
-    /// routes each back to the work queue named by its routing key.
-    pub(crate) async fn declare_delay(&self, link: &Link, bucket: Duration) -> Result<(), Failure> {
-        let name = self.names.delay(bucket);
+    /// Declares the delay queue of the work queue `queue` for `bucket`:
+    /// its messages expire after `bucket` into the default exchange, routed
+    /// back to `queue`. Returns its name.
+    ///
+    /// A delay queue is deleted by RabbitMQ once unused for
+    /// [`DELAY_QUEUE_SLACK`] past its bucket, so a group's delay queues do
+    /// not outlive it; publishing does not count as use, so it is declared
+    /// again once its last declaration is half that slack old, and a
+    /// message sent into it always expires before the queue does.
+    pub(crate) async fn declare_delay(
+        &self,
+        link: &Link,
+        queue: &str,
+        bucket: Duration,
+    ) -> Result<String, Failure> {
+        let name = Names::delay(queue, bucket);
+        let millis =
+            |d: Duration| AMQPValue::LongLongInt(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let mut args = self.type_args();
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(i64::try_from(bucket.as_millis()).unwrap_or(i64::MAX)),
-        );
+        args.insert("x-message-ttl".into(), millis(bucket));
+        args.insert("x-expires".into(), millis(bucket + DELAY_QUEUE_SLACK));
         args.insert(
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(LongString::from("")),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(LongString::from(queue)),
         );
         if self.options.queue_type == QueueType::Quorum {
             // At-least-once: an expired retry stays in the bucket until its
@@ -495,36 +522,21 @@ impl Shared {
                 AMQPValue::LongString(LongString::from("reject-publish")),
             );
         }
-        self.declare_once(link, &name.clone(), true, |ch| async move {
-            ch.exchange_declare(
-                name.as_str().into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let declared = name.clone();
+        self.declare_once(link, &name, Some(DELAY_QUEUE_SLACK / 2), |ch| async move {
             ch.queue_declare(
-                name.as_str().into(),
+                declared.as_str().into(),
                 QueueDeclareOptions {
                     durable: true,
                     ..QueueDeclareOptions::default()
                 },
                 args,
             )
-            .await?;
-            ch.queue_bind(
-                name.as_str().into(),
-                name.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
             .await
+            .map(drop)
         })
-        .await
+        .await?;
+        Ok(name)
     }
 
     /// Declares the queue that parks the dead letters of `topic` (its
@@ -536,7 +548,7 @@ impl Shared {
         let routing = dlq_topic.to_owned();
         // Declared every time: dead letters are rare, and a queue with an
         // `x-expires` may have gone since the last one.
-        self.declare_once(link, &queue.clone(), false, |ch| async move {
+        self.declare_once(link, &queue.clone(), None, |ch| async move {
             ch.queue_declare(
                 queue.as_str().into(),
                 QueueDeclareOptions {

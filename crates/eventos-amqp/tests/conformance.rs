@@ -30,8 +30,8 @@ use std::time::Duration;
 use eventos_amqp::{AmqpOptions, AmqpTransport, ContentMode, PARKED_GROUP, QueueType};
 use eventos_conformance::Harness;
 use eventos_core::{
-    Capabilities, DeliveryStream, Event, Publisher, Subscriber, Subscription, Transport,
-    TransportError, dead_letter_topic, validate_name,
+    Capabilities, DeliveryStream, Event, GroupCounts, Publisher, Subscriber, Subscription,
+    Transport, TransportError, dead_letter_topic, validate_name,
 };
 use futures::future::BoxFuture;
 use lapin::options::QueueDeleteOptions;
@@ -207,6 +207,30 @@ impl Transport for Counted {
             self.uncount();
             result
         })
+    }
+
+    fn group_counts<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Option<GroupCounts>, TransportError>> {
+        self.inner.group_counts(topic, group)
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        topic: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Event>, TransportError>> {
+        self.inner.dead_letters(topic, limit)
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        topic: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Event>, TransportError>> {
+        self.inner.dead_letter(topic, id)
     }
 }
 

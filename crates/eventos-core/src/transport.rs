@@ -172,7 +172,8 @@ pub trait Subscriber: Send + Sync + 'static {
 pub struct GroupCounts {
     /// Deliverable now (or as soon as a consumer asks).
     pub ready: u64,
-    /// Handed out and not settled.
+    /// Handed out and not settled; where a broker pushes ahead of what the
+    /// subscriber took (RabbitMQ's prefetch), what it pushed counts too.
     pub in_flight: u64,
     /// Waiting for a retry delay.
     pub retrying: u64,

@@ -36,6 +36,11 @@ async fn counts_become(
 
 /// Counts match what was published, acked, retried, dead-lettered and
 /// held; an unknown group is `None`.
+///
+/// A broker that pushes ahead of what the subscriber takes (RabbitMQ's
+/// prefetch) counts what it sent ahead as in flight, so the case checks
+/// what is ready and in flight together, and that what is held is in
+/// flight.
 pub(crate) async fn counts_match_what_was_done(ctx: Ctx) -> CaseResult {
     let topic = ctx.name("t");
     let group = ctx.name("g");
@@ -43,8 +48,8 @@ pub(crate) async fn counts_match_what_was_done(ctx: Ctx) -> CaseResult {
     let events: Vec<_> = (1..=5).map(|n| ctx.numbered(n)).collect();
     ctx.publish(&topic, events).await?;
     let t = &*ctx.transport;
-    counts_become(t, &topic, &group, "5 ready", |c| {
-        c.ready == 5 && c.in_flight == 0
+    counts_become(t, &topic, &group, "5 ready or in flight", |c| {
+        c.ready + c.in_flight == 5
     })
     .await?;
 
@@ -80,8 +85,13 @@ pub(crate) async fn counts_match_what_was_done(ctx: Ctx) -> CaseResult {
         t,
         &topic,
         &group,
-        "1 ready, 1 in flight, 1 retrying, 1 dead-lettered",
-        |c| c.ready == 1 && c.in_flight == 1 && c.retrying == 1 && c.dead_lettered == 1,
+        "2 ready or in flight (one of them held), 1 retrying, 1 dead-lettered",
+        |c| {
+            c.ready + c.in_flight == 2
+                && c.in_flight >= 1
+                && c.retrying == 1
+                && c.dead_lettered == 1
+        },
     )
     .await?;
     let due = counts
@@ -94,7 +104,11 @@ pub(crate) async fn counts_match_what_was_done(ctx: Ctx) -> CaseResult {
         "the retry asked for 60 s from now is said to be due at {due:?}"
     );
     ack(held).await?;
-    counts_become(t, &topic, &group, "nothing in flight", |c| c.in_flight == 0).await?;
+    ack(next_delivery(&mut stream, RECEIVE_TIMEOUT, "event 5").await?).await?;
+    counts_become(t, &topic, &group, "nothing ready or in flight", |c| {
+        c.ready == 0 && c.in_flight == 0 && c.retrying == 1
+    })
+    .await?;
     let unknown = t
         .group_counts(&topic, &ctx.name("nobody"))
         .await
