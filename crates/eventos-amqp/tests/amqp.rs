@@ -564,3 +564,118 @@ async fn a_pending_retry_survives_a_broker_restart() {
     amqp.close().await.unwrap();
     delete_queues(&[amqp.queue_name(&topic, "g")]).await;
 }
+
+/// Counts are per group: a group whose name extends another's (`g`, `g2`)
+/// shares neither its delay queues nor its dead-letter count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspection_counts_each_group_apart() {
+    let _broker = BROKER.read().await;
+    let amqp = transport(ContentMode::Binary).await;
+    let topic = unique("inspect");
+    let mut g = amqp
+        .subscribe(Subscription::new(&topic, "g"))
+        .await
+        .unwrap();
+    let mut g2 = amqp
+        .subscribe(Subscription::new(&topic, "g2"))
+        .await
+        .unwrap();
+    amqp.publish(&topic, vec![event(), event()]).await.unwrap();
+    for _ in 0..2 {
+        next(&mut g)
+            .await
+            .retry_after(Duration::from_secs(120))
+            .await
+            .unwrap();
+    }
+    next(&mut g2)
+        .await
+        .dead_letter("counted apart", None)
+        .await
+        .unwrap();
+    next(&mut g2).await.ack().await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    let (of_g, of_g2) = loop {
+        let of_g = amqp.group_counts(&topic, "g").await.unwrap().unwrap();
+        let of_g2 = amqp.group_counts(&topic, "g2").await.unwrap().unwrap();
+        if (
+            of_g.retrying,
+            of_g.dead_lettered,
+            of_g2.retrying,
+            of_g2.dead_lettered,
+        ) == (2, 0, 0, 1)
+            && of_g2.in_flight == 0
+        {
+            break (of_g, of_g2);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counts stayed g {of_g:?}, g2 {of_g2:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(of_g.next_retry.is_some(), "{of_g:?}");
+    assert_eq!(of_g2.next_retry, None, "{of_g2:?}");
+    let listed = amqp.dead_letters(&topic, 10).await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].extension_str(ext::DEAD_LETTER_GROUP), Some("g2"));
+    // Peeking left every message where it was.
+    let again = amqp.group_counts(&topic, "g").await.unwrap().unwrap();
+    assert_eq!(again.retrying, 2, "{again:?}");
+    assert_eq!(amqp.dead_letters(&topic, 10).await.unwrap().len(), 1);
+    drop((g, g2));
+    amqp.close().await.unwrap();
+    delete_queues(&[
+        amqp.queue_name(&topic, "g"),
+        amqp.queue_name(&topic, "g2"),
+        amqp.queue_name(&dead_letter_topic(&topic), PARKED_GROUP),
+    ])
+    .await;
+}
+
+/// Without the management API, inspection fails in one line that says how
+/// to enable it, after `retry_for`; a refused login there says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspection_without_the_management_api_says_how_to_enable_it() {
+    let _broker = BROKER.read().await;
+    let closed = AmqpTransport::connect(
+        &url(),
+        AmqpOptions {
+            management_url: Some("http://127.0.0.1:1".to_owned()),
+            retry_for: Duration::from_millis(300),
+            ..options(ContentMode::Binary)
+        },
+    )
+    .await
+    .unwrap();
+    let err = closed.group_counts("t", "g").await.unwrap_err();
+    let message = err.to_string();
+    assert_eq!(err.kind(), TransportErrorKind::Unavailable);
+    assert!(!message.contains('\n'), "{message}");
+    assert!(
+        message.starts_with("the RabbitMQ management API at http://127.0.0.1:1 does not answer")
+            && message.ends_with(
+                "inspection needs it: rabbitmq-plugins enable rabbitmq_management, or set [amqp] management_url"
+            ),
+        "{message}"
+    );
+    closed.close().await.unwrap();
+
+    let refused = AmqpTransport::connect(
+        &url(),
+        AmqpOptions {
+            management_url: Some("http://guest:wrong-password@127.0.0.1:15672".to_owned()),
+            ..options(ContentMode::Binary)
+        },
+    )
+    .await
+    .unwrap();
+    let message = refused
+        .group_counts("t", "g")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("refused user \"guest\""), "{message}");
+    assert!(!message.contains("wrong-password"), "{message}");
+    refused.close().await.unwrap();
+}
