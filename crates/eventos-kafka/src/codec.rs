@@ -1,0 +1,159 @@
+//! Events on the wire: the CloudEvents Kafka protocol binding in both
+//! content modes.
+//!
+//! Binary mode puts every attribute in a `ce_` header (core's
+//! [`Binding::KAFKA`] mapping), `datacontenttype` in `content-type` and the
+//! payload as the value; structured mode sends the JSON event format as
+//! `application/cloudevents+json`. In both the key is the event's
+//! `subject`, so one subject's events share a partition and its order
+//! (the binding's "partitioning" extension is not used: the subject is
+//! what eventos orders by everywhere).
+
+use eventos_core::{Binding, Bytes, CONTENT_TYPE, Event};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+
+use crate::ContentMode;
+
+/// The binding's header for the content type.
+const CONTENT_TYPE_HEADER: &str = "content-type";
+
+/// An event as a Kafka record: key, headers, value.
+#[derive(Debug, Clone)]
+pub(crate) struct Encoded {
+    pub(crate) key: Option<String>,
+    pub(crate) headers: Vec<(String, Vec<u8>)>,
+    pub(crate) value: Vec<u8>,
+}
+
+impl Encoded {
+    pub(crate) fn owned_headers(&self) -> OwnedHeaders {
+        let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
+        for (key, value) in &self.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        headers
+    }
+}
+
+/// Encodes `event` in `mode`.
+pub(crate) fn encode(event: &Event, mode: ContentMode) -> Encoded {
+    let key = event.subject().map(str::to_owned);
+    match mode {
+        ContentMode::Binary => {
+            let parts = event.to_binary(Binding::KAFKA);
+            let mut headers: Vec<(String, Vec<u8>)> = parts
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect();
+            if let Some(ct) = parts.content_type {
+                headers.push((CONTENT_TYPE_HEADER.to_owned(), ct.into_bytes()));
+            }
+            let value = parts.data.map(|d| d.to_vec()).unwrap_or_default();
+            Encoded {
+                key,
+                headers,
+                value,
+            }
+        }
+        ContentMode::Structured => Encoded {
+            key,
+            headers: vec![(
+                CONTENT_TYPE_HEADER.to_owned(),
+                CONTENT_TYPE.as_bytes().to_vec(),
+            )],
+            value: event.to_json(),
+        },
+    }
+}
+
+/// Whether a content type announces a structured-mode CloudEvent
+/// (`application/cloudevents` with any suffix or parameters).
+fn is_structured(content_type: &str) -> bool {
+    content_type
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("application/cloudevents")
+}
+
+/// Decodes a record in either content mode, choosing by its content type
+/// as the binding says.
+///
+/// # Errors
+///
+/// A message saying why the record is not a CloudEvent.
+pub(crate) fn decode<H: Headers>(
+    headers: Option<&H>,
+    value: Option<&[u8]>,
+) -> Result<Event, String> {
+    let mut pairs = Vec::new();
+    let mut content_type = None;
+    if let Some(headers) = headers {
+        for header in headers.iter() {
+            let Some(raw) = header.value else { continue };
+            let Ok(text) = std::str::from_utf8(raw) else {
+                continue;
+            };
+            if header.key.eq_ignore_ascii_case(CONTENT_TYPE_HEADER) {
+                content_type = Some(text.to_owned());
+            } else {
+                pairs.push((header.key.to_owned(), text.to_owned()));
+            }
+        }
+    }
+    if content_type.as_deref().is_some_and(is_structured) {
+        return Event::from_json(value.unwrap_or_default())
+            .map_err(|e| format!("structured-mode value: {e}"));
+    }
+    let data = value.filter(|v| !v.is_empty()).map(Bytes::copy_from_slice);
+    Event::from_binary(Binding::KAFKA, pairs, content_type.as_deref(), data)
+        .map_err(|e| format!("binary-mode headers: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eventos_core::ext;
+
+    fn event() -> Event {
+        Event::builder("urn:eventos:test", "eventos.test.wire.v1")
+            .subject("students/42")
+            .data("application/json", r#"{"n":1}"#)
+            .extension(ext::CORRELATION_ID, "corr-1")
+            .and_then(|b| b.build())
+            .unwrap()
+    }
+
+    #[test]
+    fn both_modes_round_trip_with_the_subject_as_key() {
+        let sent = event();
+        for mode in [ContentMode::Binary, ContentMode::Structured] {
+            let encoded = encode(&sent, mode);
+            assert_eq!(encoded.key.as_deref(), Some("students/42"));
+            let headers = encoded.owned_headers();
+            let back = decode(Some(&headers), Some(&encoded.value)).unwrap();
+            assert_eq!(back, sent, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn binary_mode_uses_ce_headers_and_the_payload_as_value() {
+        let encoded = encode(&event(), ContentMode::Binary);
+        let names: Vec<_> = encoded.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(
+            names.contains(&"ce_id") && names.contains(&"ce_correlationid"),
+            "{names:?}"
+        );
+        assert!(names.contains(&"content-type"), "{names:?}");
+        assert_eq!(encoded.value, br#"{"n":1}"#);
+    }
+
+    #[test]
+    fn a_record_that_is_no_cloud_event_is_named() {
+        let err = decode::<OwnedHeaders>(None, Some(b"hello")).unwrap_err();
+        assert!(err.starts_with("binary-mode headers:"), "{err}");
+    }
+}
