@@ -16,6 +16,41 @@ use crate::ContentMode;
 
 /// The binding's header for the content type.
 const CONTENT_TYPE_HEADER: &str = "content-type";
+/// The attempt a retried copy is delivered as (absent means 1).
+const ATTEMPT_HEADER: &str = "eventos_attempt";
+/// When a retried copy is due, in milliseconds since the Unix epoch.
+const DUE_HEADER: &str = "eventos_due";
+
+/// What the transport adds to a retried copy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    /// The attempt the copy will be delivered as.
+    pub(crate) attempt: u32,
+    /// When it is due, epoch milliseconds.
+    pub(crate) due_ms: Option<i64>,
+}
+
+impl Stamp {
+    /// Reads the stamp of a record; a record without one is a first
+    /// attempt, due at once.
+    pub(crate) fn read<H: Headers>(headers: Option<&H>) -> Self {
+        let mut stamp = Stamp {
+            attempt: 1,
+            due_ms: None,
+        };
+        for header in headers.into_iter().flat_map(Headers::iter) {
+            let value = header.value.and_then(|v| std::str::from_utf8(v).ok());
+            match header.key {
+                ATTEMPT_HEADER => {
+                    stamp.attempt = value.and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
+                }
+                DUE_HEADER => stamp.due_ms = value.and_then(|v| v.parse().ok()),
+                _ => {}
+            }
+        }
+        stamp
+    }
+}
 
 /// An event as a Kafka record: key, headers, value.
 #[derive(Debug, Clone)]
@@ -38,8 +73,24 @@ impl Encoded {
     }
 }
 
-/// Encodes `event` in `mode`.
-pub(crate) fn encode(event: &Event, mode: ContentMode) -> Encoded {
+/// Encodes `event` in `mode`, with `stamp` for a retried copy.
+pub(crate) fn encode(event: &Event, mode: ContentMode, stamp: Stamp) -> Encoded {
+    let mut encoded = encode_event(event, mode);
+    if stamp.attempt > 1 {
+        encoded.headers.push((
+            ATTEMPT_HEADER.to_owned(),
+            stamp.attempt.to_string().into_bytes(),
+        ));
+    }
+    if let Some(due) = stamp.due_ms {
+        encoded
+            .headers
+            .push((DUE_HEADER.to_owned(), due.to_string().into_bytes()));
+    }
+    encoded
+}
+
+fn encode_event(event: &Event, mode: ContentMode) -> Encoded {
     let key = event.subject().map(str::to_owned);
     match mode {
         ContentMode::Binary => {
@@ -97,6 +148,9 @@ pub(crate) fn decode<H: Headers>(
             let Ok(text) = std::str::from_utf8(raw) else {
                 continue;
             };
+            if header.key == ATTEMPT_HEADER || header.key == DUE_HEADER {
+                continue;
+            }
             if header.key.eq_ignore_ascii_case(CONTENT_TYPE_HEADER) {
                 content_type = Some(text.to_owned());
             } else {
@@ -131,7 +185,7 @@ mod tests {
     fn both_modes_round_trip_with_the_subject_as_key() {
         let sent = event();
         for mode in [ContentMode::Binary, ContentMode::Structured] {
-            let encoded = encode(&sent, mode);
+            let encoded = encode(&sent, mode, Stamp::default());
             assert_eq!(encoded.key.as_deref(), Some("students/42"));
             let headers = encoded.owned_headers();
             let back = decode(Some(&headers), Some(&encoded.value)).unwrap();
@@ -141,7 +195,7 @@ mod tests {
 
     #[test]
     fn binary_mode_uses_ce_headers_and_the_payload_as_value() {
-        let encoded = encode(&event(), ContentMode::Binary);
+        let encoded = encode(&event(), ContentMode::Binary, Stamp::default());
         let names: Vec<_> = encoded.headers.iter().map(|(k, _)| k.as_str()).collect();
         assert!(
             names.contains(&"ce_id") && names.contains(&"ce_correlationid"),
@@ -149,6 +203,20 @@ mod tests {
         );
         assert!(names.contains(&"content-type"), "{names:?}");
         assert_eq!(encoded.value, br#"{"n":1}"#);
+    }
+
+    #[test]
+    fn a_stamp_survives_the_wire_and_stays_out_of_the_event() {
+        let sent = event();
+        let stamp = Stamp {
+            attempt: 3,
+            due_ms: Some(1_700_000_000_000),
+        };
+        let encoded = encode(&sent, ContentMode::Binary, stamp);
+        let headers = encoded.owned_headers();
+        assert_eq!(Stamp::read(Some(&headers)), stamp);
+        assert_eq!(decode(Some(&headers), Some(&encoded.value)).unwrap(), sent);
+        assert_eq!(Stamp::read::<OwnedHeaders>(None).attempt, 1);
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! The Apache Kafka transport for eventos: for the volume, retention and
 //! replay teams move to Kafka for.
 //!
-//! This is its first half: events published with the CloudEvents Kafka
-//! binding by an idempotent producer that answers only once Kafka has
-//! stored every event of a batch. Consuming, retry topics and the
-//! registry entry follow on the same pieces.
+//! [`KafkaTransport::connect`] makes one idempotent producer for the
+//! transport and one Kafka consumer per subscription; it keeps the
+//! transport contract of [`eventos_core`] — fan-out to groups, competing
+//! members, replay, stored retries, dead letters, durable publishes.
 //!
 //! # The decisions that shaped it
 //!
@@ -31,15 +31,32 @@
 //! published to, rather than left to the broker's auto-creation, whose
 //! settings are the broker operator's and usually off in production.
 //!
-//! No feature flags of its own; the CLI carries this crate behind one.
+//! **Consumers, offsets, retries:** see the `consumer` module: a Kafka
+//! consumer group per eventos group and topic, offsets committed over the
+//! settled prefix only (the kit's [`eventos_kit::SettledCursor`]), retries
+//! in a retry topic of the group's own, held in memory until due,
+//! dead letters on `<topic>.dlq`. Members keep polling with their
+//! partitions paused while their prefetch is full, so a busy member never
+//! holds up its group's rebalances.
+//!
+//! **Not yet:** inspection (`inspection: false`), and the registry entry
+//! for `--transport kafka://`.
+//!
+//! No feature flags of its own.
 
 mod codec;
+mod consumer;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use eventos_core::{Event, Publisher, TransportError, TransportErrorKind};
+use std::sync::Arc;
+
+use eventos_core::{
+    Capabilities, DeliveryStream, Event, Publisher, Subscriber, Subscription, Transport,
+    TransportError, TransportErrorKind,
+};
 use eventos_kit::{Lifecycle, lock};
 use futures::future::BoxFuture;
 use rdkafka::ClientConfig;
@@ -142,79 +159,31 @@ pub fn event_from_record<M: rdkafka::Message>(record: &M) -> Result<Event, Strin
 
 fn kafka_error(what: &str, e: &KafkaError) -> TransportError {
     let kind = match e.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidTopic) => {
-            TransportErrorKind::Rejected
-        }
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => TransportErrorKind::Rejected,
+        Some(RDKafkaErrorCode::InvalidTopic) => TransportErrorKind::InvalidName,
         _ => TransportErrorKind::Unavailable,
     };
     TransportError::new(kind, format!("{what}: {e}"))
 }
 
-/// Publishes events to Kafka.
-pub struct KafkaPublisher {
-    producer: FutureProducer,
+/// What the transport's parts share: the producer, the admin client, the
+/// options.
+pub(crate) struct Shared {
+    pub(crate) producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
-    options: KafkaOptions,
-    /// Topics created (or found) since this publisher started.
+    pub(crate) options: KafkaOptions,
+    /// The client settings every consumer starts from.
+    pub(crate) base: ClientConfig,
+    /// Topics created (or found) since the transport started.
     created: Mutex<HashSet<String>>,
-    lifecycle: Lifecycle,
-    servers: String,
+    pub(crate) lifecycle: Lifecycle,
+    pub(crate) servers: String,
 }
 
-impl std::fmt::Debug for KafkaPublisher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaPublisher")
-            .field("servers", &self.servers)
-            .field("options", &self.options)
-            .finish_non_exhaustive()
-    }
-}
-
-impl KafkaPublisher {
-    /// A publisher to the cluster at `url` (`kafka://127.0.0.1:9092`).
-    /// librdkafka connects lazily; the first publish says whether the
-    /// cluster answers.
-    ///
-    /// # Errors
-    ///
-    /// One line naming the problem: a bad URL, or a client setting
-    /// librdkafka refuses.
-    pub fn new(url: &str, options: KafkaOptions) -> Result<Self, TransportError> {
-        let servers = bootstrap_servers(url)?;
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &servers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            .set(
-                "message.timeout.ms",
-                options.publish_timeout.as_millis().to_string(),
-            );
-        for (key, value) in &options.client {
-            config.set(key, value);
-        }
-        let refused = |e: KafkaError| {
-            TransportError::new(
-                TransportErrorKind::Other,
-                format!("the Kafka client settings are refused: {e}"),
-            )
-        };
-        let producer: FutureProducer = config.create().map_err(refused)?;
-        let admin: AdminClient<DefaultClientContext> = config.create().map_err(refused)?;
-        Ok(Self {
-            producer,
-            admin,
-            options,
-            created: Mutex::new(HashSet::new()),
-            lifecycle: Lifecycle::new(),
-            servers,
-        })
-    }
-
-    /// Creates `topic` unless this publisher did already; a topic that
+impl Shared {
+    /// Creates `topic` unless this transport did already; a topic that
     /// exists is fine.
-    async fn ensure_topic(&self, topic: &str) -> Result<(), TransportError> {
+    pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<(), TransportError> {
         if lock(&self.created).contains(topic) {
             return Ok(());
         }
@@ -240,82 +209,249 @@ impl KafkaPublisher {
                 }
             }
         }
+        self.await_metadata(topic, &what).await?;
         lock(&self.created).insert(topic.to_owned());
         Ok(())
     }
 
-    /// Refuses further publishes and waits for what is queued.
-    pub async fn close(&self) {
-        if self.lifecycle.close() {
-            let producer = self.producer.clone();
-            let _ =
-                tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+    /// Waits until the cluster's metadata lists `topic` with its
+    /// partitions. A topic reaches the metadata a moment after its
+    /// creation is answered, and a consumer that subscribes before would
+    /// be assigned without it, then rebalance once it appears: taking back
+    /// every delivery in hand.
+    async fn await_metadata(&self, topic: &str, what: &str) -> Result<(), TransportError> {
+        let producer = self.producer.clone();
+        let timeout = self.options.publish_timeout;
+        let (topic, task_what) = (topic.to_owned(), what.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let what = task_what;
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                let metadata = producer
+                    .client()
+                    .fetch_metadata(Some(&topic), timeout)
+                    .map_err(|e| kafka_error(&what, &e))?;
+                let ready = metadata.topics().iter().any(|t| {
+                    t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                });
+                if ready {
+                    return Ok(());
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(TransportError::new(
+                        TransportErrorKind::Unavailable,
+                        format!(
+                            "{what}: the topic is not in the cluster's metadata after {timeout:?}"
+                        ),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await
+        .map_err(|e| {
+            TransportError::new(
+                TransportErrorKind::Other,
+                format!("{what}: the metadata task failed: {e}"),
+            )
+        })?
+    }
+
+    /// Produces `records` to `topic` and returns once Kafka stored them
+    /// all. Everything is queued before anything is awaited, so librdkafka
+    /// batches the lot; a full queue is waited out on what is in flight.
+    pub(crate) async fn produce(
+        &self,
+        topic: &str,
+        records: &[codec::Encoded],
+    ) -> Result<(), TransportError> {
+        let what = format!("publishing to Kafka topic {topic:?}");
+        let mut pending = Vec::with_capacity(records.len());
+        for record in records {
+            let headers = record.owned_headers();
+            loop {
+                let mut future = FutureRecord::to(topic)
+                    .payload(&record.value)
+                    .headers(headers.clone());
+                if let Some(key) = &record.key {
+                    future = future.key(key);
+                }
+                match self.producer.send_result(future) {
+                    Ok(delivery) => {
+                        pending.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => return Err(kafka_error(&what, &e)),
+                }
+            }
         }
+        let mut first_error = None;
+        for delivery in pending {
+            let failed = match delivery.await {
+                Ok(Ok(_)) => None,
+                Ok(Err((e, _))) => Some(kafka_error(&what, &e)),
+                Err(_) => Some(TransportError::new(
+                    TransportErrorKind::Unavailable,
+                    format!("{what}: the producer went away before Kafka answered"),
+                )),
+            };
+            if first_error.is_none() {
+                first_error = failed;
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
 
-impl Publisher for KafkaPublisher {
+/// The Kafka transport. Cloning shares the producer.
+#[derive(Clone)]
+pub struct KafkaTransport {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for KafkaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTransport")
+            .field("servers", &self.shared.servers)
+            .field("options", &self.shared.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaTransport {
+    /// A transport for the cluster at `url` (`kafka://127.0.0.1:9092`).
+    /// librdkafka connects lazily; the first publish or subscription says
+    /// whether the cluster answers.
+    ///
+    /// # Errors
+    ///
+    /// One line naming the problem: a bad URL, or a client setting
+    /// librdkafka refuses.
+    pub fn connect(url: &str, options: KafkaOptions) -> Result<Self, TransportError> {
+        let servers = bootstrap_servers(url)?;
+        let mut base = ClientConfig::new();
+        base.set("bootstrap.servers", &servers);
+        for (key, value) in &options.client {
+            base.set(key, value);
+        }
+        let mut config = base.clone();
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            // Events without a subject (no key) are spread one by one over
+            // the partitions, so a group's members share them; sticky
+            // batches would put a whole burst in one partition.
+            .set("sticky.partitioning.linger.ms", "0")
+            .set(
+                "message.timeout.ms",
+                options.publish_timeout.as_millis().to_string(),
+            );
+        for (key, value) in &options.client {
+            config.set(key, value);
+        }
+        let producer: FutureProducer = config.create().map_err(|e| refused(&e))?;
+        let admin: AdminClient<DefaultClientContext> = base.create().map_err(|e| refused(&e))?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                producer,
+                admin,
+                options,
+                base,
+                created: Mutex::new(HashSet::new()),
+                lifecycle: Lifecycle::new(),
+                servers,
+            }),
+        })
+    }
+
+    /// The topic that holds `group`'s retries of `topic`, for operators
+    /// and tests.
+    pub fn retry_topic(topic: &str, group: &str) -> String {
+        consumer::retry_topic(topic, group)
+    }
+}
+
+fn refused(e: &KafkaError) -> TransportError {
+    TransportError::new(
+        TransportErrorKind::Other,
+        format!("the Kafka client settings are refused: {e}"),
+    )
+}
+
+impl Publisher for KafkaTransport {
     fn publish<'a>(
         &'a self,
         topic: &'a str,
         events: Vec<Event>,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
-            self.lifecycle.check_publish(
+            let shared = &self.shared;
+            shared.lifecycle.check_publish(
                 "kafka",
                 topic,
                 &events,
-                self.options.max_payload_bytes,
+                shared.options.max_payload_bytes,
             )?;
             if events.is_empty() {
                 return Ok(());
             }
-            self.ensure_topic(topic).await?;
+            shared.ensure_topic(topic).await?;
             let encoded: Vec<_> = events
                 .iter()
-                .map(|e| codec::encode(e, self.options.mode))
+                .map(|e| codec::encode(e, shared.options.mode, codec::Stamp::default()))
                 .collect();
-            let what = format!("publishing to Kafka topic {topic:?}");
-            // Everything is queued before anything is awaited, so librdkafka
-            // batches the lot; a full queue is waited out on what is
-            // already in flight.
-            let mut pending = Vec::with_capacity(encoded.len());
-            for record in &encoded {
-                let headers = record.owned_headers();
-                loop {
-                    let mut future = FutureRecord::to(topic)
-                        .payload(&record.value)
-                        .headers(headers.clone());
-                    if let Some(key) = &record.key {
-                        future = future.key(key);
-                    }
-                    match self.producer.send_result(future) {
-                        Ok(delivery) => {
-                            pending.push(delivery);
-                            break;
-                        }
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                        Err((e, _)) => return Err(kafka_error(&what, &e)),
-                    }
-                }
+            shared.produce(topic, &encoded).await
+        })
+    }
+}
+
+impl Subscriber for KafkaTransport {
+    fn subscribe(
+        &self,
+        subscription: Subscription,
+    ) -> BoxFuture<'_, Result<DeliveryStream, TransportError>> {
+        Box::pin(async move {
+            self.shared.lifecycle.check_subscribe(&subscription)?;
+            consumer::subscribe(self.shared.clone(), subscription).await
+        })
+    }
+}
+
+impl Transport for KafkaTransport {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            durable_publish: true,
+            persistent: true,
+            consumer_groups: true,
+            buffers_idle_groups: true,
+            // A partition keeps one key's order, but a member holds up to
+            // its prefetch at once and retries come back later.
+            per_key_ordering: false,
+            delayed_retry: true,
+            replay: true,
+            survives_broker_restart: true,
+            max_payload_bytes: self.shared.options.max_payload_bytes,
+            inspection: false,
+        }
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async move {
+            if self.shared.lifecycle.close() {
+                let producer = self.shared.producer.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
+                        .await;
             }
-            let mut first_error = None;
-            for delivery in pending {
-                let failed = match delivery.await {
-                    Ok(Ok(_)) => None,
-                    Ok(Err((e, _))) => Some(kafka_error(&what, &e)),
-                    Err(_) => Some(TransportError::new(
-                        TransportErrorKind::Unavailable,
-                        format!("{what}: the producer went away before Kafka answered"),
-                    )),
-                };
-                if first_error.is_none() {
-                    first_error = failed;
-                }
-            }
-            first_error.map_or(Ok(()), Err)
+            Ok(())
         })
     }
 }

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use eventos_core::{Event, Publisher, TransportErrorKind, ext};
-use eventos_kafka::{ContentMode, KafkaOptions, KafkaPublisher, event_from_record};
+use eventos_core::{Event, Publisher, Transport, TransportErrorKind, ext};
+use eventos_kafka::{ContentMode, KafkaOptions, KafkaTransport, event_from_record};
 use eventos_test_brokers::Broker;
 use rdkafka::ClientConfig;
 use rdkafka::Message;
@@ -78,7 +78,7 @@ async fn delete_topic(topic: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_land_in_both_modes_keyed_by_subject_in_order() {
     for mode in [ContentMode::Binary, ContentMode::Structured] {
-        let publisher = KafkaPublisher::new(
+        let publisher = KafkaTransport::connect(
             &url(),
             KafkaOptions {
                 mode,
@@ -137,15 +137,15 @@ async fn events_land_in_both_modes_keyed_by_subject_in_order() {
             }
             ContentMode::Structured => assert_eq!(names, &["content-type"]),
         }
-        publisher.close().await;
+        publisher.close().await.unwrap();
         delete_topic(&topic).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_after_close_is_refused() {
-    let publisher = KafkaPublisher::new(&url(), KafkaOptions::default()).unwrap();
-    publisher.close().await;
+    let publisher = KafkaTransport::connect(&url(), KafkaOptions::default()).unwrap();
+    publisher.close().await.unwrap();
     let err = publisher
         .publish(&unique("closed"), vec![event("s", 1)])
         .await
@@ -155,7 +155,7 @@ async fn a_publish_after_close_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_cluster_fails_the_publish_in_time_in_one_line() {
-    let publisher = KafkaPublisher::new(
+    let publisher = KafkaTransport::connect(
         "kafka://127.0.0.1:1",
         KafkaOptions {
             publish_timeout: Duration::from_secs(2),
@@ -181,10 +181,10 @@ fn bad_urls_and_settings_are_named() {
         ("kafka://host", "has no port"),
         ("kafka://host:port", "is not host:port"),
     ] {
-        let err = KafkaPublisher::new(url, KafkaOptions::default()).unwrap_err();
+        let err = KafkaTransport::connect(url, KafkaOptions::default()).unwrap_err();
         assert!(err.to_string().contains(why), "{url}: {err}");
     }
-    let err = KafkaPublisher::new(
+    let err = KafkaTransport::connect(
         "kafka://127.0.0.1:9092",
         KafkaOptions {
             client: BTreeMap::from([("no.such.setting".to_owned(), "1".to_owned())]),

@@ -1,0 +1,740 @@
+//! Subscriptions: one Kafka consumer per subscription, reading the topic
+//! and the group's retry topic, committing an offset only once everything
+//! before it is settled.
+//!
+//! **One Kafka consumer group per eventos group and topic**
+//! (`<group>@<topic>`), so a group's subscriptions to different topics
+//! never rebalance each other: with Kafka's eager rebalancing every member
+//! of a group gives up all its partitions whenever any member comes or
+//! goes.
+//!
+//! **Offsets over the settled prefix.** Each assigned partition has a
+//! [`SettledCursor`]; a settled delivery marks its offset, and when the
+//! cursor moves its position is stored for librdkafka's next auto-commit
+//! (every second). A commit therefore never passes an unsettled delivery:
+//! after a crash or a rebalance, whatever was not settled is read again
+//! (at least once). When partitions are revoked, the stored offsets are
+//! committed before the revocation completes and the partitions' cursors
+//! are dropped; a delivery from such a partition settled later changes
+//! nothing, and the partition's new owner reads it again.
+//!
+//! **Retries in a topic of the group's own**, `<topic>.retry.<group>`: a
+//! retry is a copy stamped with its next attempt and due time, produced
+//! there before the original's offset is marked. The group's consumer
+//! reads that topic with the main one and holds a copy in memory until it
+//! is due, so the main topic's partitions never wait for a retry, and a
+//! long retry does not hold up a short one. Only that group reads it, so
+//! no other group sees the event again. A held retry is not committed, so
+//! a crash only reads it again. Retries come back after their key's later
+//! events: retried events leave their key's order.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use eventos_core::{
+    Delivery, DeliveryInfo, DeliveryStream, Event, Outcome, StartFrom, Subscription,
+    TransportError, TransportErrorKind, dead_letter_event, dead_letter_topic,
+};
+use eventos_kit::{OnceAcker, Prefetch, Settle, SettledCursor, lock};
+use futures::Stream;
+use futures::future::BoxFuture;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::{Notify, mpsc};
+
+use crate::codec::{self, Stamp};
+use crate::{Shared, kafka_error};
+
+/// How long a subscription waits for the group to take it in.
+const JOIN_WAIT: Duration = Duration::from_secs(15);
+
+/// The longest topic name Kafka accepts.
+const MAX_TOPIC: usize = 249;
+
+/// The topic that holds `group`'s retries of `topic`:
+/// `<topic>.retry.<group>`, or, where that is longer than Kafka allows, a
+/// readable prefix of it and a hash of the whole.
+pub(crate) fn retry_topic(topic: &str, group: &str) -> String {
+    let full = format!("{topic}.retry.{group}");
+    if full.len() <= MAX_TOPIC {
+        return full;
+    }
+    let hash = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, full.as_bytes()).simple();
+    let keep = MAX_TOPIC - 1 - 32;
+    // Topic and group names are ASCII, so any byte index is a boundary.
+    format!("{}.{hash}", &full[..keep])
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// One assigned partition's settled-offset cursor.
+struct Part {
+    cursor: SettledCursor,
+    /// The next offset the consumer should read; offsets it skips (control
+    /// records) count as settled.
+    next: u64,
+    /// The assignment this cursor belongs to.
+    generation: u64,
+}
+
+/// The cursors of every partition a consumer holds.
+#[derive(Default)]
+struct Offsets {
+    generation: u64,
+    parts: HashMap<(String, i32), Part>,
+}
+
+/// Commits and forgets revoked partitions before they go; tells the
+/// subscription when the group has given it its share.
+struct Ctx {
+    offsets: Arc<Mutex<Offsets>>,
+    assigned: Arc<Assigned>,
+}
+
+/// Whether the group has assigned this member its partitions yet.
+#[derive(Default)]
+struct Assigned {
+    done: AtomicBool,
+    wake: Notify,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = rebalance {
+            self.assigned.done.store(true, Ordering::Release);
+            self.assigned.wake.notify_waiters();
+        }
+    }
+
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(revoked) = rebalance {
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                // Nothing stored since the last commit is the common case.
+                if !matches!(
+                    e,
+                    KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)
+                ) {
+                    tracing::warn!(error = %e, "cannot commit before a rebalance; the new owner reads the uncommitted events again");
+                }
+            }
+            let mut offsets = lock(&self.offsets);
+            offsets.generation += 1;
+            for element in revoked.elements() {
+                offsets
+                    .parts
+                    .remove(&(element.topic().to_owned(), element.partition()));
+            }
+        }
+    }
+}
+
+type KafkaConsumer = StreamConsumer<Ctx>;
+
+/// What a subscription's pump, stream and ackers share.
+struct Sub {
+    shared: Arc<Shared>,
+    topic: Arc<str>,
+    group: Arc<str>,
+    retry_topic: String,
+    /// Until the subscription ends; then closed, so the group rebalances
+    /// at once, and later settlements store nothing.
+    consumer: Mutex<Option<Arc<KafkaConsumer>>>,
+    offsets: Arc<Mutex<Offsets>>,
+    /// Deliveries dropped unsettled whose copy is still being produced;
+    /// the subscription's end waits for them, so that their offsets are in
+    /// its last commit.
+    putting_back: AtomicUsize,
+    /// The stream was dropped and what it still held given back.
+    stream_gone: AtomicBool,
+    /// Wakes the subscription's end when either changes.
+    put_back: Notify,
+}
+
+impl Sub {
+    /// Registers a record just read: its partition's cursor, created at the
+    /// first offset read in this assignment. Returns the assignment.
+    fn register(&self, topic: &str, partition: i32, offset: u64) -> u64 {
+        let mut offsets = lock(&self.offsets);
+        let generation = offsets.generation;
+        let part = offsets
+            .parts
+            .entry((topic.to_owned(), partition))
+            .or_insert_with(|| Part {
+                cursor: SettledCursor::at(offset),
+                next: offset,
+                generation,
+            });
+        let mut moved = false;
+        for skipped in part.next..offset {
+            moved |= part.cursor.settle(skipped);
+        }
+        part.next = part.next.max(offset + 1);
+        if moved {
+            self.store(topic, partition, part.cursor.position());
+        }
+        generation
+    }
+
+    /// Marks `offset` settled; stores the new commit position if the
+    /// settled prefix grew. A partition revoked since is left alone.
+    fn settled(&self, topic: &str, partition: i32, offset: u64, generation: u64) {
+        let mut offsets = lock(&self.offsets);
+        let Some(part) = offsets.parts.get_mut(&(topic.to_owned(), partition)) else {
+            return;
+        };
+        if part.generation != generation {
+            return;
+        }
+        if part.cursor.settle(offset) {
+            let position = part.cursor.position();
+            self.store(topic, partition, position);
+        }
+    }
+
+    /// Whether the delivery of assignment `generation` from `partition`
+    /// is still this consumer's to settle.
+    fn owns(&self, topic: &str, partition: i32, generation: u64) -> bool {
+        lock(&self.offsets)
+            .parts
+            .get(&(topic.to_owned(), partition))
+            .is_some_and(|p| p.generation == generation)
+    }
+
+    /// Stores `position`, the next offset to read, for the next commit.
+    /// (`store_offsets`, not `store_offset`: librdkafka's single-offset
+    /// store takes a message's offset and commits the one after it.)
+    fn store(&self, topic: &str, partition: i32, position: u64) {
+        let Some(consumer) = lock(&self.consumer).clone() else {
+            return;
+        };
+        let position = i64::try_from(position).unwrap_or(i64::MAX);
+        let mut list = TopicPartitionList::new();
+        let stored = list
+            .add_partition_offset(topic, partition, Offset::Offset(position))
+            .and_then(|()| consumer.store_offsets(&list));
+        if let Err(e) = stored {
+            tracing::debug!(topic, partition, error = %e, "offset not stored (partition revoked?)");
+        }
+    }
+}
+
+/// Creates the group's topics and its join position, then starts the
+/// consumer. Returns once events published afterwards will reach the
+/// group.
+pub(crate) async fn subscribe(
+    shared: Arc<Shared>,
+    subscription: Subscription,
+) -> Result<DeliveryStream, TransportError> {
+    let topic = subscription.topic.clone();
+    let group = subscription.group.clone();
+    let retry = retry_topic(&topic, &group);
+    shared.ensure_topic(&topic).await?;
+    shared.ensure_topic(&retry).await?;
+    let group_id = format!("{group}@{topic}");
+    if subscription.start == StartFrom::Latest {
+        join_at_the_end(&shared, &group_id, &topic).await?;
+    }
+    let offsets = Arc::new(Mutex::new(Offsets::default()));
+    let assigned = Arc::new(Assigned::default());
+    let mut config = shared.base.clone();
+    config
+        .set("group.id", &group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000");
+    for (key, value) in &shared.options.client {
+        config.set(key, value);
+    }
+    let consumer: KafkaConsumer = config
+        .create_with_context(Ctx {
+            offsets: offsets.clone(),
+            assigned: assigned.clone(),
+        })
+        .map_err(|e| crate::refused(&e))?;
+    consumer
+        .subscribe(&[topic.as_str(), retry.as_str()])
+        .map_err(|e| kafka_error(&format!("subscribing {group_id:?}"), &e))?;
+    let consumer = Arc::new(consumer);
+    let sub = Arc::new(Sub {
+        shared: shared.clone(),
+        topic: topic.as_str().into(),
+        group: group.as_str().into(),
+        retry_topic: retry,
+        consumer: Mutex::new(Some(consumer.clone())),
+        offsets,
+        putting_back: AtomicUsize::new(0),
+        stream_gone: AtomicBool::new(false),
+        put_back: Notify::new(),
+    });
+    let (tx, rx) = mpsc::unbounded_channel();
+    let wake = Arc::new(Notify::new());
+    let pump = Pump {
+        consumer,
+        sub: sub.clone(),
+        tx,
+        prefetch: Prefetch::new(subscription.prefetch, wake.clone()),
+        wake,
+    };
+    tokio::spawn(pump.run());
+    // Returns once the group has taken this member in, so that members
+    // joined one after another share the partitions before events flow
+    // rather than the first taking them all until a rebalance. A group
+    // slow to settle (a member that left without saying so) is waited for
+    // no longer than a session.
+    let deadline = tokio::time::Instant::now() + JOIN_WAIT;
+    loop {
+        let notified = assigned.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if assigned.done.load(Ordering::Acquire) {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            tracing::warn!(%topic, %group, "the consumer group has not assigned partitions yet; going on");
+            break;
+        }
+    }
+    Ok(Box::pin(KafkaStream { sub, rx }))
+}
+
+/// Commits the end of every partition for a group that has no committed
+/// offset yet, so that it starts with what is published from now on.
+async fn join_at_the_end(
+    shared: &Shared,
+    group_id: &str,
+    topic: &str,
+) -> Result<(), TransportError> {
+    let mut config = shared.base.clone();
+    config
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = config.create().map_err(|e| crate::refused(&e))?;
+    let timeout = shared.options.publish_timeout;
+    let (topic, group_id) = (topic.to_owned(), group_id.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let what = format!("placing new group {group_id:?} at the end of {topic:?}");
+        let fail = |e: KafkaError| kafka_error(&what, &e);
+        let deadline = std::time::Instant::now() + timeout;
+        // A topic just created reaches the metadata a moment later.
+        let partitions = loop {
+            let metadata = consumer
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(fail)?;
+            let count = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+                .map_or(0, |t| t.partitions().len());
+            if count > 0 {
+                break i32::try_from(count).unwrap_or(i32::MAX);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(TransportError::new(
+                    TransportErrorKind::Unavailable,
+                    format!("{what}: the topic has no partitions in the metadata yet"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut all = TopicPartitionList::new();
+        for partition in 0..partitions {
+            all.add_partition(&topic, partition);
+        }
+        let committed = consumer.committed_offsets(all, timeout).map_err(fail)?;
+        if committed
+            .elements()
+            .iter()
+            .any(|e| e.offset() != Offset::Invalid)
+        {
+            return Ok(());
+        }
+        let mut ends = TopicPartitionList::new();
+        for partition in 0..partitions {
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, partition, timeout)
+                .map_err(fail)?;
+            ends.add_partition_offset(&topic, partition, Offset::Offset(high))
+                .map_err(fail)?;
+        }
+        consumer.commit(&ends, CommitMode::Sync).map_err(fail)
+    })
+    .await
+    .map_err(|e| {
+        TransportError::new(
+            TransportErrorKind::Other,
+            format!("the join-position task failed: {e}"),
+        )
+    })?
+}
+
+/// The stream handed to the subscriber.
+struct KafkaStream {
+    sub: Arc<Sub>,
+    rx: mpsc::UnboundedReceiver<Result<Delivery, TransportError>>,
+}
+
+impl Stream for KafkaStream {
+    type Item = Result<Delivery, TransportError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.sub.shared.lifecycle.is_closed() {
+            return Poll::Ready(None);
+        }
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for KafkaStream {
+    fn drop(&mut self) {
+        // Given back here, on this thread, before the subscription's end
+        // is told: left to the channel, they would be dropped whenever its
+        // last sender goes, after the end had committed without them.
+        self.rx.close();
+        while let Ok(item) = self.rx.try_recv() {
+            drop(item);
+        }
+        self.sub.stream_gone.store(true, Ordering::Release);
+        self.sub.put_back.notify_waiters();
+    }
+}
+
+/// A delivery read and ready to hand out.
+struct Ready {
+    event: Arc<Event>,
+    info: DeliveryInfo,
+    settle: KafkaSettle,
+}
+
+/// Moves records from the consumer to the stream, within the prefetch.
+struct Pump {
+    consumer: Arc<KafkaConsumer>,
+    sub: Arc<Sub>,
+    tx: mpsc::UnboundedSender<Result<Delivery, TransportError>>,
+    prefetch: Prefetch,
+    wake: Arc<Notify>,
+}
+
+impl Pump {
+    async fn run(self) {
+        self.pump().await;
+        self.finish().await;
+    }
+
+    /// While the prefetch is full the consumer keeps polling, with its
+    /// partitions paused: a member that stopped polling would hold up every
+    /// rebalance of its group until the broker gave up on it. A record that
+    /// arrives all the same (from a partition just assigned) waits in
+    /// `overflow`.
+    async fn pump(&self) {
+        let mut closed = Box::pin(self.sub.shared.lifecycle.closed());
+        let mut overflow = VecDeque::new();
+        let mut paused = false;
+        loop {
+            while !self.prefetch.is_full() {
+                let Some(ready) = overflow.pop_front() else {
+                    break;
+                };
+                self.deliver(ready);
+            }
+            // Armed before the check, so a release in between is not
+            // missed.
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let full = self.prefetch.is_full();
+            if full != paused {
+                self.pause(full);
+                paused = full;
+            }
+            tokio::select! {
+                () = &mut closed => break,
+                () = self.tx.closed() => break,
+                () = notified, if full => {}
+                received = self.consumer.recv() => match received {
+                    Ok(record) => {
+                        if let Some(ready) = self.prepare(&record) {
+                            if self.prefetch.is_full() {
+                                overflow.push_back(ready);
+                                self.pause(true);
+                                paused = true;
+                            } else {
+                                self.deliver(ready);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %self.sub.topic, group = %self.sub.group, error = %e, "Kafka consumer error");
+                        let _ = self.tx.send(Err(kafka_error(
+                            &format!("consuming {:?} as group {:?}", self.sub.topic, self.sub.group),
+                            &e,
+                        )));
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Pauses or resumes every partition assigned now.
+    fn pause(&self, pause: bool) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, pause, "cannot pause or resume partitions");
+        }
+    }
+
+    /// Hands a delivery out, unless its partition was revoked since it was
+    /// read (the new owner reads it again).
+    fn deliver(&self, ready: Ready) {
+        let Ready {
+            event,
+            info,
+            settle,
+        } = ready;
+        if !self
+            .sub
+            .owns(&settle.topic, settle.partition, settle.generation)
+        {
+            return;
+        }
+        let acker = OnceAcker::with_permit(settle, self.prefetch.acquire());
+        let _ = self
+            .tx
+            .send(Ok(Delivery::new(event, info, Box::new(acker))));
+    }
+
+    /// Reads a record into a delivery to hand out now; a retry not due yet
+    /// is held aside until it is, and a record that is no CloudEvent is
+    /// skipped.
+    fn prepare(&self, record: &BorrowedMessage<'_>) -> Option<Ready> {
+        let topic = record.topic().to_owned();
+        let partition = record.partition();
+        let offset = u64::try_from(record.offset()).unwrap_or(0);
+        let generation = self.sub.register(&topic, partition, offset);
+        let event = match codec::decode(record.headers(), record.payload()) {
+            Ok(event) => Arc::new(event),
+            Err(reason) => {
+                tracing::error!(%topic, partition, offset, %reason, "skipping a record that is not a CloudEvent");
+                self.sub.settled(&topic, partition, offset, generation);
+                return None;
+            }
+        };
+        let stamp = if topic == self.sub.retry_topic {
+            Stamp::read(record.headers())
+        } else {
+            Stamp {
+                attempt: 1,
+                due_ms: None,
+            }
+        };
+        let settle = KafkaSettle {
+            sub: self.sub.clone(),
+            event: event.clone(),
+            topic,
+            partition,
+            offset,
+            generation,
+            attempt: stamp.attempt,
+        };
+        let info = DeliveryInfo {
+            topic: self.sub.topic.clone(),
+            group: self.sub.group.clone(),
+            attempt: stamp.attempt,
+        };
+        let ready = Ready {
+            event,
+            info,
+            settle,
+        };
+        let early = stamp.due_ms.map_or(0, |due| due - now_ms());
+        if early <= 0 {
+            return Some(ready);
+        }
+        // Not due yet: held aside, so the partition goes on meanwhile.
+        let wait = Duration::from_millis(u64::try_from(early).unwrap_or(0));
+        let (tx, prefetch) = (self.tx.clone(), self.prefetch.clone());
+        let closed = self.sub.shared.lifecycle.closed();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = closed => {}
+                () = tx.closed() => {}
+                () = tokio::time::sleep(wait) => {
+                    let Ready { event, info, settle } = ready;
+                    let acker = OnceAcker::with_permit(settle, prefetch.acquire());
+                    let _ = tx.send(Ok(Delivery::new(event, info, Box::new(acker))));
+                }
+            }
+        });
+        None
+    }
+
+    /// Leaves the group: waits (briefly) for the stream to give back what
+    /// it held and for those deliveries to be put back, then closes the
+    /// consumer, which commits what is settled as its partitions are
+    /// revoked, so the other members take them at once.
+    async fn finish(self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let notified = self.sub.put_back.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let gone = self.sub.stream_gone.load(Ordering::Acquire)
+                || self.sub.shared.lifecycle.is_closed();
+            if gone && self.sub.putting_back.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+        let taken = lock(&self.sub.consumer).take();
+        drop(taken);
+        let consumer = self.consumer;
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = consumer.commit_consumer_state(CommitMode::Sync);
+            // The last reference: dropping closes the consumer, leaving the
+            // group.
+            drop(consumer);
+        })
+        .await;
+    }
+}
+
+/// Settles one delivery: marks its offset once what its outcome produces
+/// is stored.
+struct KafkaSettle {
+    sub: Arc<Sub>,
+    event: Arc<Event>,
+    /// The record's own topic (the main one or the retry topic).
+    topic: String,
+    partition: i32,
+    offset: u64,
+    generation: u64,
+    /// The attempt this delivery is.
+    attempt: u32,
+}
+
+impl KafkaSettle {
+    /// Produces a copy of the event into the group's retry topic.
+    async fn send_retry(&self, attempt: u32, after: Duration) -> Result<(), TransportError> {
+        let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+        let stamp = Stamp {
+            attempt,
+            due_ms: Some(now_ms().saturating_add(after_ms)),
+        };
+        let shared = &self.sub.shared;
+        let copy = codec::encode(&self.event, shared.options.mode, stamp);
+        shared.produce(&self.sub.retry_topic, &[copy]).await
+    }
+
+    fn done(&self) {
+        self.sub
+            .settled(&self.topic, self.partition, self.offset, self.generation);
+    }
+}
+
+impl Settle for KafkaSettle {
+    fn settle(
+        self,
+        event: &Event,
+        info: &DeliveryInfo,
+        outcome: Outcome,
+    ) -> BoxFuture<'static, Result<(), TransportError>> {
+        let dead = match &outcome {
+            Outcome::DeadLetter(dl) => Some(dead_letter_event(event, info, dl)),
+            _ => None,
+        };
+        let attempt = info.attempt.saturating_add(1);
+        Box::pin(async move {
+            // A partition revoked since goes to its new owner from the last
+            // commit, this event included: producing what the outcome asks
+            // would do it twice.
+            if !self.sub.owns(&self.topic, self.partition, self.generation) {
+                return Ok(());
+            }
+            match outcome {
+                Outcome::Ack => {}
+                Outcome::Retry { after } => self.send_retry(attempt, after).await?,
+                Outcome::DeadLetter(_) => {
+                    let shared = &self.sub.shared;
+                    let dlq = dead_letter_topic(&self.sub.topic);
+                    shared.ensure_topic(&dlq).await?;
+                    let dead = dead.expect("a dead letter for a dead-letter outcome");
+                    let encoded = codec::encode(&dead, shared.options.mode, Stamp::default());
+                    shared.produce(&dlq, &[encoded]).await?;
+                }
+            }
+            self.done();
+            Ok(())
+        })
+    }
+
+    fn unsettled(self) {
+        // Put back by producing it again as a retry due now; without a
+        // runtime (the process ending) the uncommitted offset brings it
+        // back on the next start instead.
+        // A partition revoked since is read again by its new owner.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !self.sub.owns(&self.topic, self.partition, self.generation) {
+            return;
+        }
+        self.sub.putting_back.fetch_add(1, Ordering::AcqRel);
+        runtime.spawn(async move {
+            match self
+                .send_retry(self.attempt.saturating_add(1), Duration::ZERO)
+                .await
+            {
+                Ok(()) => self.done(),
+                Err(e) => {
+                    tracing::warn!(topic = %self.sub.topic, error = %e, "cannot put back a delivery dropped unsettled; it is read again after a restart");
+                }
+            }
+            self.sub.putting_back.fetch_sub(1, Ordering::AcqRel);
+            self.sub.put_back.notify_waiters();
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_topics_fit_kafka_and_stay_apart() {
+        assert_eq!(retry_topic("a.b", "g"), "a.b.retry.g");
+        let (topic, group) = ("t".repeat(200), "g".repeat(200));
+        let long = retry_topic(&topic, &group);
+        assert_eq!(long.len(), MAX_TOPIC);
+        assert_ne!(long, retry_topic(&topic, &format!("{}h", "g".repeat(199))));
+        assert!(
+            long.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        );
+    }
+}
