@@ -263,6 +263,28 @@ async fn server_answering_451_is_retried_until_it_accepts() {
     h.finish().await;
 }
 
+/// A refusal of the mail's form is final whatever its code: a 4xx naming
+/// SMTPUTF8 would refuse the same mail again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4xx_refusing_the_form_dead_letters_on_the_first_attempt() {
+    let server = SmtpServer::start();
+    server.set_mode(Mode::NeedsSmtpUtf8);
+    let mut h = Harness::start(Some(&server), fast_backoff(5)).await;
+    let req = request("smtputf8-1");
+    h.request(&req).await;
+    let (dead, event): (EmailRequested, _) = next(&mut h.dead).await;
+    assert_eq!(dead, req);
+    assert_eq!(
+        event.extension_str(ext::DEAD_LETTER_REASON),
+        Some("permanent error on attempt 1")
+    );
+    let (failed, _): (EmailFailed, _) = next(&mut h.failed).await;
+    assert_eq!(failed.attempts, 1);
+    assert_eq!(server.rejected().len(), 1, "the refusal is not retried");
+    assert!(nothing_more(&mut h.sent, Duration::from_millis(100)).await);
+    h.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_answering_550_dead_letters_on_the_first_attempt() {
     let server = SmtpServer::start();

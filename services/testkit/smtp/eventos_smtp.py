@@ -27,6 +27,8 @@ ANSWERS = {
     "accept": "250 2.0.0 Message accepted for delivery",
     "tempfail": "451 4.3.0 Mailbox temporarily unavailable (test mode)",
     "permfail": "550 5.7.1 Message refused (test mode)",
+    # A 4xx that refuses the mail's form, as servers lacking RFC 6531 answer.
+    "smtputf8": "451 4.6.7 SMTPUTF8 is required (test mode)",
 }
 
 

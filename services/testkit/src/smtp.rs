@@ -27,6 +27,9 @@ pub enum Mode {
     TempFail,
     /// `550`: a permanent refusal; retrying cannot help.
     PermFail,
+    /// `451 4.6.7 SMTPUTF8 is required`: a transient code refusing the
+    /// mail's form, which the same mail will meet again.
+    NeedsSmtpUtf8,
 }
 
 impl Mode {
@@ -35,6 +38,7 @@ impl Mode {
             Mode::Accept => "accept",
             Mode::TempFail => "tempfail",
             Mode::PermFail => "permfail",
+            Mode::NeedsSmtpUtf8 => "smtputf8",
         }
     }
 }
