@@ -60,10 +60,13 @@ use tokio_util::sync::CancellationToken;
 /// Every transport the system can run on, by URL scheme: one line each.
 /// `log` (or a directory path) is the default.
 pub fn transports() -> Registry {
-    Registry::new()
+    let registry = Registry::new()
         .with(eventos_log::LogEngine)
         .with(eventos_memory::MemoryEngine)
-        .with(eventos_amqp::AmqpEngine)
+        .with(eventos_amqp::AmqpEngine);
+    #[cfg(feature = "kafka")]
+    let registry = registry.with(eventos_kafka::KafkaEngine);
+    registry
 }
 
 /// How to run the system.

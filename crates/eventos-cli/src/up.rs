@@ -283,10 +283,10 @@ async fn run(title: &str, args: UpArgs, services: Services) -> anyhow::Result<()
 
 /// A transport the system knows; otherwise the known ones, in one line.
 fn parse_transport(s: &str) -> Result<String, String> {
-    school_system::transports()
-        .lookup(s)
-        .map(|_| s.to_owned())
-        .map_err(|e| e.to_string())
+    let transports = school_system::transports();
+    let engine = transports.lookup(s).map_err(|e| e.to_string())?;
+    engine.check_url(s)?;
+    Ok(s.to_owned())
 }
 
 #[cfg(test)]

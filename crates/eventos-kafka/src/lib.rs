@@ -39,13 +39,14 @@
 //! partitions paused while their prefetch is full, so a busy member never
 //! holds up its group's rebalances.
 //!
-//! **Not yet:** inspection (`inspection: false`), and the registry entry
-//! for `--transport kafka://`.
+//! [`KafkaEngine`] is its registry entry (`kafka://`, the `[kafka]`
+//! settings). **Not yet:** inspection (`inspection: false`).
 //!
 //! No feature flags of its own.
 
 mod codec;
 mod consumer;
+mod engine;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
@@ -64,6 +65,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+pub use engine::{KafkaEngine, KafkaSection};
 
 /// The largest payload accepted by default: under the 1 MB that Kafka
 /// brokers accept per record batch unless their operator raised it, with

@@ -88,6 +88,17 @@ pub trait Engine: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Checks the URL's form without connecting, so a malformed one fails
+    /// when it is given rather than when the transport opens.
+    ///
+    /// # Errors
+    ///
+    /// A line saying what is wrong with it and what to write.
+    fn check_url(&self, url: &str) -> Result<(), String> {
+        let _ = url;
+        Ok(())
+    }
+
     /// Whether every service must run in the process that opens it (the
     /// transport lives in that process).
     fn process_local(&self) -> bool;
