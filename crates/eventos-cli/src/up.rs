@@ -89,6 +89,15 @@ Settings file (--config eventos.toml), every key optional, defaults shown:
   content_mode = \"binary\"           # or \"structured\" (both are read)
   # queue_expires_secs = 3600       # unset: never; if set, an unused queue
                                     # is deleted with its events (tests only)
+  # management_url = \"http://guest:guest@127.0.0.1:15672\"
+                                    # for counts and dead letters; unset:
+                                    # port 15672 of the AMQP host
+
+  [kafka]                           # when transport is a kafka:// URL
+  partitions = 6                    # of the topics eventos creates
+  replication_factor = 1            # 3 on a production cluster
+  content_mode = \"binary\"           # or \"structured\" (both are read)
+  # client = { \"linger.ms\" = \"5\" }  # librdkafka settings, passed through
 
   [mail]
   school_inbox = \"admissions@school.example\"
@@ -321,6 +330,19 @@ mod tests {
             amqp_default,
             "{block}"
         );
+        let kafka = shown
+            .transports
+            .remove("kafka")
+            .expect("the help shows [kafka]");
+        let engine = school_system::transports();
+        let engine = engine.by_section("kafka").expect("a kafka engine");
+        assert_eq!(engine.check_options(&kafka), Ok(()), "{block}");
+        for key in ["partitions", "replication_factor", "content_mode", "client"] {
+            assert!(
+                CONFIG_HELP.contains(&format!("{key} =")),
+                "{key} is not in the help"
+            );
+        }
         assert_eq!(shown, Settings::default(), "{block}");
         assert!(block.contains("[antifraud]") && block.contains("gateway_latency_ms"));
         // Every key of every section is listed, set or commented out.
