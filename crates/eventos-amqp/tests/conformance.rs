@@ -23,39 +23,22 @@
 
 use std::collections::BTreeSet;
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventos_amqp::{AmqpOptions, AmqpTransport, ContentMode, PARKED_GROUP, QueueType};
-use eventos_conformance::Harness;
-use eventos_core::{
-    Capabilities, DeliveryStream, Event, GroupCounts, Publisher, Subscriber, Subscription,
-    Transport, TransportError, dead_letter_topic, validate_name,
-};
+use eventos_conformance::{Harness, RestartGate};
+use eventos_core::{Subscription, Transport, dead_letter_topic, validate_name};
 use futures::future::BoxFuture;
 use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
-use tokio::sync::RwLock;
 
 /// How long a restart waits for other cases to close their transports.
 const QUIET_WAIT: Duration = Duration::from_secs(15);
 
-/// Transports open in this process, and the gate a restart closes.
-struct Census {
-    open: AtomicUsize,
-    gate: RwLock<()>,
-    restart: tokio::sync::Mutex<()>,
-}
+static GATE: RestartGate = RestartGate::new();
 
-/// Every queue a case's subscription declared, deleted after the run.
 static DECLARED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
-
-static CENSUS: Census = Census {
-    open: AtomicUsize::new(0),
-    gate: RwLock::const_new(()),
-    restart: tokio::sync::Mutex::const_new(()),
-};
 
 fn url() -> String {
     std::env::var("EVENTOS_AMQP_URL")
@@ -93,39 +76,33 @@ impl Harness for Amqp {
     }
 
     fn open(&self) -> BoxFuture<'static, Arc<dyn Transport>> {
-        Box::pin(async {
-            // Waits while a restart is under way.
-            let _gate = CENSUS.gate.read().await;
-            let options = options();
-            let transport = AmqpTransport::connect(&url(), options)
-                .await
-                .unwrap_or_else(|e| panic!("{e} (set EVENTOS_AMQP_URL to use another broker)"));
-            CENSUS.open.fetch_add(1, Ordering::AcqRel);
-            Arc::new(Counted {
-                inner: transport,
-                counted: AtomicUsize::new(1),
-            }) as Arc<dyn Transport>
-        })
+        Box::pin(GATE.open(
+            async {
+                AmqpTransport::connect(&url(), options())
+                    .await
+                    .unwrap_or_else(|e| panic!("{e} (set EVENTOS_AMQP_URL to use another broker)"))
+            },
+            note_declared,
+        ))
     }
 
     fn restart_broker(&self) -> Option<BoxFuture<'static, ()>> {
-        Some(Box::pin(async {
-            let _one_at_a_time = CENSUS.restart.lock().await;
-            let _gate = CENSUS.gate.write().await;
-            // The restarting case holds one transport of its own.
-            let deadline = tokio::time::Instant::now() + QUIET_WAIT;
-            while CENSUS.open.load(Ordering::Acquire) > 1 && tokio::time::Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        Some(Box::pin(GATE.restart(QUIET_WAIT, || {
+            for step in ["stop_app", "start_app", "await_startup"] {
+                rabbitmqctl(step);
             }
-            tokio::task::spawn_blocking(|| {
-                for step in ["stop_app", "start_app", "await_startup"] {
-                    rabbitmqctl(step);
-                }
-            })
-            .await
-            .expect("the rabbitmqctl thread panicked");
-        }))
+        })))
+    }
+}
+
+/// Notes the queues a subscription declares (the group's, and the parked
+/// dead-letter queue of its topic), for the clean-up.
+fn note_declared(amqp: &AmqpTransport, subscription: &Subscription) {
+    let (topic, group) = (&subscription.topic, &subscription.group);
+    if validate_name("topic", topic).is_ok() && validate_name("group", group).is_ok() {
+        let mut declared = DECLARED.lock().unwrap();
+        declared.insert(amqp.queue_name(topic, group));
+        declared.insert(amqp.queue_name(&dead_letter_topic(topic), PARKED_GROUP));
     }
 }
 
@@ -142,96 +119,6 @@ fn rabbitmqctl(step: &str) {
         output.status,
         String::from_utf8_lossy(&output.stderr).trim()
     );
-}
-
-/// A transport counted in [`CENSUS`] until closed or dropped.
-struct Counted {
-    inner: AmqpTransport,
-    counted: AtomicUsize,
-}
-
-impl Counted {
-    fn uncount(&self) {
-        if self.counted.swap(0, Ordering::AcqRel) == 1 {
-            CENSUS.open.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.uncount();
-    }
-}
-
-impl Publisher for Counted {
-    fn publish<'a>(
-        &'a self,
-        topic: &'a str,
-        events: Vec<Event>,
-    ) -> BoxFuture<'a, Result<(), TransportError>> {
-        self.inner.publish(topic, events)
-    }
-}
-
-impl Subscriber for Counted {
-    fn subscribe(
-        &self,
-        subscription: Subscription,
-    ) -> BoxFuture<'_, Result<DeliveryStream, TransportError>> {
-        let (topic, group) = (&subscription.topic, &subscription.group);
-        if validate_name("topic", topic).is_ok() && validate_name("group", group).is_ok() {
-            let mut declared = DECLARED.lock().unwrap();
-            declared.insert(self.inner.queue_name(topic, group));
-            declared.insert(
-                self.inner
-                    .queue_name(&dead_letter_topic(topic), PARKED_GROUP),
-            );
-        }
-        self.inner.subscribe(subscription)
-    }
-}
-
-impl Transport for Counted {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
-    fn close(&self) -> BoxFuture<'_, Result<(), TransportError>> {
-        Box::pin(async move {
-            let result = self.inner.close().await;
-            self.uncount();
-            result
-        })
-    }
-
-    fn group_counts<'a>(
-        &'a self,
-        topic: &'a str,
-        group: &'a str,
-    ) -> BoxFuture<'a, Result<Option<GroupCounts>, TransportError>> {
-        self.inner.group_counts(topic, group)
-    }
-
-    fn dead_letters<'a>(
-        &'a self,
-        topic: &'a str,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<Event>, TransportError>> {
-        self.inner.dead_letters(topic, limit)
-    }
-
-    fn dead_letter<'a>(
-        &'a self,
-        topic: &'a str,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Event>, TransportError>> {
-        self.inner.dead_letter(topic, id)
-    }
 }
 
 /// Deletes the queues the run declared; a queue that is already gone

@@ -101,6 +101,9 @@ use libtest_mimic::{Arguments, Completion, Failed, Trial};
 #[macro_use]
 mod support;
 mod cases;
+mod gate;
+
+pub use gate::RestartGate;
 
 use cases::{CASES, Case, Need};
 use support::Ctx;
