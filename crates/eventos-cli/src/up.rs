@@ -98,6 +98,8 @@ Settings file (--config eventos.toml), every key optional, defaults shown:
   replication_factor = 1            # 3 on a production cluster
   content_mode = \"binary\"           # or \"structured\" (both are read)
   # client = { \"linger.ms\" = \"5\" }  # librdkafka settings, passed through
+  # namespace = \"staging\"           # prefix of every topic and group;
+                                    # unset: the topics' own names
 
   [mail]
   school_inbox = \"admissions@school.example\"
@@ -339,7 +341,13 @@ mod tests {
         let engine = school_system::transports();
         let engine = engine.by_section("kafka").expect("a kafka engine");
         assert_eq!(engine.check_options(&kafka), Ok(()), "{block}");
-        for key in ["partitions", "replication_factor", "content_mode", "client"] {
+        for key in [
+            "partitions",
+            "replication_factor",
+            "content_mode",
+            "client",
+            "namespace",
+        ] {
             assert!(
                 CONFIG_HELP.contains(&format!("{key} =")),
                 "{key} is not in the help"

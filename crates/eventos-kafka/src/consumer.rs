@@ -148,6 +148,8 @@ type KafkaConsumer = StreamConsumer<Ctx>;
 struct Sub {
     shared: Arc<Shared>,
     topic: Arc<str>,
+    /// The Kafka topic: `topic` under the namespace.
+    physical: String,
     group: Arc<str>,
     retry_topic: String,
     /// Until the subscription ends; then closed, so the group rebalances
@@ -239,7 +241,9 @@ pub(crate) async fn subscribe(
     shared: Arc<Shared>,
     subscription: Subscription,
 ) -> Result<DeliveryStream, TransportError> {
-    let topic = subscription.topic.clone();
+    // `topic` is the Kafka topic (under the namespace, if one is set);
+    // deliveries name the subscription's own.
+    let topic = shared.physical(&subscription.topic);
     let group = subscription.group.clone();
     let retry = retry_topic(&topic, &group);
     shared.ensure_topic(&topic).await?;
@@ -274,7 +278,8 @@ pub(crate) async fn subscribe(
     let consumer = Arc::new(consumer);
     let sub = Arc::new(Sub {
         shared: shared.clone(),
-        topic: topic.as_str().into(),
+        topic: subscription.topic.as_str().into(),
+        physical: topic.clone(),
         group: group.as_str().into(),
         retry_topic: retry,
         consumer: Mutex::new(Some(consumer.clone())),
@@ -681,7 +686,7 @@ impl Settle for KafkaSettle {
                 Outcome::Retry { after } => self.send_retry(attempt, after).await?,
                 Outcome::DeadLetter(_) => {
                     let shared = &self.sub.shared;
-                    let dlq = dead_letter_topic(&self.sub.topic);
+                    let dlq = dead_letter_topic(&self.sub.physical);
                     shared.ensure_topic(&dlq).await?;
                     let dead = dead.expect("a dead letter for a dead-letter outcome");
                     let encoded = codec::encode(&dead, shared.options.mode, Stamp::default());

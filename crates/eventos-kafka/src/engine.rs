@@ -26,6 +26,9 @@ pub struct KafkaSection {
     /// librdkafka settings passed through as they are
     /// (`security.protocol = "SSL"`, `linger.ms = "5"`, …).
     pub client: BTreeMap<String, String>,
+    /// A prefix for every topic and consumer group, so several systems can
+    /// share a cluster; empty: the topics' own names.
+    pub namespace: String,
 }
 
 impl Default for KafkaSection {
@@ -36,6 +39,7 @@ impl Default for KafkaSection {
             replication_factor: options.replication_factor,
             content_mode: options.mode,
             client: BTreeMap::new(),
+            namespace: options.namespace,
         }
     }
 }
@@ -48,6 +52,7 @@ impl KafkaSection {
             replication_factor: self.replication_factor,
             mode: self.content_mode,
             client: self.client,
+            namespace: self.namespace,
             ..KafkaOptions::default()
         }
     }
@@ -57,6 +62,17 @@ impl KafkaSection {
             None => Self::default(),
             Some(value) => Self::deserialize(value).map_err(|e| format!("[kafka]: {e}"))?,
         };
+        let ns = &section.namespace;
+        if !ns.is_empty()
+            && (ns.len() > 64
+                || !ns
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')))
+        {
+            return Err(format!(
+                "[kafka]: namespace {ns:?}: use at most 64 ASCII letters, digits, '.', '_' or '-'"
+            ));
+        }
         if section.partitions < 1 || section.replication_factor < 1 {
             return Err("[kafka]: partitions and replication_factor must be at least 1".into());
         }
@@ -129,7 +145,12 @@ mod tests {
             .check_options(&serde_json::json!({"partitions": 0}))
             .unwrap_err();
         assert!(err.contains("at least 1"), "{err}");
-        let ok = serde_json::json!({"partitions": 3, "client": {"linger.ms": "5"}});
+        let err = engine
+            .check_options(&serde_json::json!({"namespace": "a/b"}))
+            .unwrap_err();
+        assert!(err.contains("namespace \"a/b\""), "{err}");
+        let ok =
+            serde_json::json!({"partitions": 3, "namespace": "t-1", "client": {"linger.ms": "5"}});
         assert_eq!(engine.check_options(&ok), Ok(()));
     }
 }

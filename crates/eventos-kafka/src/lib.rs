@@ -104,6 +104,11 @@ pub struct KafkaOptions {
     /// librdkafka settings passed through as they are (`linger.ms`,
     /// `security.protocol`, …); they override the transport's own.
     pub client: BTreeMap<String, String>,
+    /// A prefix for every topic (and so every consumer group) the
+    /// transport uses, `<namespace>.<topic>`, so several systems or test
+    /// runs can share a cluster; empty (the default) uses the topics' own
+    /// names, as other Kafka clients see them.
+    pub namespace: String,
 }
 
 impl Default for KafkaOptions {
@@ -115,6 +120,7 @@ impl Default for KafkaOptions {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             publish_timeout: Duration::from_secs(30),
             client: BTreeMap::new(),
+            namespace: String::new(),
         }
     }
 }
@@ -184,6 +190,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The Kafka topic of an eventos topic: under the namespace, if set.
+    pub(crate) fn physical(&self, topic: &str) -> String {
+        if self.options.namespace.is_empty() {
+            topic.to_owned()
+        } else {
+            format!("{}.{topic}", self.options.namespace)
+        }
+    }
+
     /// Creates `topic` unless this transport did already; a topic that
     /// exists is fine.
     pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<(), TransportError> {
@@ -373,8 +388,8 @@ impl KafkaTransport {
 
     /// The topic that holds `group`'s retries of `topic`, for operators
     /// and tests.
-    pub fn retry_topic(topic: &str, group: &str) -> String {
-        consumer::retry_topic(topic, group)
+    pub fn retry_topic(&self, topic: &str, group: &str) -> String {
+        consumer::retry_topic(&self.shared.physical(topic), group)
     }
 }
 
@@ -402,12 +417,13 @@ impl Publisher for KafkaTransport {
             if events.is_empty() {
                 return Ok(());
             }
-            shared.ensure_topic(topic).await?;
+            let topic = shared.physical(topic);
+            shared.ensure_topic(&topic).await?;
             let encoded: Vec<_> = events
                 .iter()
                 .map(|e| codec::encode(e, shared.options.mode, codec::Stamp::default()))
                 .collect();
-            shared.produce(topic, &encoded).await
+            shared.produce(&topic, &encoded).await
         })
     }
 }

@@ -128,11 +128,27 @@ pub(crate) fn serve_amqp(
     services: &str,
     port: u16,
 ) -> Serving {
+    serve(dir, config, services, port, AMQP)
+}
+
+/// [`serve_amqp`] over the transport `transport`.
+pub(crate) fn serve(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    services: &str,
+    port: u16,
+    transport: &str,
+) -> Serving {
     std::fs::create_dir_all(dir).unwrap();
-    let log = std::fs::File::create(dir.join("eventos.log")).unwrap();
+    // Appended to: a worker started again keeps its first life's log.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("eventos.log"))
+        .unwrap();
     spawn_serving(
         Command::new(env!("CARGO_BIN_EXE_eventos"))
-            .args(["serve", "--transport", AMQP, "--services", services])
+            .args(["serve", "--transport", transport, "--services", services])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--data-dir")
             .arg(dir)

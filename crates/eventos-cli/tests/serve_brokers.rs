@@ -1,5 +1,6 @@
-//! The school as separate processes over the RabbitMQ on 127.0.0.1:5672:
-//! one API process (enrollment, contact) and two worker processes running
+//! The school as separate processes over a real broker — the RabbitMQ on
+//! 127.0.0.1:5672, the Kafka on 127.0.0.1:9092 — one API process
+//! (enrollment, contact) and two worker processes running
 //! the same worker services (antifraud, billing, metrics, mailer,
 //! notifier), each with its own data directory. 500 enrollments; one worker
 //! is killed with SIGKILL mid-run (and started again by "its supervisor" a
@@ -7,8 +8,8 @@
 //! calls for, the shared gateway ledger shows no double charge, and both
 //! workers did some of the work.
 //!
-//! RabbitMQ must be running (the README's test command starts it); this
-//! test fails, never skips, when it is not.
+//! The brokers must be running (the README's test command starts them);
+//! these tests fail, never skip, when one is not.
 
 mod common;
 
@@ -29,17 +30,42 @@ fn card_of(i: usize) -> (&'static str, &'static str) {
     }
 }
 
-fn settings(dir: &Path, namespace: &str) -> std::path::PathBuf {
+/// The broker a run goes over, and its settings section for a namespace
+/// of the run's own.
+#[derive(Clone, Copy)]
+enum Over {
+    RabbitMq,
+    Kafka,
+}
+
+impl Over {
+    fn url(self) -> &'static str {
+        match self {
+            Over::RabbitMq => common::AMQP,
+            Over::Kafka => "kafka://127.0.0.1:9092",
+        }
+    }
+
+    fn section(self, namespace: &str) -> String {
+        match self {
+            // Disposable: the broker removes this run's queues once they
+            // sit unused.
+            Over::RabbitMq => {
+                format!("[amqp]\nnamespace = \"{namespace}\"\nqueue_expires_secs = 300\n")
+            }
+            Over::Kafka => format!("[kafka]\nnamespace = \"{namespace}\"\n"),
+        }
+    }
+}
+
+fn settings(dir: &Path, over: Over, namespace: &str) -> std::path::PathBuf {
     let path = dir.join("eventos.toml");
     let ledger = dir.join("gateway.db");
     std::fs::write(
         &path,
         format!(
             r#"
-[amqp]
-namespace = "{namespace}"
-# Disposable: the broker removes this run's queues once they sit unused.
-queue_expires_secs = 300
+{}
 
 [antifraud]
 latency_ms = [50, 300]
@@ -57,6 +83,7 @@ gateway_ledger = "{}"
 retry_base_ms = 100
 retry_cap_ms = 400
 "#,
+            over.section(namespace),
             ledger.display()
         ),
     )
@@ -86,25 +113,27 @@ async fn try_count(db: &Path, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
+    api_and_two_workers_survive_a_worker_kill(Over::RabbitMq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_and_two_workers_over_kafka_survive_a_worker_kill() {
+    api_and_two_workers_survive_a_worker_kill(Over::Kafka).await;
+}
+
+async fn api_and_two_workers_survive_a_worker_kill(over: Over) {
     let dir = tempfile::tempdir().unwrap();
-    // Queues of this run only: a namespace no other run uses.
+    // Queues or topics of this run only: a namespace no other run uses.
     let namespace = format!("t{}", uuid::Uuid::now_v7().simple());
-    let config = settings(dir.path(), &namespace);
+    let config = settings(dir.path(), over, &namespace);
     let port = common::free_port();
-    let api = common::serve_amqp(&dir.path().join("api"), &config, "enrollment,contact", port);
+    let serve = |name: &str, services: &str, port: u16| {
+        common::serve(&dir.path().join(name), &config, services, port, over.url())
+    };
+    let api = serve("api", "enrollment,contact", port);
     let workers = "antifraud,billing,metrics,mailer,notifier";
-    let w1 = common::serve_amqp(
-        &dir.path().join("w1"),
-        &config,
-        workers,
-        common::free_port(),
-    );
-    let w2 = common::serve_amqp(
-        &dir.path().join("w2"),
-        &config,
-        workers,
-        common::free_port(),
-    );
+    let w1 = serve("w1", workers, common::free_port());
+    let w2 = serve("w2", workers, common::free_port());
 
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::builder()
@@ -172,12 +201,7 @@ async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
     }
     eprintln!("events committed by the killed worker but not yet published: {stranded}");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let w1 = common::serve_amqp(
-        &dir.path().join("w1"),
-        &config,
-        workers,
-        common::free_port(),
-    );
+    let w1 = serve("w1", workers, common::free_port());
     let mut ids = Vec::new();
     for task in tasks {
         ids.push(task.await.unwrap());
@@ -210,7 +234,9 @@ async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
     w1.interrupt();
     w2.interrupt();
     api.interrupt();
-    common::delete_namespace(common::AMQP, &namespace).await;
+    if let Over::RabbitMq = over {
+        common::delete_namespace(common::AMQP, &namespace).await;
+    }
 
     // One capture per active enrollment in the shared ledger, none for the
     // others.
