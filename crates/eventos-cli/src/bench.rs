@@ -39,6 +39,11 @@ enum BenchTarget {
     /// of raw lapin doing the same work on the same broker in the same run;
     /// and publish -> router -> ack end to end.
     Amqp(crate::bench_amqp::AmqpBenchArgs),
+    /// Idempotent acks=all publish and consume through eventos-kafka, as
+    /// ratios of raw rdkafka doing the same work on the same cluster in the
+    /// same run; and publish -> router -> ack end to end.
+    #[cfg(feature = "kafka")]
+    Kafka(crate::bench_kafka::KafkaBenchArgs),
     /// POST /contact and POST /enrollments against a running system, at a
     /// fixed number of clients, next to GET /healthz measured the same way
     /// in the same run; with the syncs each accepted message cost.
@@ -84,6 +89,8 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.target {
         BenchTarget::Log(args) => log(args).await,
         BenchTarget::Amqp(args) => crate::bench_amqp::run(args).await,
+        #[cfg(feature = "kafka")]
+        BenchTarget::Kafka(args) => crate::bench_kafka::run(args).await,
         BenchTarget::Accept(args) => crate::bench_accept::run(args).await,
     }
 }

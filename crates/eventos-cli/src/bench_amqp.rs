@@ -10,16 +10,18 @@
 
 use std::io::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use eventos::{HandlerError, Message, Route, Router, Transport};
+use eventos::Transport;
 use eventos_amqp::{AmqpOptions, AmqpTransport, QueueType};
 use eventos_core::{Bytes, Event, StartFrom, Subscription};
 use futures::StreamExt as _;
 
 use crate::bench_event::bench_event;
+use crate::bench_transport::{
+    CASE_LIMIT, Measured, e2e, eventos_consume, eventos_publish, report, shares,
+};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -56,7 +58,6 @@ pub(crate) struct AmqpBenchArgs {
 
 const PAYLOAD_BYTES: usize = 64;
 const TOPIC: &str = "bench.events";
-const CASE_LIMIT: Duration = Duration::from_secs(600);
 
 /// What the raw baseline publishes: the body and headers eventos-amqp
 /// writes in binary mode, so both sides move the same bytes.
@@ -79,17 +80,6 @@ fn raw_properties(event: &Event) -> BasicProperties {
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_headers(headers)
-}
-
-struct Measured {
-    events: u64,
-    elapsed: Duration,
-}
-
-impl Measured {
-    fn per_s(&self) -> f64 {
-        self.events as f64 / self.elapsed.as_secs_f64()
-    }
 }
 
 fn queue_args(queue_type: &str) -> FieldTable {
@@ -202,21 +192,6 @@ pub(crate) async fn run(args: AmqpBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn report(label: &str, m: &Measured) {
-    println!(
-        "  {label:<52} {:>9.0} events/s  ({} in {:.2} s)",
-        m.per_s(),
-        m.events,
-        m.elapsed.as_secs_f64()
-    );
-}
-
-/// Splits `n` events into per-publisher counts.
-fn shares(n: u64, publishers: usize) -> Vec<u64> {
-    let p = publishers as u64;
-    (0..p).map(|i| n / p + u64::from(i < n % p)).collect()
-}
-
 async fn raw_publish(
     connection: &Connection,
     queue: &str,
@@ -314,119 +289,5 @@ async fn raw_consume(
         .context("the raw consume stalled")??;
     let elapsed = started.elapsed();
     let _ = channel.close(200, "done".into()).await;
-    Ok(Measured { events: n, elapsed })
-}
-
-async fn eventos_publish(
-    transport: &Arc<dyn Transport>,
-    topic: &str,
-    payload: &Bytes,
-    n: u64,
-    publishers: usize,
-    batch: usize,
-) -> anyhow::Result<Measured> {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for share in shares(n, publishers) {
-        let (transport, topic, payload) = (transport.clone(), topic.to_owned(), payload.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut left = share;
-            while left > 0 {
-                let k = left.min(batch as u64);
-                let events = (0..k).map(|_| bench_event(&payload)).collect();
-                transport.publish(&topic, events).await?;
-                left -= k;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        tokio::time::timeout(CASE_LIMIT, task)
-            .await
-            .context("the eventos-amqp publish stalled")???;
-    }
-    Ok(Measured {
-        events: n,
-        elapsed: started.elapsed(),
-    })
-}
-
-async fn eventos_consume(
-    transport: &Arc<dyn Transport>,
-    topic: &str,
-    n: u64,
-    prefetch: u16,
-) -> anyhow::Result<Measured> {
-    let started = Instant::now();
-    let mut stream = transport
-        .subscribe(
-            Subscription::new(topic, "bench")
-                .start(StartFrom::Earliest)
-                .prefetch(usize::from(prefetch)),
-        )
-        .await?;
-    let mut seen = 0;
-    let consume = async {
-        while seen < n {
-            let delivery = stream
-                .next()
-                .await
-                .context("the eventos-amqp subscription ended")??;
-            delivery.ack().await?;
-            seen += 1;
-        }
-        anyhow::Ok(())
-    };
-    tokio::time::timeout(CASE_LIMIT, consume)
-        .await
-        .context("the eventos-amqp consume stalled")??;
-    Ok(Measured {
-        events: n,
-        elapsed: started.elapsed(),
-    })
-}
-
-async fn e2e(
-    transport: &Arc<dyn Transport>,
-    topic: &str,
-    payload: &Bytes,
-    n: u64,
-    publishers: usize,
-    batch: usize,
-    prefetch: u16,
-) -> anyhow::Result<Measured> {
-    let handled = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(tokio::sync::Notify::new());
-    let handler = {
-        let (handled, done) = (handled.clone(), done.clone());
-        eventos::handler_fn(move |_msg: Message| {
-            let (handled, done) = (handled.clone(), done.clone());
-            async move {
-                if handled.fetch_add(1, Ordering::Relaxed) + 1 >= n {
-                    done.notify_one();
-                }
-                Ok::<(), HandlerError>(())
-            }
-        })
-    };
-    let running = Router::new(transport.clone())
-        .route(
-            Route::new(topic, "bench", handler)
-                .no_retry()
-                .concurrency(usize::from(prefetch)),
-        )
-        .start()
-        .await
-        .context("cannot start the router")?;
-    let started = Instant::now();
-    let finished = done.notified();
-    eventos_publish(transport, topic, payload, n, publishers, batch).await?;
-    if handled.load(Ordering::Relaxed) < n {
-        tokio::time::timeout(CASE_LIMIT, finished)
-            .await
-            .context("the end-to-end run stalled")?;
-    }
-    let elapsed = started.elapsed();
-    running.shutdown().await?;
     Ok(Measured { events: n, elapsed })
 }

@@ -17,6 +17,9 @@ mod bench;
 mod bench_accept;
 mod bench_amqp;
 mod bench_event;
+#[cfg(feature = "kafka")]
+mod bench_kafka;
+mod bench_transport;
 mod demo;
 mod log;
 mod progress;

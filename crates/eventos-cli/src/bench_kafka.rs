@@ -1,0 +1,283 @@
+//! `eventos bench kafka`: what eventos-kafka costs over Kafka itself.
+//!
+//! As `bench amqp`: the same work twice in one run on the same broker,
+//! once with raw rdkafka (the baseline: an idempotent `acks=all` producer
+//! with the transport's settings, sending the same value and `ce_` headers
+//! in batches that each wait for their delivery reports; a consumer that
+//! stores each offset for librdkafka's auto-commit, the commit policy the
+//! transport keeps) and once through eventos-kafka, with the ratios and an
+//! end-to-end figure. The last line is one `key=value` summary.
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use eventos::Transport;
+use eventos_core::{Bytes, Event, StartFrom, Subscription};
+use eventos_kafka::{KafkaOptions, KafkaTransport};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::bench_event::bench_event;
+use crate::bench_transport::{
+    CASE_LIMIT, Measured, e2e, eventos_consume, eventos_publish, report, shares,
+};
+
+/// Options of `eventos bench kafka`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct KafkaBenchArgs {
+    /// The cluster.
+    #[arg(long, default_value = "kafka://127.0.0.1:9092")]
+    url: String,
+    /// Events per measurement.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
+    events: u64,
+    /// Concurrent publishers.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    publishers: u64,
+    /// Events per publish call (each call waits for its delivery reports).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch: u64,
+    /// Unsettled deliveries a consumer may hold.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_535))]
+    prefetch: u64,
+}
+
+const PAYLOAD_BYTES: usize = 64;
+const TOPIC: &str = "bench.events";
+const E2E_TOPIC: &str = "bench.e2e";
+
+/// The headers eventos-kafka writes in binary mode for the bench event, so
+/// both sides move the same bytes.
+fn raw_headers(event: &Event) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new();
+    let time = event.time().map(|t| t.to_rfc3339()).unwrap_or_default();
+    for (key, value) in [
+        ("ce_specversion", "1.0"),
+        ("ce_id", event.id()),
+        ("ce_source", event.source()),
+        ("ce_type", event.ty()),
+        ("ce_time", time.as_str()),
+        ("content-type", "application/json"),
+    ] {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    headers
+}
+
+pub(crate) async fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
+    let n = args.events;
+    let publishers = usize::try_from(args.publishers).unwrap_or(16);
+    let batch = usize::try_from(args.batch).unwrap_or(16);
+    let prefetch = u16::try_from(args.prefetch).unwrap_or(256);
+    let payload = Bytes::from(vec![b'x'; PAYLOAD_BYTES]);
+    let servers =
+        eventos_kafka::bootstrap_servers(&args.url).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let run_id = uuid::Uuid::now_v7().simple().to_string();
+    let options = KafkaOptions {
+        namespace: format!("bench{run_id}"),
+        ..KafkaOptions::default()
+    };
+    println!(
+        "eventos bench kafka: {n} events per case, {PAYLOAD_BYTES}-byte payloads, {publishers} publishers x {batch} per publish, prefetch {prefetch}, {} partitions",
+        options.partitions
+    );
+
+    // Raw rdkafka: the cluster's own pace for this work.
+    let mut base = ClientConfig::new();
+    base.set("bootstrap.servers", &servers);
+    let admin: AdminClient<DefaultClientContext> = base.create()?;
+    // Asked first, so an unreachable cluster is said in seconds.
+    let probe: BaseConsumer = base.create()?;
+    tokio::task::spawn_blocking(move || probe.fetch_metadata(None, Duration::from_secs(10)))
+        .await?
+        .with_context(|| {
+            format!(
+                "cannot reach Kafka at {servers}; is it running? (scripts/services start kafka)"
+            )
+        })?;
+    let raw_topic = format!("bench.raw.{run_id}");
+    let created = admin
+        .create_topics(
+            [&NewTopic::new(
+                &raw_topic,
+                options.partitions,
+                TopicReplication::Fixed(options.replication_factor),
+            )],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach Kafka at {servers}; is it running? (scripts/services start kafka)"
+            )
+        })?;
+    for result in created {
+        result.map_err(|(topic, code)| anyhow::anyhow!("creating {topic}: {code}"))?;
+    }
+    let raw_publish = raw_publish(&base, &raw_topic, &payload, n, publishers, batch).await?;
+    report("raw rdkafka publish (idempotent, acks=all)", &raw_publish);
+    let raw_consume = raw_consume(&base, &raw_topic, n).await?;
+    report("raw rdkafka consume (offsets stored)", &raw_consume);
+
+    // eventos-kafka: the same work through the transport.
+    let kafka =
+        KafkaTransport::connect(&args.url, options.clone()).context("connecting eventos-kafka")?;
+    let transport: Arc<dyn Transport> = Arc::new(kafka.clone());
+    // The group exists before publishing, as a deployed consumer's would.
+    for topic in [TOPIC, E2E_TOPIC] {
+        drop(
+            transport
+                .subscribe(Subscription::new(topic, "bench").start(StartFrom::Earliest))
+                .await?,
+        );
+    }
+    // Its producer's first record is not timed either.
+    transport
+        .publish(TOPIC, vec![bench_event(&payload)])
+        .await?;
+    let publish = eventos_publish(&transport, TOPIC, &payload, n, publishers, batch).await?;
+    report("eventos-kafka publish", &publish);
+    let consume = eventos_consume(&transport, TOPIC, n, prefetch).await?;
+    report("eventos-kafka consume (acked)", &consume);
+    let e2e = e2e(
+        &transport, E2E_TOPIC, &payload, n, publishers, batch, prefetch,
+    )
+    .await?;
+    report("eventos-kafka end to end (publish -> router -> ack)", &e2e);
+    transport.close().await?;
+
+    // The run's topics only.
+    let ns = &options.namespace;
+    let mut topics = vec![raw_topic];
+    for topic in [TOPIC, E2E_TOPIC] {
+        topics.push(format!("{ns}.{topic}"));
+        topics.push(kafka.retry_topic(topic, "bench"));
+    }
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+
+    let publish_ratio = publish.per_s() / raw_publish.per_s();
+    let consume_ratio = consume.per_s() / raw_consume.per_s();
+    println!();
+    println!(
+        "ratios (1.0 = as fast as raw rdkafka on this cluster, this run): publish {publish_ratio:.3}, consume {consume_ratio:.3}"
+    );
+    println!(
+        "kafka publish_ratio={publish_ratio:.3} consume_ratio={consume_ratio:.3} e2e_events_per_s={:.0}",
+        e2e.per_s()
+    );
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// The producer eventos-kafka makes, with the same settings.
+fn producer(base: &ClientConfig) -> anyhow::Result<FutureProducer> {
+    let mut config = base.clone();
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("sticky.partitioning.linger.ms", "0");
+    Ok(config.create()?)
+}
+
+async fn raw_publish(
+    base: &ClientConfig,
+    topic: &str,
+    payload: &Bytes,
+    n: u64,
+    publishers: usize,
+    batch: usize,
+) -> anyhow::Result<Measured> {
+    // One producer shared by every publisher, as the transport has; its
+    // first record (connecting, the idempotent producer id) is not timed.
+    let producer = producer(base)?;
+    let warm = bench_event(payload);
+    producer
+        .send(
+            FutureRecord::<(), [u8]>::to(topic)
+                .payload(warm.data().map_or(&[][..], |d| &d[..]))
+                .headers(raw_headers(&warm)),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("the first record was not stored: {e}"))?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for share in shares(n, publishers) {
+        let (producer, topic, payload) = (producer.clone(), topic.to_owned(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut left = share;
+            while left > 0 {
+                let k = left.min(batch as u64);
+                let mut reports = Vec::with_capacity(usize::try_from(k).unwrap_or(0));
+                for _ in 0..k {
+                    let event = bench_event(&payload);
+                    let value = event.data().map_or(&[][..], |d| &d[..]);
+                    let record = FutureRecord::<(), [u8]>::to(&topic)
+                        .payload(value)
+                        .headers(raw_headers(&event));
+                    let report = producer
+                        .send_result(record)
+                        .map_err(|(e, _)| anyhow::anyhow!("queueing a record: {e}"))?;
+                    reports.push(report);
+                }
+                for report in reports {
+                    report
+                        .await
+                        .context("the producer went away")?
+                        .map_err(|(e, _)| anyhow::anyhow!("a record was not stored: {e}"))?;
+                }
+                left -= k;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(CASE_LIMIT, task)
+            .await
+            .context("the raw publish stalled")???;
+    }
+    Ok(Measured {
+        events: n,
+        elapsed: started.elapsed(),
+    })
+}
+
+async fn raw_consume(base: &ClientConfig, topic: &str, n: u64) -> anyhow::Result<Measured> {
+    let mut config = base.clone();
+    config
+        .set("group.id", format!("bench-raw@{topic}"))
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest");
+    let consumer: StreamConsumer = config.create()?;
+    consumer.subscribe(&[topic])?;
+    let started = Instant::now();
+    let mut seen = 0;
+    let consume = async {
+        while seen < n {
+            let record = consumer.recv().await?;
+            consumer.store_offset_from_message(&record)?;
+            seen += 1;
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(CASE_LIMIT, consume)
+        .await
+        .context("the raw consume stalled")??;
+    Ok(Measured {
+        events: n,
+        elapsed: started.elapsed(),
+    })
+}

@@ -1,0 +1,157 @@
+//! The half of the broker benches that is the same for every transport:
+//! publishing, consuming and the router end to end through any
+//! `Transport`, timed the same way, so only the raw baselines differ.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use eventos::{HandlerError, Message, Route, Router, Transport};
+use eventos_core::{Bytes, StartFrom, Subscription};
+use futures::StreamExt as _;
+
+use crate::bench_event::bench_event;
+
+/// A case that has not finished by then has stalled.
+pub(crate) const CASE_LIMIT: Duration = Duration::from_secs(600);
+
+pub(crate) struct Measured {
+    pub(crate) events: u64,
+    pub(crate) elapsed: Duration,
+}
+
+impl Measured {
+    pub(crate) fn per_s(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+pub(crate) fn report(label: &str, m: &Measured) {
+    println!(
+        "  {label:<52} {:>9.0} events/s  ({} in {:.2} s)",
+        m.per_s(),
+        m.events,
+        m.elapsed.as_secs_f64()
+    );
+}
+
+/// Splits `n` events into per-publisher counts.
+pub(crate) fn shares(n: u64, publishers: usize) -> Vec<u64> {
+    let p = publishers as u64;
+    (0..p).map(|i| n / p + u64::from(i < n % p)).collect()
+}
+
+pub(crate) async fn eventos_publish(
+    transport: &Arc<dyn Transport>,
+    topic: &str,
+    payload: &Bytes,
+    n: u64,
+    publishers: usize,
+    batch: usize,
+) -> anyhow::Result<Measured> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for share in shares(n, publishers) {
+        let (transport, topic, payload) = (transport.clone(), topic.to_owned(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut left = share;
+            while left > 0 {
+                let k = left.min(batch as u64);
+                let events = (0..k).map(|_| bench_event(&payload)).collect();
+                transport.publish(&topic, events).await?;
+                left -= k;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(CASE_LIMIT, task)
+            .await
+            .context("the eventos publish stalled")???;
+    }
+    Ok(Measured {
+        events: n,
+        elapsed: started.elapsed(),
+    })
+}
+
+pub(crate) async fn eventos_consume(
+    transport: &Arc<dyn Transport>,
+    topic: &str,
+    n: u64,
+    prefetch: u16,
+) -> anyhow::Result<Measured> {
+    let started = Instant::now();
+    let mut stream = transport
+        .subscribe(
+            Subscription::new(topic, "bench")
+                .start(StartFrom::Earliest)
+                .prefetch(usize::from(prefetch)),
+        )
+        .await?;
+    let mut seen = 0;
+    let consume = async {
+        while seen < n {
+            let delivery = stream
+                .next()
+                .await
+                .context("the eventos subscription ended")??;
+            delivery.ack().await?;
+            seen += 1;
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(CASE_LIMIT, consume)
+        .await
+        .context("the eventos consume stalled")??;
+    Ok(Measured {
+        events: n,
+        elapsed: started.elapsed(),
+    })
+}
+
+pub(crate) async fn e2e(
+    transport: &Arc<dyn Transport>,
+    topic: &str,
+    payload: &Bytes,
+    n: u64,
+    publishers: usize,
+    batch: usize,
+    prefetch: u16,
+) -> anyhow::Result<Measured> {
+    let handled = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let (handled, done) = (handled.clone(), done.clone());
+        eventos::handler_fn(move |_msg: Message| {
+            let (handled, done) = (handled.clone(), done.clone());
+            async move {
+                if handled.fetch_add(1, Ordering::Relaxed) + 1 >= n {
+                    done.notify_one();
+                }
+                Ok::<(), HandlerError>(())
+            }
+        })
+    };
+    let running = Router::new(transport.clone())
+        .route(
+            Route::new(topic, "bench", handler)
+                .no_retry()
+                .concurrency(usize::from(prefetch)),
+        )
+        .start()
+        .await
+        .context("cannot start the router")?;
+    let started = Instant::now();
+    let finished = done.notified();
+    eventos_publish(transport, topic, payload, n, publishers, batch).await?;
+    if handled.load(Ordering::Relaxed) < n {
+        tokio::time::timeout(CASE_LIMIT, finished)
+            .await
+            .context("the end-to-end run stalled")?;
+    }
+    let elapsed = started.elapsed();
+    running.shutdown().await?;
+    Ok(Measured { events: n, elapsed })
+}
