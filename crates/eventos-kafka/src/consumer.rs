@@ -53,6 +53,10 @@ use tokio::sync::{Notify, mpsc};
 use crate::codec::{self, Stamp};
 use crate::{Shared, kafka_error};
 
+/// How long a member at its prefetch waits for room before it pauses its
+/// partitions to poll on.
+const PAUSE_AFTER: Duration = Duration::from_millis(200);
+
 /// How long a subscription waits for the group to take it in.
 const JOIN_WAIT: Duration = Duration::from_secs(15);
 
@@ -442,9 +446,10 @@ impl Pump {
         self.finish().await;
     }
 
-    /// While the prefetch is full the consumer keeps polling, with its
-    /// partitions paused: a member that stopped polling would hold up every
-    /// rebalance of its group until the broker gave up on it. A record that
+    /// While the prefetch stays full (past [`PAUSE_AFTER`]) the consumer
+    /// keeps polling, with its partitions paused: a member that stopped
+    /// polling would hold up every rebalance of its group until the broker
+    /// gave up on it. A record that
     /// arrives all the same (from a partition just assigned) waits in
     /// `overflow`.
     async fn pump(&self) {
@@ -464,9 +469,24 @@ impl Pump {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let full = self.prefetch.is_full();
-            if full != paused {
-                self.pause(full);
-                paused = full;
+            if !full && paused {
+                self.pause(false);
+                paused = false;
+            }
+            if full && !paused {
+                // Room usually comes back at once. Pausing makes librdkafka
+                // drop what it fetched ahead and fetch it again on resume,
+                // so only a member that stays full pauses (and polls on).
+                tokio::select! {
+                    () = &mut closed => break,
+                    () = self.tx.closed() => break,
+                    () = notified => {}
+                    () = tokio::time::sleep(PAUSE_AFTER) => {
+                        self.pause(true);
+                        paused = true;
+                    }
+                }
+                continue;
             }
             tokio::select! {
                 () = &mut closed => break,
