@@ -35,9 +35,9 @@
 //! consumer group per eventos group and topic, offsets committed over the
 //! settled prefix only (the kit's [`eventos_kit::SettledCursor`]), retries
 //! in a retry topic of the group's own, held in memory until due,
-//! dead letters on `<topic>.dlq`. Members keep polling with their
-//! partitions paused while their prefetch is full, so a busy member never
-//! holds up its group's rebalances.
+//! dead letters on `<topic>.dlq`. A member whose prefetch stays full keeps
+//! polling with its partitions paused, so a busy member never holds up its
+//! group's rebalances.
 //!
 //! [`KafkaEngine`] is its registry entry (`kafka://`, the `[kafka]`
 //! settings). **Not yet:** inspection (`inspection: false`).
