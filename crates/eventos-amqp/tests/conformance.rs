@@ -33,8 +33,10 @@ use futures::future::BoxFuture;
 use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
 
-/// How long a restart waits for other cases to close their transports.
-const QUIET_WAIT: Duration = Duration::from_secs(15);
+/// How long a restart waits for other cases to close their transports:
+/// longer than the inspection case, whose counts come from statistics a
+/// restart resets.
+const QUIET_WAIT: Duration = Duration::from_secs(25);
 
 static GATE: RestartGate = RestartGate::new();
 
