@@ -140,7 +140,7 @@ pub(crate) fn decode<H: Headers>(
     headers: Option<&H>,
     value: Option<&[u8]>,
 ) -> Result<Event, String> {
-    let mut pairs = Vec::new();
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
     let mut content_type = None;
     if let Some(headers) = headers {
         for header in headers.iter() {
@@ -152,18 +152,18 @@ pub(crate) fn decode<H: Headers>(
                 continue;
             }
             if header.key.eq_ignore_ascii_case(CONTENT_TYPE_HEADER) {
-                content_type = Some(text.to_owned());
+                content_type = Some(text);
             } else {
-                pairs.push((header.key.to_owned(), text.to_owned()));
+                pairs.push((header.key, text));
             }
         }
     }
-    if content_type.as_deref().is_some_and(is_structured) {
+    if content_type.is_some_and(is_structured) {
         return Event::from_json(value.unwrap_or_default())
             .map_err(|e| format!("structured-mode value: {e}"));
     }
     let data = value.filter(|v| !v.is_empty()).map(Bytes::copy_from_slice);
-    Event::from_binary(Binding::KAFKA, pairs, content_type.as_deref(), data)
+    Event::from_binary(Binding::KAFKA, pairs, content_type, data)
         .map_err(|e| format!("binary-mode headers: {e}"))
 }
 

@@ -57,6 +57,11 @@ use crate::{Shared, kafka_error};
 /// partitions to poll on.
 const PAUSE_AFTER: Duration = Duration::from_millis(200);
 
+/// How often the settled positions are stored for librdkafka's commit
+/// (every second): storing once per settlement cost more than the rest of
+/// a delivery.
+const STORE_EVERY: Duration = Duration::from_millis(100);
+
 /// How long a subscription waits for the group to take it in.
 const JOIN_WAIT: Duration = Duration::from_secs(15);
 
@@ -83,6 +88,13 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Which of a subscription's two topics a record came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    Main,
+    Retry,
+}
+
 /// One assigned partition's settled-offset cursor.
 struct Part {
     cursor: SettledCursor,
@@ -91,13 +103,68 @@ struct Part {
     next: u64,
     /// The assignment this cursor belongs to.
     generation: u64,
+    /// The cursor moved since its position was last stored.
+    moved: bool,
 }
 
 /// The cursors of every partition a consumer holds.
-#[derive(Default)]
 struct Offsets {
+    /// The Kafka names of the main and the retry topic.
+    main: String,
+    retry: String,
     generation: u64,
-    parts: HashMap<(String, i32), Part>,
+    parts: HashMap<(Source, i32), Part>,
+}
+
+impl Offsets {
+    fn new(main: String, retry: String) -> Self {
+        Offsets {
+            main,
+            retry,
+            generation: 0,
+            parts: HashMap::new(),
+        }
+    }
+
+    fn source(&self, topic: &str) -> Source {
+        if topic == self.retry {
+            Source::Retry
+        } else {
+            Source::Main
+        }
+    }
+
+    /// The positions of the cursors that moved since the last call, to
+    /// store for the next commit; `None` if none did.
+    fn take_moved(&mut self) -> Option<TopicPartitionList> {
+        let mut list = None;
+        for (&(source, partition), part) in &mut self.parts {
+            if !std::mem::take(&mut part.moved) {
+                continue;
+            }
+            let topic = match source {
+                Source::Main => &self.main,
+                Source::Retry => &self.retry,
+            };
+            let position = i64::try_from(part.cursor.position()).unwrap_or(i64::MAX);
+            let list = list.get_or_insert_with(TopicPartitionList::new);
+            if let Err(e) = list.add_partition_offset(topic, partition, Offset::Offset(position)) {
+                tracing::debug!(topic, partition, error = %e, "offset not listed");
+            }
+        }
+        list
+    }
+}
+
+/// Stores `list`, each partition's next offset to read, for the next
+/// commit. (`store_offsets`, not `store_offset`: librdkafka's
+/// single-offset store takes a message's offset and commits the one after
+/// it.)
+fn store<C: Consumer<X>, X: ConsumerContext>(consumer: &C, list: Option<TopicPartitionList>) {
+    let Some(list) = list else { return };
+    if let Err(e) = consumer.store_offsets(&list) {
+        tracing::debug!(error = %e, "offsets not stored (partitions revoked?)");
+    }
 }
 
 /// Commits and forgets revoked partitions before they go; tells the
@@ -126,6 +193,20 @@ impl ConsumerContext for Ctx {
 
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(revoked) = rebalance {
+            // The revoked partitions' deliveries stop counting first, then
+            // what was settled is committed: a settlement after this
+            // point changes nothing, and the new owner reads it again.
+            let moved = {
+                let mut offsets = lock(&self.offsets);
+                offsets.generation += 1;
+                let moved = offsets.take_moved();
+                for element in revoked.elements() {
+                    let source = offsets.source(element.topic());
+                    offsets.parts.remove(&(source, element.partition()));
+                }
+                moved
+            };
+            store(consumer, moved);
             if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
                 // Nothing stored since the last commit is the common case.
                 if !matches!(
@@ -134,13 +215,6 @@ impl ConsumerContext for Ctx {
                 ) {
                     tracing::warn!(error = %e, "cannot commit before a rebalance; the new owner reads the uncommitted events again");
                 }
-            }
-            let mut offsets = lock(&self.offsets);
-            offsets.generation += 1;
-            for element in revoked.elements() {
-                offsets
-                    .parts
-                    .remove(&(element.topic().to_owned(), element.partition()));
             }
         }
     }
@@ -156,9 +230,6 @@ struct Sub {
     physical: String,
     group: Arc<str>,
     retry_topic: String,
-    /// Until the subscription ends; then closed, so the group rebalances
-    /// at once, and later settlements store nothing.
-    consumer: Mutex<Option<Arc<KafkaConsumer>>>,
     offsets: Arc<Mutex<Offsets>>,
     /// Deliveries dropped unsettled whose copy is still being produced;
     /// the subscription's end waits for them, so that their offsets are in
@@ -173,68 +244,50 @@ struct Sub {
 impl Sub {
     /// Registers a record just read: its partition's cursor, created at the
     /// first offset read in this assignment. Returns the assignment.
-    fn register(&self, topic: &str, partition: i32, offset: u64) -> u64 {
+    fn register(&self, source: Source, partition: i32, offset: u64) -> u64 {
         let mut offsets = lock(&self.offsets);
         let generation = offsets.generation;
         let part = offsets
             .parts
-            .entry((topic.to_owned(), partition))
+            .entry((source, partition))
             .or_insert_with(|| Part {
                 cursor: SettledCursor::at(offset),
                 next: offset,
                 generation,
+                moved: false,
             });
-        let mut moved = false;
         for skipped in part.next..offset {
-            moved |= part.cursor.settle(skipped);
+            part.moved |= part.cursor.settle(skipped);
         }
         part.next = part.next.max(offset + 1);
-        if moved {
-            self.store(topic, partition, part.cursor.position());
-        }
         generation
     }
 
-    /// Marks `offset` settled; stores the new commit position if the
-    /// settled prefix grew. A partition revoked since is left alone.
-    fn settled(&self, topic: &str, partition: i32, offset: u64, generation: u64) {
+    /// Marks `offset` settled, for the next store if the settled prefix
+    /// grew. A partition revoked since is left alone.
+    fn settled(&self, source: Source, partition: i32, offset: u64, generation: u64) {
         let mut offsets = lock(&self.offsets);
-        let Some(part) = offsets.parts.get_mut(&(topic.to_owned(), partition)) else {
+        let Some(part) = offsets.parts.get_mut(&(source, partition)) else {
             return;
         };
-        if part.generation != generation {
-            return;
-        }
-        if part.cursor.settle(offset) {
-            let position = part.cursor.position();
-            self.store(topic, partition, position);
+        if part.generation == generation {
+            part.moved |= part.cursor.settle(offset);
         }
     }
 
     /// Whether the delivery of assignment `generation` from `partition`
     /// is still this consumer's to settle.
-    fn owns(&self, topic: &str, partition: i32, generation: u64) -> bool {
+    fn owns(&self, source: Source, partition: i32, generation: u64) -> bool {
         lock(&self.offsets)
             .parts
-            .get(&(topic.to_owned(), partition))
+            .get(&(source, partition))
             .is_some_and(|p| p.generation == generation)
     }
 
-    /// Stores `position`, the next offset to read, for the next commit.
-    /// (`store_offsets`, not `store_offset`: librdkafka's single-offset
-    /// store takes a message's offset and commits the one after it.)
-    fn store(&self, topic: &str, partition: i32, position: u64) {
-        let Some(consumer) = lock(&self.consumer).clone() else {
-            return;
-        };
-        let position = i64::try_from(position).unwrap_or(i64::MAX);
-        let mut list = TopicPartitionList::new();
-        let stored = list
-            .add_partition_offset(topic, partition, Offset::Offset(position))
-            .and_then(|()| consumer.store_offsets(&list));
-        if let Err(e) = stored {
-            tracing::debug!(topic, partition, error = %e, "offset not stored (partition revoked?)");
-        }
+    /// Stores the positions that moved, for librdkafka's next commit.
+    fn store_moved(&self, consumer: &KafkaConsumer) {
+        let moved = lock(&self.offsets).take_moved();
+        store(consumer, moved);
     }
 }
 
@@ -256,7 +309,7 @@ pub(crate) async fn subscribe(
     if subscription.start == StartFrom::Latest {
         join_at_the_end(&shared, &group_id, &topic).await?;
     }
-    let offsets = Arc::new(Mutex::new(Offsets::default()));
+    let offsets = Arc::new(Mutex::new(Offsets::new(topic.clone(), retry.clone())));
     let assigned = Arc::new(Assigned::default());
     let mut config = shared.base.clone();
     config
@@ -266,7 +319,21 @@ pub(crate) async fn subscribe(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000");
+        .set("heartbeat.interval.ms", "1000")
+        // An empty partition's fetch is held this long by the broker, and
+        // while it is, the member's other partitions wait for theirs: with
+        // the default (500 ms) the empty retry topic delayed a new
+        // member's first events by half a second.
+        .set("fetch.wait.max.ms", "100")
+        // librdkafka reads ahead up to these bounds (by default 100 000
+        // records or 64 MiB per member), then waits `fetch.queue.backoff.ms`
+        // (by default a second) before fetching again: a member whose
+        // handlers were slower than the fetch stalled for 0.7 s every
+        // 120 000 events. A shorter read-ahead bounds the memory each
+        // subscription takes; a short backoff keeps it fed.
+        .set("queued.min.messages", "20000")
+        .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.queue.backoff.ms", "20");
     for (key, value) in &shared.options.client {
         config.set(key, value);
     }
@@ -286,7 +353,6 @@ pub(crate) async fn subscribe(
         physical: topic.clone(),
         group: group.as_str().into(),
         retry_topic: retry,
-        consumer: Mutex::new(Some(consumer.clone())),
         offsets,
         putting_back: AtomicUsize::new(0),
         stream_gone: AtomicBool::new(false),
@@ -456,6 +522,10 @@ impl Pump {
         let mut closed = Box::pin(self.sub.shared.lifecycle.closed());
         let mut overflow = VecDeque::new();
         let mut paused = false;
+        // Since when the prefetch has been full, while it is.
+        let mut full_since = None;
+        let mut store = tokio::time::interval(STORE_EVERY);
+        store.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             while !self.prefetch.is_full() {
                 let Some(ready) = overflow.pop_front() else {
@@ -469,19 +539,24 @@ impl Pump {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let full = self.prefetch.is_full();
-            if !full && paused {
-                self.pause(false);
-                paused = false;
+            if !full {
+                full_since = None;
+                if paused {
+                    self.pause(false);
+                    paused = false;
+                }
             }
             if full && !paused {
                 // Room usually comes back at once. Pausing makes librdkafka
                 // drop what it fetched ahead and fetch it again on resume,
                 // so only a member that stays full pauses (and polls on).
+                let since = *full_since.get_or_insert_with(tokio::time::Instant::now);
                 tokio::select! {
                     () = &mut closed => break,
                     () = self.tx.closed() => break,
                     () = notified => {}
-                    () = tokio::time::sleep(PAUSE_AFTER) => {
+                    _ = store.tick() => self.sub.store_moved(&self.consumer),
+                    () = tokio::time::sleep_until(since + PAUSE_AFTER) => {
                         self.pause(true);
                         paused = true;
                     }
@@ -492,6 +567,7 @@ impl Pump {
                 () = &mut closed => break,
                 () = self.tx.closed() => break,
                 () = notified, if full => {}
+                _ = store.tick() => self.sub.store_moved(&self.consumer),
                 received = self.consumer.recv() => match received {
                     Ok(record) => {
                         if let Some(ready) = self.prepare(&record) {
@@ -542,7 +618,7 @@ impl Pump {
         } = ready;
         if !self
             .sub
-            .owns(&settle.topic, settle.partition, settle.generation)
+            .owns(settle.source, settle.partition, settle.generation)
         {
             return;
         }
@@ -556,19 +632,23 @@ impl Pump {
     /// is held aside until it is, and a record that is no CloudEvent is
     /// skipped.
     fn prepare(&self, record: &BorrowedMessage<'_>) -> Option<Ready> {
-        let topic = record.topic().to_owned();
+        let source = if record.topic() == self.sub.retry_topic {
+            Source::Retry
+        } else {
+            Source::Main
+        };
         let partition = record.partition();
         let offset = u64::try_from(record.offset()).unwrap_or(0);
-        let generation = self.sub.register(&topic, partition, offset);
+        let generation = self.sub.register(source, partition, offset);
         let event = match codec::decode(record.headers(), record.payload()) {
             Ok(event) => Arc::new(event),
             Err(reason) => {
-                tracing::error!(%topic, partition, offset, %reason, "skipping a record that is not a CloudEvent");
-                self.sub.settled(&topic, partition, offset, generation);
+                tracing::error!(topic = record.topic(), partition, offset, %reason, "skipping a record that is not a CloudEvent");
+                self.sub.settled(source, partition, offset, generation);
                 return None;
             }
         };
-        let stamp = if topic == self.sub.retry_topic {
+        let stamp = if source == Source::Retry {
             Stamp::read(record.headers())
         } else {
             Stamp {
@@ -579,7 +659,7 @@ impl Pump {
         let settle = KafkaSettle {
             sub: self.sub.clone(),
             event: event.clone(),
-            topic,
+            source,
             partition,
             offset,
             generation,
@@ -636,10 +716,10 @@ impl Pump {
                 break;
             }
         }
-        let taken = lock(&self.sub.consumer).take();
-        drop(taken);
         let consumer = self.consumer;
+        let sub = self.sub;
         let _ = tokio::task::spawn_blocking(move || {
+            sub.store_moved(&consumer);
             let _ = consumer.commit_consumer_state(CommitMode::Sync);
             // The last reference: dropping closes the consumer, leaving the
             // group.
@@ -655,7 +735,7 @@ struct KafkaSettle {
     sub: Arc<Sub>,
     event: Arc<Event>,
     /// The record's own topic (the main one or the retry topic).
-    topic: String,
+    source: Source,
     partition: i32,
     offset: u64,
     generation: u64,
@@ -678,7 +758,7 @@ impl KafkaSettle {
 
     fn done(&self) {
         self.sub
-            .settled(&self.topic, self.partition, self.offset, self.generation);
+            .settled(self.source, self.partition, self.offset, self.generation);
     }
 }
 
@@ -698,7 +778,7 @@ impl Settle for KafkaSettle {
             // A partition revoked since goes to its new owner from the last
             // commit, this event included: producing what the outcome asks
             // would do it twice.
-            if !self.sub.owns(&self.topic, self.partition, self.generation) {
+            if !self.sub.owns(self.source, self.partition, self.generation) {
                 return Ok(());
             }
             match outcome {
@@ -726,7 +806,7 @@ impl Settle for KafkaSettle {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if !self.sub.owns(&self.topic, self.partition, self.generation) {
+        if !self.sub.owns(self.source, self.partition, self.generation) {
             return;
         }
         self.sub.putting_back.fetch_add(1, Ordering::AcqRel);
