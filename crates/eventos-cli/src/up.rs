@@ -63,7 +63,8 @@ Settings file (--config eventos.toml), every key optional, defaults shown:
 
   data_dir = \"eventos-data\"
   listen = \"127.0.0.1:8080\"
-  transport = \"log\"                 # or \"memory\", or \"amqp://user:pass@host:5672/%2f\"
+  transport = \"log\"                 # or \"memory\", \"amqp://user:pass@host:5672/%2f\",
+                                    # \"kafka://127.0.0.1:9092\"
   # smtp = \"smtp://127.0.0.1:2525\"  # unset: .eml files in <data_dir>/mail
   shutdown_timeout_secs = 10        # HTTP connections and in-flight events
   shutdown_grace_ms = 0             # /readyz answers 503 this long before

@@ -8,6 +8,11 @@
 //! calls for, the shared gateway ledger shows no double charge, and both
 //! workers did some of the work.
 //!
+//! And the contact flow across processes: the API takes a message, a
+//! worker's mailer meets a real SMTP server that refuses it (451) twice,
+//! then takes it; the API's contact timeline shows each refused try and
+//! the mail sent, and the server holds exactly one copy.
+//!
 //! The brokers must be running (the README's test command starts them);
 //! these tests fail, never skip, when one is not.
 
@@ -277,5 +282,109 @@ async fn api_and_two_workers_survive_a_worker_kill(over: Over) {
     eprintln!(
         "fraud checks: worker 1 (killed) {c1}, worker 2 {c2}; {} captures",
         charged.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contact_mail_over_kafka_gets_through_smtp_refusals() {
+    contact_mail_gets_through_smtp_refusals(Over::Kafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contact_mail_over_rabbitmq_gets_through_smtp_refusals() {
+    contact_mail_gets_through_smtp_refusals(Over::RabbitMq).await;
+}
+
+async fn contact_mail_gets_through_smtp_refusals(over: Over) {
+    use school_testkit::{Mode, SmtpServer};
+
+    let dir = tempfile::tempdir().unwrap();
+    let namespace = format!("t{}", uuid::Uuid::now_v7().simple());
+    let config = settings(dir.path(), over, &namespace);
+    let smtp = SmtpServer::start();
+    smtp.set_mode(Mode::TempFail);
+    // The mailer's server: only the worker process sends mail.
+    let worker_config = dir.path().join("worker.toml");
+    std::fs::write(
+        &worker_config,
+        format!(
+            "smtp = \"{}\"\n{}",
+            smtp.url(),
+            std::fs::read_to_string(&config).unwrap()
+        ),
+    )
+    .unwrap();
+    let port = common::free_port();
+    let api = common::serve(
+        &dir.path().join("api"),
+        &config,
+        "enrollment,contact",
+        port,
+        over.url(),
+    );
+    let worker = common::serve(
+        &dir.path().join("worker"),
+        &worker_config,
+        "mailer,notifier",
+        common::free_port(),
+        over.url(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let response = http
+        .post(format!("{base}/contact"))
+        .json(&serde_json::json!({
+            "name": "Ana Lima",
+            "email": "ana@example.com",
+            "subject": "Visit on Friday",
+            "message": "Can I visit the school on Friday?"
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let accepted: serde_json::Value = response.json().await.unwrap();
+    let id = accepted["id"].as_str().unwrap().to_owned();
+    smtp.wait_for_rejected(2, Duration::from_secs(60)).await;
+    smtp.set_mode(Mode::Accept);
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let view = loop {
+        let view = common::get_json(&http, &format!("{base}/contact/{id}")).await;
+        if view["status"] == "sent" {
+            break view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mail was never sent: {view:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let timeline = view["timeline"].as_array().unwrap();
+    let deferred = timeline
+        .iter()
+        .filter(|e| e["type"] == "school.mail.email_deferred.v1")
+        .count();
+    assert!(
+        deferred >= 2,
+        "each refused try is in the timeline: {view:#}"
+    );
+    let sent = timeline.last().unwrap();
+    assert_eq!(sent["type"], "school.mail.email_sent.v1", "{view:#}");
+    assert!(sent["attempt"].as_u64().unwrap() > 2, "{view:#}");
+    let mails = smtp.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(mails.len(), 1, "one copy reached the server");
+    assert!(mails[0].body.contains("Can I visit the school on Friday?"));
+    worker.interrupt();
+    api.interrupt();
+    if let Over::RabbitMq = over {
+        common::delete_namespace(common::AMQP, &namespace).await;
+    }
+    eprintln!(
+        "contact mail: sent on attempt {} after {deferred} refusals",
+        sent["attempt"]
     );
 }
