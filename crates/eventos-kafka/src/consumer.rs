@@ -10,8 +10,8 @@
 //!
 //! **Offsets over the settled prefix.** Each assigned partition has a
 //! [`SettledCursor`]; a settled delivery marks its offset, and when the
-//! cursor moves its position is stored for librdkafka's next auto-commit
-//! (every second). A commit therefore never passes an unsettled delivery:
+//! positions that moved are stored and committed every 100 ms (and
+//! librdkafka's auto-commit, every second, sends again what failed). A commit therefore never passes an unsettled delivery:
 //! after a crash or a rebalance, whatever was not settled is read again
 //! (at least once). When partitions are revoked, the stored offsets are
 //! committed before the revocation completes and the partitions' cursors
@@ -28,10 +28,10 @@
 //! a crash only reads it again. Retries come back after their key's later
 //! events: retried events leave their key's order.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -57,9 +57,8 @@ use crate::{Shared, kafka_error};
 /// partitions to poll on.
 const PAUSE_AFTER: Duration = Duration::from_millis(200);
 
-/// How often the settled positions are stored for librdkafka's commit
-/// (every second): storing once per settlement cost more than the rest of
-/// a delivery.
+/// How often the settled positions that moved are stored and committed:
+/// storing once per settlement cost more than the rest of a delivery.
 const STORE_EVERY: Duration = Duration::from_millis(100);
 
 /// How long a subscription waits for the group to take it in.
@@ -108,7 +107,7 @@ struct Part {
 }
 
 /// The cursors of every partition a consumer holds.
-struct Offsets {
+pub(crate) struct Offsets {
     /// The Kafka names of the main and the retry topic.
     main: String,
     retry: String,
@@ -153,6 +152,77 @@ impl Offsets {
             }
         }
         list
+    }
+}
+
+/// What one member of this process holds of one partition, for
+/// inspection: its settled position, the next offset it reads, and which
+/// offsets in between are settled.
+pub(crate) struct Held {
+    pub(crate) position: u64,
+    pub(crate) next: u64,
+    pub(crate) settled: HashSet<u64>,
+}
+
+/// This process's members, by group id: inspection adds what they hold to
+/// what the broker knows (committed offsets only).
+#[derive(Default)]
+pub(crate) struct Members(Mutex<HashMap<String, Vec<Weak<Mutex<Offsets>>>>>);
+
+impl Members {
+    fn add(&self, group_id: &str, offsets: &Arc<Mutex<Offsets>>) {
+        let mut members = lock(&self.0);
+        members.retain(|_, list| {
+            list.retain(|m| m.strong_count() > 0);
+            !list.is_empty()
+        });
+        members
+            .entry(group_id.to_owned())
+            .or_default()
+            .push(Arc::downgrade(offsets));
+    }
+
+    /// Whether a member of `group_id` runs in this process.
+    pub(crate) fn knows(&self, group_id: &str) -> bool {
+        lock(&self.0)
+            .get(group_id)
+            .is_some_and(|list| list.iter().any(|m| m.strong_count() > 0))
+    }
+
+    /// What this process's members of `group_id` hold, by (Kafka topic,
+    /// partition). A partition is one member's at a time; the latest
+    /// assignment wins where two report one.
+    pub(crate) fn held(&self, group_id: &str) -> HashMap<(String, i32), Held> {
+        let members: Vec<_> = lock(&self.0)
+            .get(group_id)
+            .map(|list| list.iter().filter_map(Weak::upgrade).collect())
+            .unwrap_or_default();
+        let mut held = HashMap::new();
+        for member in members {
+            let offsets = lock(&member);
+            for (&(source, partition), part) in &offsets.parts {
+                if part.generation != offsets.generation {
+                    continue;
+                }
+                let topic = match source {
+                    Source::Main => offsets.main.clone(),
+                    Source::Retry => offsets.retry.clone(),
+                };
+                let position = part.cursor.position();
+                let settled = (position..part.next)
+                    .filter(|&o| part.cursor.is_settled(o))
+                    .collect();
+                held.insert(
+                    (topic, partition),
+                    Held {
+                        position,
+                        next: part.next,
+                        settled,
+                    },
+                );
+            }
+        }
+        held
     }
 }
 
@@ -285,9 +355,23 @@ impl Sub {
     }
 
     /// Stores the positions that moved, for librdkafka's next commit.
-    fn store_moved(&self, consumer: &KafkaConsumer) {
+    fn store_moved(&self, consumer: &KafkaConsumer) -> bool {
         let moved = lock(&self.offsets).take_moved();
+        let any = moved.is_some();
         store(consumer, moved);
+        any
+    }
+
+    /// Stores the positions that moved and commits them at once, without
+    /// waiting for the answer: a settled event is committed within
+    /// [`STORE_EVERY`], not librdkafka's auto-commit second, which stays
+    /// as the backstop that commits again after a failed attempt.
+    fn commit_moved(&self, consumer: &KafkaConsumer) {
+        if self.store_moved(consumer)
+            && let Err(e) = consumer.commit_consumer_state(CommitMode::Async)
+        {
+            tracing::debug!(error = %e, "commit not sent; the next auto-commit sends it");
+        }
     }
 }
 
@@ -310,6 +394,7 @@ pub(crate) async fn subscribe(
         join_at_the_end(&shared, &group_id, &topic).await?;
     }
     let offsets = Arc::new(Mutex::new(Offsets::new(topic.clone(), retry.clone())));
+    shared.members.add(&group_id, &offsets);
     let assigned = Arc::new(Assigned::default());
     let mut config = shared.base.clone();
     config
@@ -555,7 +640,7 @@ impl Pump {
                     () = &mut closed => break,
                     () = self.tx.closed() => break,
                     () = notified => {}
-                    _ = store.tick() => self.sub.store_moved(&self.consumer),
+                    _ = store.tick() => self.sub.commit_moved(&self.consumer),
                     () = tokio::time::sleep_until(since + PAUSE_AFTER) => {
                         self.pause(true);
                         paused = true;
@@ -567,7 +652,7 @@ impl Pump {
                 () = &mut closed => break,
                 () = self.tx.closed() => break,
                 () = notified, if full => {}
-                _ = store.tick() => self.sub.store_moved(&self.consumer),
+                _ = store.tick() => self.sub.commit_moved(&self.consumer),
                 received = self.consumer.recv() => match received {
                     Ok(record) => {
                         if let Some(ready) = self.prepare(&record) {
@@ -719,7 +804,7 @@ impl Pump {
         let consumer = self.consumer;
         let sub = self.sub;
         let _ = tokio::task::spawn_blocking(move || {
-            sub.store_moved(&consumer);
+            let _ = sub.store_moved(&consumer);
             let _ = consumer.commit_consumer_state(CommitMode::Sync);
             // The last reference: dropping closes the consumer, leaving the
             // group.

@@ -10,45 +10,8 @@
 //! suite's strict no-duplicate checks would otherwise see the redeliveries
 //! at-least-once allows.
 
-use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
+mod suite;
 
-use eventos_conformance::{Harness, RestartGate, run};
-use eventos_core::Transport;
-use eventos_kafka::{KafkaOptions, KafkaTransport};
-use eventos_test_brokers::Broker;
-use futures::future::BoxFuture;
-
-const QUIET_WAIT: Duration = Duration::from_secs(15);
-
-static GATE: RestartGate = RestartGate::new();
-
-struct Kafka;
-
-impl Harness for Kafka {
-    fn name(&self) -> &str {
-        "kafka"
-    }
-
-    fn open(&self) -> BoxFuture<'static, Arc<dyn Transport>> {
-        Box::pin(GATE.open(
-            async {
-                let url = format!("kafka://{}", Broker::Kafka.require());
-                KafkaTransport::connect(&url, KafkaOptions::default())
-                    .unwrap_or_else(|e| panic!("{e}"))
-            },
-            |_, _| {},
-        ))
-    }
-
-    fn restart_broker(&self) -> Option<BoxFuture<'static, ()>> {
-        Some(Box::pin(GATE.restart(QUIET_WAIT, || {
-            Broker::Kafka.restart();
-        })))
-    }
-}
-
-fn main() -> ExitCode {
-    run(Kafka)
+fn main() -> std::process::ExitCode {
+    suite::main(eventos_kafka::ContentMode::Binary)
 }

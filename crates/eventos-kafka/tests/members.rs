@@ -103,7 +103,25 @@ fn handled(path: &Path) -> Vec<String> {
         .collect()
 }
 
-fn spawn(out: &Path, url: &str, namespace: &str) -> Child {
+/// A member process, killed when dropped: a failing test leaves none
+/// behind.
+struct Member(Child);
+
+impl Member {
+    fn kill(&mut self) {
+        self.0.kill().expect("SIGKILL a member");
+        self.0.wait().expect("reap it");
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(out: &Path, url: &str, namespace: &str) -> Member {
     let mut child = Command::new(std::env::current_exe().expect("this binary"))
         .env("EVENTOS_KAFKA_MEMBER", out)
         .env("EVENTOS_KAFKA_URL", url)
@@ -126,7 +144,7 @@ fn spawn(out: &Path, url: &str, namespace: &str) -> Child {
         .recv_timeout(Duration::from_secs(60))
         .expect("the member to join within a minute");
     assert_eq!(ready.as_deref(), Some("ready"), "the member did not start");
-    child
+    Member(child)
 }
 
 /// Waits, polling, until `done` holds, failing with `what` at the deadline.
@@ -223,12 +241,19 @@ async fn a_killed_member_s_partitions_go_to_the_survivor() {
     }
 
     // Both at work, the first well into its share: then it dies.
+    let counts = eventos_core::Transport::group_counts(&transport, TOPIC, GROUP)
+        .await
+        .expect("the group's counts")
+        .expect("the group is known to Kafka");
+    assert!(
+        counts.ready > 0,
+        "{EVENTS} published, none ready: {counts:?}"
+    );
     until("both members to handle events", || {
         handled(&a_out).len() >= EVENTS / 8 && !handled(&b_out).is_empty()
     })
     .await;
-    a.kill().expect("SIGKILL the first member");
-    a.wait().expect("reap it");
+    a.kill();
     let physical = format!("{namespace}.{TOPIC}");
     let group_id = format!("{GROUP}@{physical}");
     let at_death = committed(&servers, &group_id, &physical, partitions);
@@ -241,8 +266,24 @@ async fn a_killed_member_s_partitions_go_to_the_survivor() {
         all.is_subset(&seen)
     })
     .await;
-    b.kill().expect("stop the survivor");
-    b.wait().expect("reap it");
+    // Seen from this process, which holds no member: the survivor's
+    // commits reach the end of every partition.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let counts = eventos_core::Transport::group_counts(&transport, TOPIC, GROUP)
+            .await
+            .expect("the group's counts")
+            .expect("the group is known to Kafka");
+        if counts.ready == 0 && counts.in_flight == 0 && counts.retrying == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group never caught up: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    b.kill();
     let b_ids = handled(&b_out);
 
     let place = placement(&servers, &physical, partitions, EVENTS);
