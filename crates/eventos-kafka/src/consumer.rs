@@ -27,6 +27,15 @@
 //! no other group sees the event again. A held retry is not committed, so
 //! a crash only reads it again. Retries come back after their key's later
 //! events: retried events leave their key's order.
+//!
+//! **Precision:** the retry topic is read as soon as a copy lands, and the
+//! copy is handed out by a timer at its due time, so a retry is never
+//! early and is late by a timer tick, milliseconds, while the member
+//! runs. After a crash or a rebalance, copies already due are handed out
+//! as soon as the new owner has read them. Every copy not yet due is held
+//! in memory (no bound yet), and a long one keeps its retry partition's
+//! commit behind it: after a crash, the shorter retries behind it that
+//! were already handled are read, and handled, again.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
