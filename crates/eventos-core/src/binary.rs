@@ -166,41 +166,62 @@ impl Event {
         K: AsRef<str>,
         V: AsRef<str>,
     {
-        let prefix = binding.prefix.to_ascii_lowercase();
-        let mut attrs: BTreeMap<String, String> = BTreeMap::new();
+        // Attributes are matched in place, without a map of them all: this
+        // runs once per event consumed. A repeated header counts as its
+        // last copy.
+        let prefix = binding.prefix;
+        let mut specversion = None;
+        let (mut id, mut source, mut ty) = (None, None, None);
+        let (mut subject, mut time, mut dataschema, mut header_ct) = (None, None, None, None);
+        let mut extensions = BTreeMap::new();
         for (k, v) in headers {
             let k = k.as_ref();
-            if k.len() > prefix.len() && k[..prefix.len()].eq_ignore_ascii_case(&prefix) {
-                let name = k[prefix.len()..].to_ascii_lowercase();
-                let value = binding.decode(&name, v.as_ref())?;
-                attrs.insert(name, value);
-            }
+            let Some(name) = k
+                .get(..prefix.len())
+                .filter(|p| k.len() > prefix.len() && p.eq_ignore_ascii_case(prefix))
+                .and_then(|_| k.get(prefix.len()..))
+            else {
+                continue;
+            };
+            let value = binding.decode(name, v.as_ref())?;
+            let slot = match () {
+                () if name.eq_ignore_ascii_case("specversion") => &mut specversion,
+                () if name.eq_ignore_ascii_case("id") => &mut id,
+                () if name.eq_ignore_ascii_case("source") => &mut source,
+                () if name.eq_ignore_ascii_case("type") => &mut ty,
+                () if name.eq_ignore_ascii_case("subject") => &mut subject,
+                () if name.eq_ignore_ascii_case("time") => &mut time,
+                () if name.eq_ignore_ascii_case("dataschema") => &mut dataschema,
+                // Some bindings also mirror the content type as an
+                // attribute header.
+                () if name.eq_ignore_ascii_case("datacontenttype") => &mut header_ct,
+                () => {
+                    extensions.insert(name.to_ascii_lowercase(), value);
+                    continue;
+                }
+            };
+            *slot = Some(value);
         }
-        match attrs.remove("specversion") {
+        match specversion {
             None => return Err(EventError::MissingAttribute("specversion")),
             Some(v) if v != SPEC_VERSION => return Err(EventError::UnsupportedSpecVersion(v)),
             Some(_) => {}
         }
-        let mut required = |name: &'static str| match attrs.remove(name) {
+        let required = |name: &'static str, value: Option<String>| match value {
             Some(v) if !v.is_empty() => Ok(v),
             _ => Err(EventError::MissingAttribute(name)),
         };
-        let id = required("id")?;
-        let source = required("source")?;
-        let ty = required("type")?;
-        let subject = attrs.remove("subject");
-        let time = attrs
-            .remove("time")
-            .map(|t| parse_time("time", &t))
-            .transpose()?;
-        let dataschema = attrs.remove("dataschema");
-        // Some bindings also mirror the content type as an attribute header.
-        let header_ct = attrs.remove("datacontenttype");
-        let mut extensions = BTreeMap::new();
-        for (name, value) in attrs {
-            validate_extension_name(&name)?;
-            extensions.insert(name, ExtensionValue::String(value));
-        }
+        let id = required("id", id)?;
+        let source = required("source", source)?;
+        let ty = required("type", ty)?;
+        let time = time.map(|t| parse_time("time", &t)).transpose()?;
+        let extensions = extensions
+            .into_iter()
+            .map(|(name, value)| {
+                validate_extension_name(&name)?;
+                Ok((name, ExtensionValue::String(value)))
+            })
+            .collect::<Result<BTreeMap<_, _>, EventError>>()?;
         Ok(Event {
             id,
             source,

@@ -286,6 +286,45 @@ fn binary_mode_requires_specversion() {
     assert!(matches!(err, EventError::MissingAttribute("specversion")));
 }
 
+#[test]
+fn binary_headers_match_without_case_and_the_last_copy_wins() {
+    let ev = Event::from_binary(
+        Binding::KAFKA,
+        [
+            ("CE_SpecVersion", "1.0"),
+            ("ce_id", "first"),
+            ("Ce_Id", "second"),
+            ("ce_source", "/s"),
+            ("ce_type", "t"),
+            ("CE_TraceParent", "00-x"),
+            ("ce_", "not an attribute"),
+            ("content-type", "ignored without a prefix"),
+        ],
+        None,
+        None,
+    )
+    .unwrap();
+    assert_eq!(ev.id(), "second");
+    assert_eq!(
+        ev.extensions().keys().map(String::as_str).collect::<Vec<_>>(),
+        ["traceparent"]
+    );
+    let err = Event::from_binary(
+        Binding::KAFKA,
+        [
+            ("ce_specversion", "1.0"),
+            ("ce_id", "1"),
+            ("ce_source", "/s"),
+            ("ce_type", "t"),
+            ("ce_bad-name", "x"),
+        ],
+        None,
+        None,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("bad-name"), "{err}");
+}
+
 fn arb_event() -> impl Strategy<Value = Event> {
     let name = "[a-z][a-z0-9]{0,19}".prop_filter("not a context attribute", |n| {
         ![
