@@ -31,15 +31,20 @@ impl SettledCursor {
 
     /// Records `offset` as settled; returns whether the position moved.
     pub fn settle(&mut self, offset: u64) -> bool {
-        if offset < self.position {
+        if offset != self.position {
+            // Below: settled already. Above: the position stays.
+            if offset > self.position {
+                self.ahead.insert(offset);
+            }
             return false;
         }
-        self.ahead.insert(offset);
-        let before = self.position;
-        while self.ahead.remove(&self.position) {
+        // The common case, settlements in order, touches no set.
+        self.position += 1;
+        while self.ahead.first() == Some(&self.position) {
+            self.ahead.pop_first();
             self.position += 1;
         }
-        self.position != before
+        true
     }
 
     /// Whether `offset` is settled.
