@@ -16,11 +16,12 @@ use anyhow::Context as _;
 use eventos::Transport;
 use eventos_core::{Bytes, Event, StartFrom, Subscription};
 use eventos_kafka::{KafkaOptions, KafkaTransport};
+use futures::StreamExt as _;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::bench_event::bench_event;
@@ -125,8 +126,16 @@ pub(crate) async fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
     }
     let raw_publish = raw_publish(&base, &raw_topic, &payload, n, publishers, batch).await?;
     report("raw rdkafka publish (idempotent, acks=all)", &raw_publish);
-    let raw_consume = raw_consume(&base, &raw_topic, n).await?;
-    report("raw rdkafka consume (offsets stored)", &raw_consume);
+    let bare_consume = raw_consume(&base, &raw_topic, n, Read::Nothing).await?;
+    report(
+        "raw rdkafka consume (offsets stored, records unread)",
+        &bare_consume,
+    );
+    let raw_consume = raw_consume(&base, &raw_topic, n, Read::HeadersAndValue).await?;
+    report(
+        "raw rdkafka consume (offsets stored, headers and value read)",
+        &raw_consume,
+    );
 
     // eventos-kafka: the same work through the transport.
     let kafka =
@@ -168,6 +177,10 @@ pub(crate) async fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
     let publish_ratio = publish.per_s() / raw_publish.per_s();
     let consume_ratio = consume.per_s() / raw_consume.per_s();
     println!();
+    println!(
+        "consume against records left unread: {:.3} (what reading a record's headers costs in librdkafka is in the ratio's baseline)",
+        consume.per_s() / bare_consume.per_s()
+    );
     println!(
         "ratios (1.0 = as fast as raw rdkafka on this cluster, this run): publish {publish_ratio:.3}, consume {consume_ratio:.3}"
     );
@@ -253,10 +266,26 @@ async fn raw_publish(
     })
 }
 
-async fn raw_consume(base: &ClientConfig, topic: &str, n: u64) -> anyhow::Result<Measured> {
+/// How much of each record the raw consumer reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Nothing: the offset is stored, the record left as it came.
+    Nothing,
+    /// Every header and the value, into memory of its own: the least a
+    /// consumer of CloudEvents does with a record (librdkafka parses a
+    /// record's headers only when they are asked for).
+    HeadersAndValue,
+}
+
+async fn raw_consume(
+    base: &ClientConfig,
+    topic: &str,
+    n: u64,
+    read: Read,
+) -> anyhow::Result<Measured> {
     let mut config = base.clone();
     config
-        .set("group.id", format!("bench-raw@{topic}"))
+        .set("group.id", format!("bench-raw-{read:?}@{topic}"))
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
@@ -266,8 +295,23 @@ async fn raw_consume(base: &ClientConfig, topic: &str, n: u64) -> anyhow::Result
     let started = Instant::now();
     let mut seen = 0;
     let consume = async {
+        let mut records = consumer.stream();
         while seen < n {
-            let record = consumer.recv().await?;
+            let record = records
+                .next()
+                .await
+                .context("the consumer's stream ended")??;
+            if read == Read::HeadersAndValue {
+                let mut text = 0;
+                for header in record.headers().into_iter().flat_map(|h| h.iter()) {
+                    text += header
+                        .value
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .map_or(0, str::len);
+                }
+                let value = Bytes::copy_from_slice(record.payload().unwrap_or_default());
+                std::hint::black_box((text, value));
+            }
             consumer.store_offset_from_message(&record)?;
             seen += 1;
         }

@@ -140,7 +140,9 @@ pub(crate) fn decode<H: Headers>(
     headers: Option<&H>,
     value: Option<&[u8]>,
 ) -> Result<Event, String> {
-    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    // On the stack: a binary-mode event has a handful of headers, and this
+    // runs once per record consumed.
+    let mut pairs: smallvec::SmallVec<[(&str, &str); 12]> = smallvec::SmallVec::new();
     let mut content_type = None;
     if let Some(headers) = headers {
         for header in headers.iter() {
