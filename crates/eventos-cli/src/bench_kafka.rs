@@ -169,7 +169,7 @@ pub(crate) async fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
     let mut topics = vec![raw_topic];
     for topic in [TOPIC, E2E_TOPIC] {
         topics.push(format!("{ns}.{topic}"));
-        topics.push(kafka.retry_topic(topic, "bench"));
+        topics.extend(kafka.retry_topics(topic, "bench"));
     }
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     let _ = admin.delete_topics(&names, &AdminOptions::new()).await;

@@ -306,7 +306,10 @@ fn binary_headers_match_without_case_and_the_last_copy_wins() {
     .unwrap();
     assert_eq!(ev.id(), "second");
     assert_eq!(
-        ev.extensions().keys().map(String::as_str).collect::<Vec<_>>(),
+        ev.extensions()
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
         ["traceparent"]
     );
     let err = Event::from_binary(

@@ -1,5 +1,5 @@
 //! Subscriptions: one Kafka consumer per subscription, reading the topic
-//! and the group's retry topic, committing an offset only once everything
+//! and the group's retry topics, committing an offset only once everything
 //! before it is settled.
 //!
 //! **One Kafka consumer group per eventos group and topic**
@@ -18,24 +18,29 @@
 //! are dropped; a delivery from such a partition settled later changes
 //! nothing, and the partition's new owner reads it again.
 //!
-//! **Retries in a topic of the group's own**, `<topic>.retry.<group>`: a
+//! **Retries in topics of the group's own, by delay tier**,
+//! `<topic>.retry.<group>.<tier>` for the tiers `1s`, `10s`, `1m`, `10m`
+//! and `long` (a retry goes to the shortest tier that takes its delay): a
 //! retry is a copy stamped with its next attempt and due time, produced
 //! there before the original's offset is marked. The group's consumer
-//! reads that topic with the main one and holds a copy in memory until it
-//! is due, so the main topic's partitions never wait for a retry, and a
-//! long retry does not hold up a short one. Only that group reads it, so
-//! no other group sees the event again. A held retry is not committed, so
-//! a crash only reads it again. Retries come back after their key's later
-//! events: retried events leave their key's order.
+//! reads the tiers with the main topic and holds each copy in memory
+//! until it is due, so the main topic's partitions never wait for a
+//! retry. Only that group reads its tiers, so no other group sees the
+//! event again. A held copy is not committed, so a crash only reads it
+//! again; since one tier's copies come due in about the order they were
+//! read, a long retry does not keep shorter ones uncommitted behind it.
+//! Retries come back after their key's later events: retried events
+//! leave their key's order.
 //!
-//! **Precision:** the retry topic is read as soon as a copy lands, and the
-//! copy is handed out by a timer at its due time, so a retry is never
+//! **Precision and memory:** a tier is read as soon as a copy lands, and
+//! the copy is handed out by a timer at its due time, so a retry is never
 //! early and is late by a timer tick, milliseconds, while the member
-//! runs. After a crash or a rebalance, copies already due are handed out
-//! as soon as the new owner has read them. Every copy not yet due is held
-//! in memory (no bound yet), and a long one keeps its retry partition's
-//! commit behind it: after a crash, the shorter retries behind it that
-//! were already handled are read, and handled, again.
+//! runs. One retry partition holds at most [`HOLD`] copies not yet due;
+//! past that it is paused until half of them have come due, and a copy
+//! left unread meanwhile is late by at most its tier's width (the `long`
+//! tier's by its longest delay in hand). After a crash or a rebalance,
+//! copies already due are handed out as soon as the new owner has read
+//! them, and the timers of revoked partitions are dropped.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
@@ -82,11 +87,44 @@ const JOIN_WAIT: Duration = Duration::from_secs(15);
 /// The longest topic name Kafka accepts.
 const MAX_TOPIC: usize = 249;
 
-/// The topic that holds `group`'s retries of `topic`:
-/// `<topic>.retry.<group>`, or, where that is longer than Kafka allows, a
+/// The retry delay tiers, by name and the longest delay each takes; the
+/// last takes any delay. A tier's copies come due in about the order they
+/// are read, so a long delay never holds up a short one's commit, and a
+/// paused tier (see [`HOLD`]) is late by no more than its width.
+const TIERS: [(&str, Duration); 5] = [
+    ("1s", Duration::from_secs(1)),
+    ("10s", Duration::from_secs(10)),
+    ("1m", Duration::from_secs(60)),
+    ("10m", Duration::from_secs(600)),
+    ("long", Duration::MAX),
+];
+
+/// The most copies not yet due that one retry partition holds in memory:
+/// past it the partition is paused, and resumed once half have come due.
+const HOLD: usize = 1000;
+
+/// The tier a retry after `after` goes to.
+fn tier_of(after: Duration) -> usize {
+    TIERS
+        .iter()
+        .position(|(_, longest)| after <= *longest)
+        .unwrap_or(TIERS.len() - 1)
+}
+
+/// The topics that hold `group`'s retries of `topic`, one per tier.
+pub(crate) fn retry_topics(topic: &str, group: &str) -> Vec<String> {
+    TIERS
+        .iter()
+        .map(|(tier, _)| retry_topic(topic, group, tier))
+        .collect()
+}
+
+/// The topic that holds `group`'s retries of `topic` in `tier`:
+/// `<topic>.retry.<group>.<tier>` (tier names have no dot, so no two
+/// groups share one), or, where that is longer than Kafka allows, a
 /// readable prefix of it and a hash of the whole.
-pub(crate) fn retry_topic(topic: &str, group: &str) -> String {
-    let full = format!("{topic}.retry.{group}");
+fn retry_topic(topic: &str, group: &str, tier: &str) -> String {
+    let full = format!("{topic}.retry.{group}.{tier}");
     if full.len() <= MAX_TOPIC {
         return full;
     }
@@ -102,11 +140,12 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Which of a subscription's two topics a record came from.
+/// Which of a subscription's topics a record came from: the main one or
+/// a retry tier's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Source {
     Main,
-    Retry,
+    Retry(usize),
 }
 
 /// One assigned partition's settled-offset cursor.
@@ -119,19 +158,23 @@ struct Part {
     generation: u64,
     /// The cursor moved since its position was last stored.
     moved: bool,
+    /// Retry copies read and held until due.
+    held: usize,
+    /// Paused for holding [`HOLD`] copies.
+    held_paused: bool,
 }
 
 /// The cursors of every partition a consumer holds.
 pub(crate) struct Offsets {
-    /// The Kafka names of the main and the retry topic.
+    /// The Kafka names of the main topic and of the retry tiers'.
     main: String,
-    retry: String,
+    retry: Vec<String>,
     generation: u64,
     parts: HashMap<(Source, i32), Part>,
 }
 
 impl Offsets {
-    fn new(main: String, retry: String) -> Self {
+    fn new(main: String, retry: Vec<String>) -> Self {
         Offsets {
             main,
             retry,
@@ -141,10 +184,19 @@ impl Offsets {
     }
 
     fn source(&self, topic: &str) -> Source {
-        if topic == self.retry {
-            Source::Retry
-        } else {
-            Source::Main
+        if topic == self.main {
+            return Source::Main;
+        }
+        self.retry
+            .iter()
+            .position(|t| t == topic)
+            .map_or(Source::Main, Source::Retry)
+    }
+
+    fn topic(&self, source: Source) -> &str {
+        match source {
+            Source::Main => &self.main,
+            Source::Retry(tier) => &self.retry[tier],
         }
     }
 
@@ -158,7 +210,7 @@ impl Offsets {
             }
             let topic = match source {
                 Source::Main => &self.main,
-                Source::Retry => &self.retry,
+                Source::Retry(tier) => &self.retry[tier],
             };
             let position = i64::try_from(part.cursor.position()).unwrap_or(i64::MAX);
             let list = list.get_or_insert_with(TopicPartitionList::new);
@@ -219,10 +271,7 @@ impl Members {
                 if part.generation != offsets.generation {
                     continue;
                 }
-                let topic = match source {
-                    Source::Main => offsets.main.clone(),
-                    Source::Retry => offsets.retry.clone(),
-                };
+                let topic = offsets.topic(source).to_owned();
                 let position = part.cursor.position();
                 let settled = (position..part.next)
                     .filter(|&o| part.cursor.is_settled(o))
@@ -257,6 +306,8 @@ fn store<C: Consumer<X>, X: ConsumerContext>(consumer: &C, list: Option<TopicPar
 struct Ctx {
     offsets: Arc<Mutex<Offsets>>,
     assigned: Arc<Assigned>,
+    /// Tells the held retries that partitions went.
+    revoked: Arc<Notify>,
 }
 
 /// Whether the group has assigned this member its partitions yet.
@@ -269,8 +320,14 @@ struct Assigned {
 impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(_) = rebalance {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(assigned) = rebalance {
+            // A partition paused before the rebalance starts afresh: its
+            // new cursor holds nothing. (A full prefetch pauses it again
+            // once a record arrives.)
+            if let Err(e) = consumer.resume(assigned) {
+                tracing::debug!(error = %e, "cannot resume newly assigned partitions");
+            }
             self.assigned.done.store(true, Ordering::Release);
             self.assigned.wake.notify_waiters();
         }
@@ -291,6 +348,7 @@ impl ConsumerContext for Ctx {
                 }
                 moved
             };
+            self.revoked.notify_waiters();
             store(consumer, moved);
             if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
                 // Nothing stored since the last commit is the common case.
@@ -314,8 +372,16 @@ struct Sub {
     /// The Kafka topic: `topic` under the namespace.
     physical: String,
     group: Arc<str>,
-    retry_topic: String,
+    /// The retry tiers' Kafka topics, shortest first.
+    retry_topics: Vec<String>,
     offsets: Arc<Mutex<Offsets>>,
+    /// Woken when partitions are revoked.
+    revoked: Arc<Notify>,
+    /// Retry partitions paused for holding too many copies that have room
+    /// again, for the pump to resume.
+    to_resume: Mutex<Vec<(Source, i32)>>,
+    /// Wakes the pump when `to_resume` grows.
+    held_room: Notify,
     /// Deliveries dropped unsettled whose copy is still being produced;
     /// the subscription's end waits for them, so that their offsets are in
     /// its last commit.
@@ -340,6 +406,8 @@ impl Sub {
                 next: offset,
                 generation,
                 moved: false,
+                held: 0,
+                held_paused: false,
             });
         for skipped in part.next..offset {
             part.moved |= part.cursor.settle(skipped);
@@ -367,6 +435,42 @@ impl Sub {
             .parts
             .get(&(source, partition))
             .is_some_and(|p| p.generation == generation)
+    }
+
+    /// Counts a retry copy held until due; true if its partition now holds
+    /// [`HOLD`] and is to be paused.
+    fn hold(&self, source: Source, partition: i32, generation: u64) -> bool {
+        let mut offsets = lock(&self.offsets);
+        let Some(part) = offsets.parts.get_mut(&(source, partition)) else {
+            return false;
+        };
+        if part.generation != generation {
+            return false;
+        }
+        part.held += 1;
+        let pause = part.held >= HOLD && !part.held_paused;
+        part.held_paused |= pause;
+        pause
+    }
+
+    /// Counts a held copy out, once it is due (or dropped); a partition
+    /// paused for holding too many is handed to the pump to resume once
+    /// half of them are gone.
+    fn unhold(&self, source: Source, partition: i32, generation: u64) {
+        let mut offsets = lock(&self.offsets);
+        let Some(part) = offsets.parts.get_mut(&(source, partition)) else {
+            return;
+        };
+        if part.generation != generation {
+            return;
+        }
+        part.held = part.held.saturating_sub(1);
+        if part.held_paused && part.held <= HOLD / 2 {
+            part.held_paused = false;
+            drop(offsets);
+            lock(&self.to_resume).push((source, partition));
+            self.held_room.notify_one();
+        }
     }
 
     /// Stores the positions that moved, for librdkafka's next commit.
@@ -401,9 +505,12 @@ pub(crate) async fn subscribe(
     // deliveries name the subscription's own.
     let topic = shared.physical(&subscription.topic);
     let group = subscription.group.clone();
-    let retry = retry_topic(&topic, &group);
-    shared.ensure_topic(&topic).await?;
-    shared.ensure_topic(&retry).await?;
+    let retry = retry_topics(&topic, &group);
+    {
+        let mut all = vec![topic.as_str()];
+        all.extend(retry.iter().map(String::as_str));
+        shared.ensure_topics(&all).await?;
+    }
     let group_id = format!("{group}@{topic}");
     if subscription.start == StartFrom::Latest {
         join_at_the_end(&shared, &group_id, &topic).await?;
@@ -411,6 +518,7 @@ pub(crate) async fn subscribe(
     let offsets = Arc::new(Mutex::new(Offsets::new(topic.clone(), retry.clone())));
     shared.members.add(&group_id, &offsets);
     let assigned = Arc::new(Assigned::default());
+    let revoked = Arc::new(Notify::new());
     let mut config = shared.base.clone();
     config
         .set("group.id", &group_id)
@@ -444,10 +552,13 @@ pub(crate) async fn subscribe(
         .create_with_context(Ctx {
             offsets: offsets.clone(),
             assigned: assigned.clone(),
+            revoked: revoked.clone(),
         })
         .map_err(|e| crate::refused(&e))?;
+    let mut topics = vec![topic.as_str()];
+    topics.extend(retry.iter().map(String::as_str));
     consumer
-        .subscribe(&[topic.as_str(), retry.as_str()])
+        .subscribe(&topics)
         .map_err(|e| kafka_error(&format!("subscribing {group_id:?}"), &e))?;
     let consumer = Arc::new(consumer);
     let sub = Arc::new(Sub {
@@ -455,8 +566,11 @@ pub(crate) async fn subscribe(
         topic: subscription.topic.as_str().into(),
         physical: topic.clone(),
         group: group.as_str().into(),
-        retry_topic: retry,
+        retry_topics: retry,
         offsets,
+        revoked,
+        to_resume: Mutex::new(Vec::new()),
+        held_room: Notify::new(),
         putting_back: AtomicUsize::new(0),
         stream_gone: AtomicBool::new(false),
         put_back: Notify::new(),
@@ -682,6 +796,8 @@ impl Pump {
                     () = &mut closed => break,
                     () = self.tx.closed() => break,
                     () = notified => {}
+                    // Resumed with the rest once there is room.
+                    () = self.sub.held_room.notified() => {}
                     _ = store.tick() => self.sub.commit_moved(&self.consumer),
                     () = tokio::time::sleep_until(since + PAUSE_AFTER) => {
                         self.pause(true);
@@ -694,6 +810,7 @@ impl Pump {
                 () = &mut closed => break,
                 () = self.tx.closed() => break,
                 () = notified, if full => {}
+                () = self.sub.held_room.notified(), if !paused => self.resume_held(),
                 _ = store.tick() => self.sub.commit_moved(&self.consumer),
                 received = records.next() => {
                     let Some(mut received) = received else { break };
@@ -703,7 +820,7 @@ impl Pump {
                     loop {
                         match received {
                             Ok(record) => {
-                                if let Some(ready) = self.prepare(&record) {
+                                if let Some(ready) = self.prepare(&record, paused) {
                                     if self.prefetch.is_full() {
                                         overflow.push_back(ready);
                                         self.pause(true);
@@ -746,11 +863,36 @@ impl Pump {
         }
     }
 
-    /// Pauses or resumes every partition assigned now.
+    /// Pauses or resumes every partition assigned now, except that retry
+    /// partitions holding too many copies stay paused.
     fn pause(&self, pause: bool) {
-        let Ok(assignment) = self.consumer.assignment() else {
+        let Ok(mut assignment) = self.consumer.assignment() else {
             return;
         };
+        if !pause {
+            lock(&self.sub.to_resume).clear();
+            let offsets = lock(&self.sub.offsets);
+            let keep_paused: Vec<(String, i32)> = offsets
+                .parts
+                .iter()
+                .filter(|(_, part)| part.held_paused && part.generation == offsets.generation)
+                .map(|(&(source, partition), _)| (offsets.topic(source).to_owned(), partition))
+                .collect();
+            drop(offsets);
+            if !keep_paused.is_empty() {
+                let mut rest = TopicPartitionList::new();
+                for element in assignment.elements() {
+                    let (topic, partition) = (element.topic(), element.partition());
+                    if !keep_paused
+                        .iter()
+                        .any(|(t, p)| t == topic && *p == partition)
+                    {
+                        rest.add_partition(topic, partition);
+                    }
+                }
+                assignment = rest;
+            }
+        }
         let result = if pause {
             self.consumer.pause(&assignment)
         } else {
@@ -758,6 +900,30 @@ impl Pump {
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, pause, "cannot pause or resume partitions");
+        }
+    }
+
+    /// Pauses or resumes one retry partition: only that one, since pausing
+    /// or resuming a partition drops what librdkafka fetched ahead of it.
+    fn pause_one(&self, source: Source, partition: i32, pause: bool) {
+        let topic = lock(&self.sub.offsets).topic(source).to_owned();
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&topic, partition);
+        let result = if pause {
+            self.consumer.pause(&list)
+        } else {
+            self.consumer.resume(&list)
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, topic, partition, pause, "cannot pause or resume a retry partition");
+        }
+    }
+
+    /// Resumes the retry partitions that have room again.
+    fn resume_held(&self) {
+        let list = std::mem::take(&mut *lock(&self.sub.to_resume));
+        for (source, partition) in list {
+            self.pause_one(source, partition, false);
         }
     }
 
@@ -781,12 +947,16 @@ impl Pump {
 
     /// Reads a record into a delivery to hand out now; a retry not due yet
     /// is held aside until it is, and a record that is no CloudEvent is
-    /// skipped.
-    fn prepare(&self, record: &BorrowedMessage<'_>) -> Option<Ready> {
-        let source = if record.topic() == self.sub.retry_topic {
-            Source::Retry
-        } else {
+    /// skipped. `paused`: every partition is paused for the prefetch.
+    fn prepare(&self, record: &BorrowedMessage<'_>, paused: bool) -> Option<Ready> {
+        let source = if record.topic() == self.sub.physical {
             Source::Main
+        } else {
+            self.sub
+                .retry_topics
+                .iter()
+                .position(|t| t == record.topic())
+                .map_or(Source::Main, Source::Retry)
         };
         let partition = record.partition();
         let offset = u64::try_from(record.offset()).unwrap_or(0);
@@ -799,7 +969,7 @@ impl Pump {
                 return None;
             }
         };
-        let stamp = if source == Source::Retry {
+        let stamp = if matches!(source, Source::Retry(_)) {
             Stamp::read(record.headers())
         } else {
             Stamp {
@@ -831,20 +1001,17 @@ impl Pump {
             return Some(ready);
         }
         // Not due yet: held aside, so the partition goes on meanwhile.
-        let wait = Duration::from_millis(u64::try_from(early).unwrap_or(0));
-        let (tx, prefetch) = (self.tx.clone(), self.prefetch.clone());
-        let closed = self.sub.shared.lifecycle.closed();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = closed => {}
-                () = tx.closed() => {}
-                () = tokio::time::sleep(wait) => {
-                    let Ready { event, info, settle } = ready;
-                    let acker = OnceAcker::with_permit(settle, prefetch.acquire());
-                    let _ = tx.send(vec![Ok(Delivery::new(event, info, Box::new(acker)))]);
-                }
-            }
-        });
+        if self.sub.hold(source, partition, generation) && !paused {
+            self.pause_one(source, partition, true);
+        }
+        let due =
+            tokio::time::Instant::now() + Duration::from_millis(u64::try_from(early).unwrap_or(0));
+        tokio::spawn(hold_until(
+            due,
+            ready,
+            self.tx.clone(),
+            self.prefetch.clone(),
+        ));
         None
     }
 
@@ -880,12 +1047,54 @@ impl Pump {
     }
 }
 
+/// Holds a retry copy until `due`, then hands it out, unless its
+/// partition was revoked meanwhile (its new owner reads the copy again).
+async fn hold_until(
+    due: tokio::time::Instant,
+    ready: Ready,
+    tx: mpsc::UnboundedSender<Batch>,
+    prefetch: Prefetch,
+) {
+    let sub = ready.settle.sub.clone();
+    let (source, partition, generation) = (
+        ready.settle.source,
+        ready.settle.partition,
+        ready.settle.generation,
+    );
+    let mut closed = Box::pin(sub.shared.lifecycle.closed());
+    loop {
+        let revoked = sub.revoked.notified();
+        tokio::select! {
+            () = &mut closed => return,
+            () = tx.closed() => return,
+            () = revoked => {
+                if sub.owns(source, partition, generation) {
+                    continue;
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(due) => break,
+        }
+    }
+    sub.unhold(source, partition, generation);
+    if !sub.owns(source, partition, generation) {
+        return;
+    }
+    let Ready {
+        event,
+        info,
+        settle,
+    } = ready;
+    let acker = OnceAcker::with_permit(settle, prefetch.acquire());
+    let _ = tx.send(vec![Ok(Delivery::new(event, info, Box::new(acker)))]);
+}
+
 /// Settles one delivery: marks its offset once what its outcome produces
 /// is stored.
 struct KafkaSettle {
     sub: Arc<Sub>,
     event: Arc<Event>,
-    /// The record's own topic (the main one or the retry topic).
+    /// The record's own topic (the main one or a retry tier's).
     source: Source,
     partition: i32,
     offset: u64,
@@ -895,7 +1104,8 @@ struct KafkaSettle {
 }
 
 impl KafkaSettle {
-    /// Produces a copy of the event into the group's retry topic.
+    /// Produces a copy of the event into the group's retry topic of the
+    /// tier `after` falls in.
     async fn send_retry(&self, attempt: u32, after: Duration) -> Result<(), TransportError> {
         let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
         let stamp = Stamp {
@@ -904,7 +1114,8 @@ impl KafkaSettle {
         };
         let shared = &self.sub.shared;
         let copy = codec::encode(&self.event, shared.options.mode, stamp);
-        shared.produce(&self.sub.retry_topic, &[copy]).await
+        let topic = &self.sub.retry_topics[tier_of(after)];
+        shared.produce(topic, &[copy]).await
     }
 
     fn done(&self) {
@@ -982,12 +1193,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_retry_goes_to_the_shortest_tier_that_takes_its_delay() {
+        let tier = |ms| TIERS[tier_of(Duration::from_millis(ms))].0;
+        assert_eq!(tier(0), "1s");
+        assert_eq!(tier(1000), "1s");
+        assert_eq!(tier(1001), "10s");
+        assert_eq!(tier(60_000), "1m");
+        assert_eq!(tier(600_001), "long");
+        assert_eq!(TIERS[tier_of(Duration::MAX)].0, "long");
+    }
+
+    #[test]
     fn retry_topics_fit_kafka_and_stay_apart() {
-        assert_eq!(retry_topic("a.b", "g"), "a.b.retry.g");
+        assert_eq!(
+            retry_topics("a.b", "g"),
+            [
+                "a.b.retry.g.1s",
+                "a.b.retry.g.10s",
+                "a.b.retry.g.1m",
+                "a.b.retry.g.10m",
+                "a.b.retry.g.long"
+            ]
+        );
         let (topic, group) = ("t".repeat(200), "g".repeat(200));
-        let long = retry_topic(&topic, &group);
+        let long = retry_topic(&topic, &group, "1s");
         assert_eq!(long.len(), MAX_TOPIC);
-        assert_ne!(long, retry_topic(&topic, &format!("{}h", "g".repeat(199))));
+        assert_ne!(
+            long,
+            retry_topic(&topic, &format!("{}h", "g".repeat(199)), "1s")
+        );
+        assert_ne!(long, retry_topic(&topic, &group, "10s"));
         assert!(
             long.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')

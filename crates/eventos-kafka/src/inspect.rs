@@ -33,7 +33,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::codec::{self, Stamp};
-use crate::consumer::{Held, retry_topic};
+use crate::consumer::{Held, retry_topics};
 use crate::{Shared, kafka_error};
 
 /// The most records read from one partition for one answer.
@@ -181,7 +181,7 @@ pub(crate) async fn group_counts(
     group: &str,
 ) -> Result<Option<GroupCounts>, TransportError> {
     let physical = shared.physical(topic);
-    let retry = retry_topic(&physical, group);
+    let retry = retry_topics(&physical, group);
     let group_id = format!("{group}@{physical}");
     let local = shared.members.knows(&group_id);
     let held = shared.members.held(&group_id);
@@ -191,11 +191,13 @@ pub(crate) async fn group_counts(
         let Some(main_partitions) = partitions(&consumer, &physical)? else {
             return Ok(None);
         };
-        let retry_partitions = partitions(&consumer, &retry)?.unwrap_or(0);
-        let committed = committed(
-            &consumer,
-            &[(&physical, main_partitions), (&retry, retry_partitions)],
-        )?;
+        let mut tiers = Vec::with_capacity(retry.len());
+        for topic in &retry {
+            tiers.push((topic.as_str(), partitions(&consumer, topic)?.unwrap_or(0)));
+        }
+        let mut all = vec![(physical.as_str(), main_partitions)];
+        all.extend(tiers.iter().copied());
+        let committed = committed(&consumer, &all)?;
         if !local && committed.is_empty() && !has_members(&consumer, &group_id)? {
             return Ok(None);
         }
@@ -216,30 +218,32 @@ pub(crate) async fn group_counts(
                 .map_or(0, |d| d.as_millis()),
         )
         .unwrap_or(i64::MAX);
-        let mut ranges = Vec::new();
         let mut next_due: Option<i64> = None;
-        for (p, (low, high)) in (0..).zip(watermarks(&consumer, &retry, retry_partitions)?) {
-            let key = (retry.clone(), p);
-            let from = position(held.get(&key), committed.get(&key).copied(), low);
-            let beyond = high - from - i64::try_from(SCAN_LIMIT).unwrap_or(i64::MAX);
-            counts.retrying += u64::try_from(beyond).unwrap_or(0);
-            ranges.push((p, from, high));
-        }
-        scan(&consumer, &retry, &ranges, |record| {
-            let mine = held.get(&(retry.clone(), record.partition()));
-            let offset = u64::try_from(record.offset()).unwrap_or(0);
-            if mine.is_some_and(|h| h.settled.contains(&offset)) {
-                return;
+        for &(retry, retry_partitions) in &tiers {
+            let mut ranges = Vec::new();
+            for (p, (low, high)) in (0..).zip(watermarks(&consumer, retry, retry_partitions)?) {
+                let key = (retry.to_owned(), p);
+                let from = position(held.get(&key), committed.get(&key).copied(), low);
+                let beyond = high - from - i64::try_from(SCAN_LIMIT).unwrap_or(i64::MAX);
+                counts.retrying += u64::try_from(beyond).unwrap_or(0);
+                ranges.push((p, from, high));
             }
-            match Stamp::read(record.headers()).due_ms {
-                Some(due) if due > now_ms => {
-                    counts.retrying += 1;
-                    next_due = Some(next_due.map_or(due, |d| d.min(due)));
+            scan(&consumer, retry, &ranges, |record| {
+                let mine = held.get(&(retry.to_owned(), record.partition()));
+                let offset = u64::try_from(record.offset()).unwrap_or(0);
+                if mine.is_some_and(|h| h.settled.contains(&offset)) {
+                    return;
                 }
-                _ if mine.is_some_and(|h| offset < h.next) => counts.in_flight += 1,
-                _ => counts.ready += 1,
-            }
-        })?;
+                match Stamp::read(record.headers()).due_ms {
+                    Some(due) if due > now_ms => {
+                        counts.retrying += 1;
+                        next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                    }
+                    _ if mine.is_some_and(|h| offset < h.next) => counts.in_flight += 1,
+                    _ => counts.ready += 1,
+                }
+            })?;
+        }
         counts.next_retry = next_due
             .and_then(|ms| u64::try_from(ms).ok())
             .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));

@@ -34,8 +34,9 @@
 //! **Consumers, offsets, retries:** see the `consumer` module: a Kafka
 //! consumer group per eventos group and topic, offsets committed over the
 //! settled prefix only (the kit's [`eventos_kit::SettledCursor`]), retries
-//! in a retry topic of the group's own, held in memory until due,
-//! dead letters on `<topic>.dlq`. A member whose prefetch stays full keeps
+//! in retry topics of the group's own by delay tier
+//! (`<topic>.retry.<group>.<tier>`), held in memory until due, a bounded
+//! number per partition, dead letters on `<topic>.dlq`. A member whose prefetch stays full keeps
 //! polling with its partitions paused, so a busy member never holds up its
 //! group's rebalances.
 //!
@@ -223,64 +224,99 @@ impl Shared {
     /// Creates `topic` unless this transport did already; a topic that
     /// exists is fine.
     pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<(), TransportError> {
-        if lock(&self.created).contains(topic) {
+        self.ensure_topics(&[topic]).await
+    }
+
+    /// Creates those of `topics` this transport has not created yet, in one
+    /// request, and waits until the cluster's metadata lists them all.
+    pub(crate) async fn ensure_topics(&self, topics: &[&str]) -> Result<(), TransportError> {
+        let missing: Vec<&str> = {
+            let created = lock(&self.created);
+            topics
+                .iter()
+                .copied()
+                .filter(|t| !created.contains(*t))
+                .collect()
+        };
+        if missing.is_empty() {
             return Ok(());
         }
-        let new = NewTopic::new(
-            topic,
-            self.options.partitions,
-            TopicReplication::Fixed(self.options.replication_factor),
-        );
+        let new: Vec<NewTopic<'_>> = missing
+            .iter()
+            .map(|topic| {
+                NewTopic::new(
+                    topic,
+                    self.options.partitions,
+                    TopicReplication::Fixed(self.options.replication_factor),
+                )
+            })
+            .collect();
         let admin_options = AdminOptions::new()
             .request_timeout(Some(self.options.publish_timeout))
             .operation_timeout(Some(self.options.publish_timeout));
-        let what = format!("creating Kafka topic {topic:?} on {}", self.servers);
+        let what = format!(
+            "creating Kafka topic {:?} on {}",
+            missing.join(", "),
+            self.servers
+        );
         let results = self
             .admin
-            .create_topics([&new], &admin_options)
+            .create_topics(&new, &admin_options)
             .await
             .map_err(|e| kafka_error(&what, &e))?;
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((_, code)) => {
+                Err((topic, code)) => {
+                    let what = format!("creating Kafka topic {topic:?} on {}", self.servers);
                     return Err(kafka_error(&what, &KafkaError::AdminOp(code)));
                 }
             }
         }
-        self.await_metadata(topic, &what).await?;
-        lock(&self.created).insert(topic.to_owned());
+        self.await_metadata(&missing, &what).await?;
+        lock(&self.created).extend(missing.iter().map(|t| (*t).to_owned()));
         Ok(())
     }
 
-    /// Waits until the cluster's metadata lists `topic` with its
-    /// partitions. A topic reaches the metadata a moment after its
+    /// Waits until the cluster's metadata lists every one of `topics` with
+    /// its partitions. A topic reaches the metadata a moment after its
     /// creation is answered, and a consumer that subscribes before would
     /// be assigned without it, then rebalance once it appears: taking back
     /// every delivery in hand.
-    async fn await_metadata(&self, topic: &str, what: &str) -> Result<(), TransportError> {
+    async fn await_metadata(&self, topics: &[&str], what: &str) -> Result<(), TransportError> {
         let producer = self.producer.clone();
         let timeout = self.options.publish_timeout;
-        let (topic, task_what) = (topic.to_owned(), what.to_owned());
+        let mut waiting: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+        let task_what = what.to_owned();
         tokio::task::spawn_blocking(move || {
             let what = task_what;
             let deadline = std::time::Instant::now() + timeout;
             loop {
-                let metadata = producer
-                    .client()
-                    .fetch_metadata(Some(&topic), timeout)
-                    .map_err(|e| kafka_error(&what, &e))?;
-                let ready = metadata.topics().iter().any(|t| {
-                    t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
-                });
-                if ready {
+                // One by one: rdkafka asks for one topic or for all of
+                // the cluster's.
+                let mut still = Vec::new();
+                for topic in waiting {
+                    let metadata = producer
+                        .client()
+                        .fetch_metadata(Some(&topic), timeout)
+                        .map_err(|e| kafka_error(&what, &e))?;
+                    let ready = metadata.topics().iter().any(|t| {
+                        t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                    });
+                    if !ready {
+                        still.push(topic);
+                    }
+                }
+                waiting = still;
+                if waiting.is_empty() {
                     return Ok(());
                 }
                 if std::time::Instant::now() >= deadline {
                     return Err(TransportError::new(
                         TransportErrorKind::Unavailable,
                         format!(
-                            "{what}: the topic is not in the cluster's metadata after {timeout:?}"
+                            "{what}: {} not in the cluster's metadata after {timeout:?}",
+                            waiting.join(", ")
                         ),
                     ));
                 }
@@ -408,10 +444,10 @@ impl KafkaTransport {
         })
     }
 
-    /// The topic that holds `group`'s retries of `topic`, for operators
-    /// and tests.
-    pub fn retry_topic(&self, topic: &str, group: &str) -> String {
-        consumer::retry_topic(&self.shared.physical(topic), group)
+    /// The topics that hold `group`'s retries of `topic`, one per delay
+    /// tier, shortest first: for operators and tests.
+    pub fn retry_topics(&self, topic: &str, group: &str) -> Vec<String> {
+        consumer::retry_topics(&self.shared.physical(topic), group)
     }
 }
 
