@@ -74,7 +74,13 @@
 //! Quorum delay buckets are declared with both, so a retry survives a
 //! broker restart or crash at any moment. Classic queues dead-letter at
 //! most once: a broker crash in the instant of expiry can lose a retry,
-//! which is why quorum is the default. A dead letter
+//! which is why quorum is the default. At-least-once has one slow path: a
+//! copy whose forwarding RabbitMQ did not get confirmed (a retry that
+//! expires while the broker starts, before the group's queue is up) is
+//! forwarded again only after `dead_letter_worker_publisher_confirm_timeout`,
+//! three minutes by default; lower it in `advanced.config` (the test broker
+//! of `scripts/services` uses 5 s) if retries must come back promptly
+//! after a restart. A dead letter
 //! ([`Outcome::DeadLetter`]) does not use broker dead-lettering at all:
 //! the transport publishes [`eventos_core::dead_letter_event`] (reason,
 //! attempts, topic, group in extensions) to
