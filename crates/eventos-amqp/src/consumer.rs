@@ -419,8 +419,7 @@ impl Settle for AmqpSettle {
         let prepared = match &outcome {
             Outcome::Ack => Ok(None),
             Outcome::Retry { after } => {
-                let due_ms =
-                    now_ms().saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX));
+                let due_ms = eventos_kit::clock::due_ms(*after);
                 let stamp = Stamp {
                     attempt: info.attempt.saturating_add(1),
                     due_ms: Some(due_ms),

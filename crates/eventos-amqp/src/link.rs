@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use eventos_core::{TransportError, TransportErrorKind, redact_url};
@@ -35,11 +35,7 @@ pub(crate) const DELAY_QUEUE_SLACK: Duration = Duration::from_secs(600);
 
 pub(crate) use eventos_kit::lock;
 
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub(crate) use eventos_kit::clock::now_ms;
 
 /// A failed step, and whether trying again on a new connection may help.
 #[derive(Debug)]

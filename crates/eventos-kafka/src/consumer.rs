@@ -47,13 +47,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use eventos_core::{
     Delivery, DeliveryInfo, DeliveryStream, Event, Outcome, StartFrom, Subscription,
     TransportError, TransportErrorKind, dead_letter_event, dead_letter_topic,
 };
-use eventos_kit::{OnceAcker, Prefetch, Settle, SettledCursor, lock};
+use eventos_kit::{OnceAcker, Prefetch, Settle, SettledCursor, clock, lock};
 use futures::future::BoxFuture;
 use futures::future::FutureExt as _;
 use futures::{Stream, StreamExt as _};
@@ -132,12 +132,6 @@ fn retry_topic(topic: &str, group: &str, tier: &str) -> String {
     let keep = MAX_TOPIC - 1 - 32;
     // Topic and group names are ASCII, so any byte index is a boundary.
     format!("{}.{hash}", &full[..keep])
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Which of a subscription's topics a record came from: the main one or
@@ -996,7 +990,7 @@ impl Pump {
             info,
             settle,
         };
-        let early = stamp.due_ms.map_or(0, |due| due - now_ms());
+        let early = stamp.due_ms.map_or(0, |due| due - clock::now_ms());
         if early <= 0 {
             return Some(ready);
         }
@@ -1107,10 +1101,9 @@ impl KafkaSettle {
     /// Produces a copy of the event into the group's retry topic of the
     /// tier `after` falls in.
     async fn send_retry(&self, attempt: u32, after: Duration) -> Result<(), TransportError> {
-        let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
         let stamp = Stamp {
             attempt,
-            due_ms: Some(now_ms().saturating_add(after_ms)),
+            due_ms: Some(clock::due_ms(after)),
         };
         let shared = &self.sub.shared;
         let copy = codec::encode(&self.event, shared.options.mode, stamp);

@@ -7,7 +7,8 @@
 //! after `close`, settling a delivery at most once and putting it back when
 //! its acker is dropped, holding no more unsettled deliveries than the
 //! prefetch, queueing a group's events in memory with delayed retries and
-//! per-key order, advancing an offset only over a settled prefix, choosing
+//! per-key order, stamping a retry's due time so that it is never handed
+//! out early, advancing an offset only over a settled prefix, choosing
 //! a broker delay queue for a retry. And the [`Registry`]: transports by
 //! URL scheme, each crate describing its own [`Engine`] (schemes, settings
 //! section, how to open), so the composition root names no transport type
@@ -32,6 +33,7 @@
 //! No feature flags.
 
 mod acker;
+pub mod clock;
 mod cursor;
 mod ladder;
 mod lifecycle;

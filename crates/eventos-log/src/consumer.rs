@@ -204,12 +204,11 @@ impl Settle for LogSettle {
                     offset,
                 })],
                 Outcome::Retry { after } => {
-                    let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
                     vec![control(Control::Retry {
                         group: group_id,
                         offset,
                         attempt: attempt + 1,
-                        due_ms: writer::now_ms().saturating_add(after_ms),
+                        due_ms: eventos_kit::clock::due_ms(*after),
                     })]
                 }
                 // The dead letter and the settlement in one round: never

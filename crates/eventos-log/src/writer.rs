@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use eventos_core::{StartFrom, TransportError, TransportErrorKind};
 use tokio::sync::oneshot;
@@ -143,13 +143,9 @@ enum Pending {
     ),
 }
 
-/// Milliseconds since the Unix epoch: append times and retry due times,
-/// which must survive a restart, so wall-clock.
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+/// Append times and retry due times must survive a restart, so they are
+/// wall-clock, on the one clock every transport stamps retries with.
+pub(crate) use eventos_kit::clock::now_ms;
 
 fn io_failure(message: &str) -> TransportError {
     TransportError::new(TransportErrorKind::Io, message.to_owned())
