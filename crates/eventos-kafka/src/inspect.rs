@@ -65,17 +65,29 @@ fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<Option<i32>, Trans
         .map(|t| i32::try_from(t.partitions().len()).unwrap_or(i32::MAX)))
 }
 
-/// Each partition's (low, high) watermarks.
+/// Each partition's (low, high) watermarks. A topic created a moment ago
+/// is in the metadata before its leader knows it leads: its answer,
+/// "not the leader", is asked again until [`TIMEOUT`].
 fn watermarks(
     consumer: &BaseConsumer,
     topic: &str,
     partitions: i32,
 ) -> Result<Vec<(i64, i64)>, TransportError> {
+    let deadline = Instant::now() + TIMEOUT;
     (0..partitions)
         .map(|p| {
-            consumer
-                .fetch_watermarks(topic, p, TIMEOUT)
-                .map_err(|e| kafka_error(&format!("reading the end of {topic:?}"), &e))
+            loop {
+                match consumer.fetch_watermarks(topic, p, TIMEOUT) {
+                    Err(e) if crate::leader_moving(&e) && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    answer => {
+                        break answer.map_err(|e| {
+                            kafka_error(&format!("reading the end of {topic:?}"), &e)
+                        });
+                    }
+                }
+            }
         })
         .collect()
 }

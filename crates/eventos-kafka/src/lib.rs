@@ -186,6 +186,19 @@ fn kafka_error(what: &str, e: &KafkaError) -> TransportError {
     TransportError::new(kind, format!("{what}: {e}"))
 }
 
+/// Whether `e` says a partition's leader is not settled yet: a topic just
+/// created, or a leader moving; asking again shortly answers.
+fn leader_moving(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+        )
+    )
+}
+
 /// What the transport's parts share: the producer, the admin client, the
 /// options.
 pub(crate) struct Shared {
@@ -300,8 +313,15 @@ impl Shared {
                         .client()
                         .fetch_metadata(Some(&topic), timeout)
                         .map_err(|e| kafka_error(&what, &e))?;
+                    // Every partition led, too: before that, asking for a
+                    // partition's end or offsets is refused.
                     let ready = metadata.topics().iter().any(|t| {
-                        t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                        t.name() == topic
+                            && t.error().is_none()
+                            && !t.partitions().is_empty()
+                            && t.partitions()
+                                .iter()
+                                .all(|p| p.error().is_none() && p.leader() >= 0)
                     });
                     if !ready {
                         still.push(topic);
