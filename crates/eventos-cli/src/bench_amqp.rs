@@ -157,7 +157,7 @@ pub(crate) async fn run(args: AmqpBenchArgs) -> anyhow::Result<()> {
     );
     let publish = eventos_publish(&transport, TOPIC, &payload, n, publishers, batch).await?;
     report("eventos-amqp publish (confirmed)", &publish);
-    let consume = eventos_consume(&transport, TOPIC, n, prefetch).await?;
+    let consume = eventos_consume(&transport, TOPIC, "bench", n, prefetch).await?;
     report("eventos-amqp consume (acked)", &consume);
 
     // End to end: publishers and the router at once.
@@ -250,6 +250,7 @@ async fn raw_publish(
     Ok(Measured {
         events: n,
         elapsed: started.elapsed(),
+        first: None,
     })
 }
 
@@ -289,5 +290,9 @@ async fn raw_consume(
         .context("the raw consume stalled")??;
     let elapsed = started.elapsed();
     let _ = channel.close(200, "done".into()).await;
-    Ok(Measured { events: n, elapsed })
+    Ok(Measured {
+        events: n,
+        elapsed,
+        first: None,
+    })
 }

@@ -6,7 +6,8 @@
 //! in batches that each wait for their delivery reports; a consumer that
 //! reads every header as text and copies the value, as any CloudEvents
 //! consumer must, and stores each offset for librdkafka's auto-commit, the
-//! commit policy the transport keeps) and once through eventos-kafka, with
+//! commit policy the transport keeps, fetching with the transport's
+//! settings) and once through eventos-kafka, with
 //! the ratios and an end-to-end figure. A second raw consumer leaves the
 //! records unread (librdkafka parses headers only when asked), for a floor
 //! printed on its own line. The last line is one `key=value` summary.
@@ -29,7 +30,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::bench_event::bench_event;
 use crate::bench_transport::{
-    CASE_LIMIT, Measured, e2e, eventos_consume, eventos_publish, report, shares,
+    CASE_LIMIT, Measured, e2e, eventos_consume, eventos_publish, median, report, shares,
 };
 
 /// Options of `eventos bench kafka`.
@@ -50,6 +51,9 @@ pub(crate) struct KafkaBenchArgs {
     /// Unsettled deliveries a consumer may hold.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_535))]
     prefetch: u64,
+    /// Consume rounds, each side in turn; the medians are compared.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=50))]
+    rounds: u64,
 }
 
 const PAYLOAD_BYTES: usize = 64;
@@ -82,6 +86,7 @@ pub(crate) async fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
     let publishers = usize::try_from(args.publishers).unwrap_or(16);
     let batch = usize::try_from(args.batch).unwrap_or(16);
     let prefetch = u16::try_from(args.prefetch).unwrap_or(256);
+    let rounds = usize::try_from(args.rounds).unwrap_or(5);
     let payload = Bytes::from(vec![b'x'; PAYLOAD_BYTES]);
     let servers =
         eventos_kafka::bootstrap_servers(&args.url).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -91,7 +96,7 @@ pub(crate) async fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
         ..KafkaOptions::default()
     };
     println!(
-        "eventos bench kafka: {n} events per case, {PAYLOAD_BYTES}-byte payloads, {publishers} publishers x {batch} per publish, prefetch {prefetch}, {} partitions",
+        "eventos bench kafka: {n} events per case, {PAYLOAD_BYTES}-byte payloads, {publishers} publishers x {batch} per publish, prefetch {prefetch}, {} partitions, medians of {rounds} consume rounds",
         options.partitions
     );
 
@@ -129,26 +134,22 @@ pub(crate) async fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
     }
     let raw_publish = raw_publish(&base, &raw_topic, &payload, n, publishers, batch).await?;
     report("raw rdkafka publish (idempotent, acks=all)", &raw_publish);
-    let bare_consume = raw_consume(&base, &raw_topic, n, Read::Nothing).await?;
-    report(
-        "raw rdkafka consume (offsets stored, records unread)",
-        &bare_consume,
-    );
-    let raw_consume = raw_consume(&base, &raw_topic, n, Read::HeadersAndValue).await?;
-    report(
-        "raw rdkafka consume (offsets stored, headers and value read)",
-        &raw_consume,
-    );
 
     // eventos-kafka: the same work through the transport.
     let kafka =
         KafkaTransport::connect(&args.url, options.clone()).context("connecting eventos-kafka")?;
     let transport: Arc<dyn Transport> = Arc::new(kafka.clone());
-    // The group exists before publishing, as a deployed consumer's would.
-    for topic in [TOPIC, E2E_TOPIC] {
+    // The groups exist before publishing, as a deployed consumer's would:
+    // one per consume round, each reading the topic from the start.
+    let groups: Vec<String> = (1..=rounds).map(|r| format!("bench{r}")).collect();
+    let subscriptions = groups
+        .iter()
+        .map(|group| (TOPIC, group.as_str()))
+        .chain([(E2E_TOPIC, "bench")]);
+    for (topic, group) in subscriptions {
         drop(
             transport
-                .subscribe(Subscription::new(topic, "bench").start(StartFrom::Earliest))
+                .subscribe(Subscription::new(topic, group).start(StartFrom::Earliest))
                 .await?,
         );
     }
@@ -158,7 +159,40 @@ pub(crate) async fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
         .await?;
     let publish = eventos_publish(&transport, TOPIC, &payload, n, publishers, batch).await?;
     report("eventos-kafka publish", &publish);
-    let consume = eventos_consume(&transport, TOPIC, n, prefetch).await?;
+
+    // Consumes, round by round, each side in turn: a case lasts a fraction
+    // of a second, so one round of each swings with whatever else the
+    // machine does; the medians of rounds taken side by side do not.
+    let (mut bare, mut raw, mut ours) = (Vec::new(), Vec::new(), Vec::new());
+    for (round, group) in groups.iter().enumerate() {
+        let b = raw_consume(&base, &raw_topic, n, Read::Nothing, round).await?;
+        let r = raw_consume(&base, &raw_topic, n, Read::HeadersAndValue, round).await?;
+        let o = eventos_consume(&transport, TOPIC, group, n, prefetch).await?;
+        let ms = |m: &Measured| m.first.unwrap_or_default().as_secs_f64() * 1000.0;
+        println!(
+            "  consume round {}/{rounds}: unread {:.0}, raw {:.0}, eventos {:.0} events/s (ratio {:.3}); first record after {:.0}, {:.0}, {:.0} ms",
+            round + 1,
+            b.per_s(),
+            r.per_s(),
+            o.per_s(),
+            o.per_s() / r.per_s(),
+            ms(&b),
+            ms(&r),
+            ms(&o),
+        );
+        bare.push(b);
+        raw.push(r);
+        ours.push(o);
+    }
+    let (bare_consume, raw_consume, consume) = (median(bare), median(raw), median(ours));
+    report(
+        "raw rdkafka consume (offsets stored, records unread)",
+        &bare_consume,
+    );
+    report(
+        "raw rdkafka consume (offsets stored, headers and value read)",
+        &raw_consume,
+    );
     report("eventos-kafka consume (acked)", &consume);
     let e2e = e2e(
         &transport, E2E_TOPIC, &payload, n, publishers, batch, prefetch,
@@ -172,8 +206,11 @@ pub(crate) async fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
     let mut topics = vec![raw_topic];
     for topic in [TOPIC, E2E_TOPIC] {
         topics.push(format!("{ns}.{topic}"));
-        topics.extend(kafka.retry_topics(topic, "bench"));
     }
+    for group in &groups {
+        topics.extend(kafka.retry_topics(TOPIC, group));
+    }
+    topics.extend(kafka.retry_topics(E2E_TOPIC, "bench"));
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
 
@@ -198,11 +235,9 @@ pub(crate) async fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
 /// The producer eventos-kafka makes, with the same settings.
 fn producer(base: &ClientConfig) -> anyhow::Result<FutureProducer> {
     let mut config = base.clone();
-    config
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "2")
-        .set("sticky.partitioning.linger.ms", "0");
+    for (key, value) in eventos_kafka::PRODUCER_SETTINGS {
+        config.set(*key, *value);
+    }
     Ok(config.create()?)
 }
 
@@ -266,6 +301,7 @@ async fn raw_publish(
     Ok(Measured {
         events: n,
         elapsed: started.elapsed(),
+        first: None,
     })
 }
 
@@ -285,18 +321,26 @@ async fn raw_consume(
     topic: &str,
     n: u64,
     read: Read,
+    round: usize,
 ) -> anyhow::Result<Measured> {
     let mut config = base.clone();
     config
-        .set("group.id", format!("bench-raw-{read:?}@{topic}"))
+        .set("group.id", format!("bench-raw-{read:?}-{round}@{topic}"))
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest");
+    // Fetching as the transport's members do: with librdkafka's defaults
+    // a consumer slower than its fetches stalls for a second every 100 000
+    // records or so, and the ratio would measure that.
+    for (key, value) in eventos_kafka::FETCH_SETTINGS {
+        config.set(*key, *value);
+    }
     let consumer: StreamConsumer = config.create()?;
     consumer.subscribe(&[topic])?;
     let started = Instant::now();
     let mut seen = 0;
+    let mut first = None;
     let consume = async {
         let mut records = consumer.stream();
         while seen < n {
@@ -304,6 +348,7 @@ async fn raw_consume(
                 .next()
                 .await
                 .context("the consumer's stream ended")??;
+            first.get_or_insert_with(|| started.elapsed());
             if read == Read::HeadersAndValue {
                 let mut text = 0;
                 for header in record.headers().into_iter().flat_map(|h| h.iter()) {
@@ -326,5 +371,6 @@ async fn raw_consume(
     Ok(Measured {
         events: n,
         elapsed: started.elapsed(),
+        first,
     })
 }

@@ -19,12 +19,22 @@ pub(crate) const CASE_LIMIT: Duration = Duration::from_secs(600);
 pub(crate) struct Measured {
     pub(crate) events: u64,
     pub(crate) elapsed: Duration,
+    /// For a consume: how long until the first record was in hand (the
+    /// group's join, the first fetch), within `elapsed`.
+    pub(crate) first: Option<Duration>,
 }
 
 impl Measured {
     pub(crate) fn per_s(&self) -> f64 {
         self.events as f64 / self.elapsed.as_secs_f64()
     }
+}
+
+/// The median of `rounds` by throughput: the middle one, or the upper of
+/// the middle two.
+pub(crate) fn median(mut rounds: Vec<Measured>) -> Measured {
+    rounds.sort_by(|a, b| a.per_s().total_cmp(&b.per_s()));
+    rounds.swap_remove(rounds.len() / 2)
 }
 
 pub(crate) fn report(label: &str, m: &Measured) {
@@ -73,30 +83,36 @@ pub(crate) async fn eventos_publish(
     Ok(Measured {
         events: n,
         elapsed: started.elapsed(),
+        first: None,
     })
 }
 
+/// Reads `n` events of `topic` as `group` from the earliest, acking each;
+/// the subscribe (the group's join) is timed.
 pub(crate) async fn eventos_consume(
     transport: &Arc<dyn Transport>,
     topic: &str,
+    group: &str,
     n: u64,
     prefetch: u16,
 ) -> anyhow::Result<Measured> {
     let started = Instant::now();
     let mut stream = transport
         .subscribe(
-            Subscription::new(topic, "bench")
+            Subscription::new(topic, group)
                 .start(StartFrom::Earliest)
                 .prefetch(usize::from(prefetch)),
         )
         .await?;
     let mut seen = 0;
+    let mut first = None;
     let consume = async {
         while seen < n {
             let delivery = stream
                 .next()
                 .await
                 .context("the eventos subscription ended")??;
+            first.get_or_insert_with(|| started.elapsed());
             delivery.ack().await?;
             seen += 1;
         }
@@ -108,6 +124,7 @@ pub(crate) async fn eventos_consume(
     Ok(Measured {
         events: n,
         elapsed: started.elapsed(),
+        first,
     })
 }
 
@@ -153,5 +170,9 @@ pub(crate) async fn e2e(
     }
     let elapsed = started.elapsed();
     running.shutdown().await?;
-    Ok(Measured { events: n, elapsed })
+    Ok(Measured {
+        events: n,
+        elapsed,
+        first: None,
+    })
 }

@@ -10,7 +10,9 @@ use eventos_test_brokers::Broker;
 fn a_short_run_ends_with_the_summary_line() {
     let url = format!("kafka://{}", Broker::Kafka.require());
     let out = Command::new(env!("CARGO_BIN_EXE_eventos"))
-        .args(["bench", "kafka", "--url", &url, "--events", "300"])
+        .args([
+            "bench", "kafka", "--url", &url, "--events", "300", "--rounds", "2",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -39,6 +41,8 @@ fn a_short_run_ends_with_the_summary_line() {
         "eventos-kafka publish",
         "eventos-kafka consume",
         "eventos-kafka end to end",
+        "consume round 1/2",
+        "consume round 2/2",
     ] {
         assert!(stdout.contains(case), "{case} missing: {stdout}");
     }

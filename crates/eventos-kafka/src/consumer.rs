@@ -521,24 +521,10 @@ pub(crate) async fn subscribe(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        // An empty partition's fetch is held this long by the broker, and
-        // while it is, the member's other partitions wait for theirs: with
-        // the default (500 ms) the empty retry topic delayed a new
-        // member's first events by half a second. Shorter costs an idle
-        // member more fetch requests (20 a second per broker at 50 ms);
-        // 20 ms bought another 30 ms of first-event latency for 2.5 times
-        // the idle requests, which is not worth it.
-        .set("fetch.wait.max.ms", "50")
-        // librdkafka reads ahead up to these bounds (by default 100 000
-        // records or 64 MiB per member), then waits `fetch.queue.backoff.ms`
-        // (by default a second) before fetching again: a member whose
-        // handlers were slower than the fetch stalled for 0.7 s every
-        // 120 000 events. A shorter read-ahead bounds the memory each
-        // subscription takes; a short backoff keeps it fed.
-        .set("queued.min.messages", "20000")
-        .set("queued.max.messages.kbytes", "16384")
-        .set("fetch.queue.backoff.ms", "20");
+        .set("heartbeat.interval.ms", "1000");
+    for (key, value) in FETCH_SETTINGS {
+        config.set(*key, *value);
+    }
     for (key, value) in &shared.options.client {
         config.set(key, value);
     }
@@ -673,6 +659,29 @@ async fn join_at_the_end(
         )
     })?
 }
+
+/// How a group's member fetches (before the `[kafka]` client overrides):
+/// public so that a baseline measured against the transport can fetch the
+/// same way.
+pub const FETCH_SETTINGS: &[(&str, &str)] = &[
+    // An empty partition's fetch is held this long by the broker, and
+    // while it is, the member's other partitions wait for theirs: with the
+    // default (500 ms) the empty retry topic delayed a new member's first
+    // events by half a second. Shorter costs an idle member more fetch
+    // requests (20 a second per broker at 50 ms); 20 ms bought another
+    // 30 ms of first-event latency for 2.5 times the idle requests, which
+    // is not worth it.
+    ("fetch.wait.max.ms", "50"),
+    // librdkafka reads ahead up to these bounds (by default 100 000
+    // records or 64 MiB per member), then waits `fetch.queue.backoff.ms`
+    // (by default a second) before fetching again: a member whose handlers
+    // were slower than the fetch stalled for 0.7 s every 120 000 events. A
+    // shorter read-ahead bounds the memory each subscription takes; a
+    // short backoff keeps it fed.
+    ("queued.min.messages", "20000"),
+    ("queued.max.messages.kbytes", "16384"),
+    ("fetch.queue.backoff.ms", "20"),
+];
 
 /// Deliveries handed to the stream together.
 type Batch = Vec<Result<Delivery, TransportError>>;
@@ -1124,6 +1133,12 @@ impl Settle for KafkaSettle {
         info: &DeliveryInfo,
         outcome: Outcome,
     ) -> BoxFuture<'static, Result<(), TransportError>> {
+        // The common case, at once: `settled` leaves a partition revoked
+        // since alone, so there is nothing to wait for or to check first.
+        if matches!(outcome, Outcome::Ack) {
+            self.done();
+            return Box::pin(std::future::ready(Ok(())));
+        }
         let dead = match &outcome {
             Outcome::DeadLetter(dl) => Some(dead_letter_event(event, info, dl)),
             _ => None,

@@ -81,6 +81,21 @@ pub use engine::{KafkaEngine, KafkaSection};
 /// room left for headers.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 900 * 1024;
 
+/// The librdkafka settings of the transport's producer (before the
+/// `[kafka]` client overrides): public so that a baseline measured against
+/// the transport can produce the same way.
+pub const PRODUCER_SETTINGS: &[(&str, &str)] = &[
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("linger.ms", "2"),
+    // Events without a subject (no key) are spread one by one over the
+    // partitions, so a group's members share them; sticky batches would
+    // put a whole burst in one partition.
+    ("sticky.partitioning.linger.ms", "0"),
+];
+
+pub use consumer::FETCH_SETTINGS;
+
 /// How events are laid out in Kafka records (both are always read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -433,18 +448,13 @@ impl KafkaTransport {
             base.set(key, value);
         }
         let mut config = base.clone();
-        config
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            // Events without a subject (no key) are spread one by one over
-            // the partitions, so a group's members share them; sticky
-            // batches would put a whole burst in one partition.
-            .set("sticky.partitioning.linger.ms", "0")
-            .set(
-                "message.timeout.ms",
-                options.publish_timeout.as_millis().to_string(),
-            );
+        for (key, value) in PRODUCER_SETTINGS {
+            config.set(*key, *value);
+        }
+        config.set(
+            "message.timeout.ms",
+            options.publish_timeout.as_millis().to_string(),
+        );
         for (key, value) in &options.client {
             config.set(key, value);
         }
