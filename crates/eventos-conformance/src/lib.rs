@@ -108,7 +108,8 @@ pub use gate::RestartGate;
 use cases::{CASES, Case, Need};
 use support::Ctx;
 
-/// How long a case may take in all, opening the transport included.
+/// How long a case may take in all, opening the transport included (a case
+/// that restarts the broker, longer: [`Case::time_limit`]).
 const CASE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long closing the transport after a case may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -280,10 +281,11 @@ fn run_case(
             let _ = done.send(run_case_in_runtime(case, harness, capabilities));
         })
         .map_err(|e| format!("cannot start a thread for the case: {e}"))?;
-    match outcome.recv_timeout(CASE_TIMEOUT + WATCHDOG_GRACE) {
+    let limit = case.time_limit(CASE_TIMEOUT);
+    match outcome.recv_timeout(limit + WATCHDOG_GRACE) {
         Ok(result) => result,
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!(
-            "case did not finish within {CASE_TIMEOUT:?}, and its runtime did not even notice \
+            "case did not finish within {limit:?}, and its runtime did not even notice \
              its own deadline: a task is spinning or blocking a worker thread (a stream that is \
              always ready without yielding does this). The case's runtime is abandoned."
         )),
@@ -309,17 +311,18 @@ fn run_case_in_runtime(
 ) -> Result<(), String> {
     let runtime = runtime(&format!("conf-{}", case.name))?;
     let result = runtime.block_on(async move {
-        let deadline = tokio::time::Instant::now() + CASE_TIMEOUT;
+        let limit = case.time_limit(CASE_TIMEOUT);
+        let deadline = tokio::time::Instant::now() + limit;
         let transport = tokio::time::timeout_at(deadline, harness.open())
             .await
-            .map_err(|_| format!("harness.open() did not finish within {CASE_TIMEOUT:?}"))?;
+            .map_err(|_| format!("harness.open() did not finish within {limit:?}"))?;
         let ctx = Ctx::new(case.name, harness, transport.clone(), capabilities);
         let outcome = tokio::time::timeout_at(deadline, (case.run)(ctx)).await;
         let closed = tokio::time::timeout(CLOSE_TIMEOUT, transport.close()).await;
         match outcome {
             Err(_) => {
                 return Err(format!(
-                    "case did not finish within {CASE_TIMEOUT:?}: a transport call or a wait \
+                    "case did not finish within {limit:?}: a transport call or a wait \
                      hung without failing on its own deadline"
                 ));
             }

@@ -18,7 +18,7 @@ const STREAM_END_TIMEOUT: Duration = Duration::from_secs(5);
 /// a loaded machine's RabbitMQ took over 30 s to come back. The
 /// transport's recovery is timed from the broker's return, by
 /// [`RESTART_TIMEOUT`].
-const BROKER_RESTART_LIMIT: Duration = Duration::from_secs(180);
+pub(crate) const BROKER_RESTART_LIMIT: Duration = Duration::from_secs(180);
 /// How long publishing may keep failing transiently, and the next delivery
 /// may take, once the restarted broker is back.
 const RESTART_TIMEOUT: Duration = Duration::from_secs(30);

@@ -5,6 +5,8 @@
 //! A case that only *adapts* to a capability (runs a weaker variant without
 //! it) needs nothing and says so in a comment.
 
+use std::time::Duration;
+
 use futures::future::BoxFuture;
 
 use crate::Profile;
@@ -98,6 +100,18 @@ pub(crate) struct Case {
     pub(crate) name: &'static str,
     pub(crate) needs: &'static [Need],
     pub(crate) run: fn(Ctx) -> BoxFuture<'static, CaseResult>,
+}
+
+impl Case {
+    /// How long the case may take in all: `usual`, and a case that restarts
+    /// the broker as long again as the restart itself may take.
+    pub(crate) fn time_limit(&self, usual: Duration) -> Duration {
+        if self.needs.contains(&Need::HarnessRestartsBroker) {
+            usual + lifecycle::BROKER_RESTART_LIMIT
+        } else {
+            usual
+        }
+    }
 }
 
 macro_rules! case {
