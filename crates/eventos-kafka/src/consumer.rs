@@ -40,7 +40,9 @@
 //! left unread meanwhile is late by at most its tier's width (the `long`
 //! tier's by its longest delay in hand). After a crash or a rebalance,
 //! copies already due are handed out as soon as the new owner has read
-//! them, and the timers of revoked partitions are dropped.
+//! them, which it starts once the main topic's first records are in, or
+//! [`RETRIES_AFTER`] after its assignment, whichever is sooner; the
+//! timers of revoked partitions are dropped.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
@@ -71,6 +73,15 @@ use crate::{Shared, kafka_error};
 /// How long a member at its prefetch waits for room before it pauses its
 /// partitions to poll on.
 const PAUSE_AFTER: Duration = Duration::from_millis(200);
+
+/// How long a member just assigned its partitions holds back its retry
+/// tiers' unless the main topic's records come first. Its partitions'
+/// first fetch goes out with whichever have their start positions by then,
+/// often empty retry partitions alone, and the broker holds a fetch of
+/// empty partitions for `fetch.wait.max.ms` while the main topic's wait
+/// behind it: a new member reached its first event 65 ms later than a
+/// consumer of the main topic alone.
+const RETRIES_AFTER: Duration = Duration::from_millis(200);
 
 /// How often the settled positions that moved are stored and committed:
 /// storing once per settlement cost more than the rest of a delivery.
@@ -309,6 +320,9 @@ struct Ctx {
 struct Assigned {
     done: AtomicBool,
     wake: Notify,
+    /// Since when the retry partitions of the last assignment have been
+    /// held back (see [`RETRIES_AFTER`]), while they are.
+    retries_held: Mutex<Option<std::time::Instant>>,
 }
 
 impl ClientContext for Ctx {}
@@ -318,9 +332,28 @@ impl ConsumerContext for Ctx {
         if let Rebalance::Assign(assigned) = rebalance {
             // A partition paused before the rebalance starts afresh: its
             // new cursor holds nothing. (A full prefetch pauses it again
-            // once a record arrives.)
-            if let Err(e) = consumer.resume(assigned) {
+            // once a record arrives.) The retry tiers' wait until the main
+            // topic's first fetch is answered (see [`RETRIES_AFTER`]).
+            let main = lock(&self.offsets).main.clone();
+            let (mut now, mut later) = (TopicPartitionList::new(), TopicPartitionList::new());
+            for element in assigned.elements() {
+                let list = if element.topic() == main {
+                    &mut now
+                } else {
+                    &mut later
+                };
+                list.add_partition(element.topic(), element.partition());
+            }
+            if let Err(e) = consumer.resume(&now) {
                 tracing::debug!(error = %e, "cannot resume newly assigned partitions");
+            }
+            if later.count() > 0 {
+                match consumer.pause(&later) {
+                    Ok(()) => {
+                        *lock(&self.assigned.retries_held) = Some(std::time::Instant::now());
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot hold back the retry partitions"),
+                }
             }
             self.assigned.done.store(true, Ordering::Release);
             self.assigned.wake.notify_waiters();
@@ -560,6 +593,7 @@ pub(crate) async fn subscribe(
     let pump = Pump {
         consumer,
         sub: sub.clone(),
+        assigned: assigned.clone(),
         tx,
         prefetch: Prefetch::new(subscription.prefetch, wake.clone()),
         wake,
@@ -740,6 +774,7 @@ struct Ready {
 struct Pump {
     consumer: Arc<KafkaConsumer>,
     sub: Arc<Sub>,
+    assigned: Arc<Assigned>,
     tx: mpsc::UnboundedSender<Batch>,
     prefetch: Prefetch,
     wake: Arc<Notify>,
@@ -814,15 +849,22 @@ impl Pump {
                 () = self.tx.closed() => break,
                 () = notified, if full => {}
                 () = self.sub.held_room.notified(), if !paused => self.resume_held(),
-                _ = store.tick() => self.sub.commit_moved(&self.consumer),
+                _ = store.tick() => {
+                    self.sub.commit_moved(&self.consumer);
+                    if !paused {
+                        self.release_retries(false);
+                    }
+                }
                 received = records.next() => {
                     let Some(mut received) = received else { break };
+                    let mut main_seen = false;
                     // What librdkafka already holds is taken at once, in
                     // one batch: a wake of the stream's task per record
                     // cost more than the rest of a delivery.
                     loop {
                         match received {
                             Ok(record) => {
+                                main_seen = main_seen || record.topic() == self.sub.physical;
                                 if let Some(ready) = self.prepare(&record, paused) {
                                     if self.prefetch.is_full() {
                                         overflow.push_back(ready);
@@ -854,6 +896,9 @@ impl Pump {
                             _ => break,
                         }
                     }
+                    if main_seen && !paused {
+                        self.release_retries(true);
+                    }
                 }
             }
         }
@@ -874,6 +919,7 @@ impl Pump {
         };
         if !pause {
             lock(&self.sub.to_resume).clear();
+            *lock(&self.assigned.retries_held) = None;
             let offsets = lock(&self.sub.offsets);
             let keep_paused: Vec<(String, i32)> = offsets
                 .parts
@@ -903,6 +949,41 @@ impl Pump {
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, pause, "cannot pause or resume partitions");
+        }
+    }
+
+    /// Resumes the retry partitions held back since the last assignment,
+    /// once the main topic's records have come (`main_seen`) or after
+    /// [`RETRIES_AFTER`]; those paused for holding too many copies stay
+    /// paused. Not while the whole member is paused for its prefetch: its
+    /// resumption takes them along.
+    fn release_retries(&self, main_seen: bool) {
+        let mut held = lock(&self.assigned.retries_held);
+        let Some(since) = *held else { return };
+        if !main_seen && since.elapsed() < RETRIES_AFTER {
+            return;
+        }
+        *held = None;
+        drop(held);
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let offsets = lock(&self.sub.offsets);
+        let mut retries = TopicPartitionList::new();
+        for element in assignment.elements() {
+            let (topic, partition) = (element.topic(), element.partition());
+            let source = offsets.source(topic);
+            let held_paused = offsets
+                .parts
+                .get(&(source, partition))
+                .is_some_and(|p| p.held_paused && p.generation == offsets.generation);
+            if source != Source::Main && !held_paused {
+                retries.add_partition(topic, partition);
+            }
+        }
+        drop(offsets);
+        if let Err(e) = self.consumer.resume(&retries) {
+            tracing::debug!(error = %e, "cannot resume the retry partitions");
         }
     }
 

@@ -1,7 +1,8 @@
 //! Retries on the real Kafka that `scripts/test-deps` runs: each goes to
 //! its group's topic of the delay tier it falls in, comes back no sooner
 //! than due, to that group only; a retry partition holding more copies
-//! than its bound is paused, not let grow, and loses none. Fails, never
+//! than its bound is paused, not let grow, and loses none; a new member
+//! takes up the retries of a topic with nothing new on it. Fails, never
 //! skips, when Kafka is down.
 
 use std::collections::HashMap;
@@ -217,5 +218,48 @@ async fn a_retry_partition_past_its_bound_is_paused_and_loses_nothing() {
     }
     let tiers = kafka.retry_topics(topic, "g");
     assert_eq!(records_in(&tiers[1]), i64::try_from(N).expect("a count"));
+    kafka.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_member_takes_up_the_retries_of_an_idle_topic() {
+    // A member holds its retry partitions back after an assignment until
+    // the main topic's first records come; here none come, and the retry
+    // must come back all the same.
+    let kafka = transport();
+    let topic = "idle";
+    let subscription = || Subscription::new(topic, "g");
+    let mut stream = kafka.subscribe(subscription()).await.expect("subscribe");
+    kafka
+        .publish(topic, vec![event("k", 1)])
+        .await
+        .expect("publish");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let first = tokio::time::timeout_at(deadline, stream.next())
+        .await
+        .expect("the event in time")
+        .expect("the stream goes on")
+        .expect("a delivery");
+    let id = first.event().id().to_owned();
+    let due = Instant::now() + Duration::from_millis(300);
+    first
+        .retry_after(Duration::from_millis(300))
+        .await
+        .expect("retry");
+    drop(stream);
+
+    let mut stream = kafka
+        .subscribe(subscription())
+        .await
+        .expect("subscribe again");
+    let again = tokio::time::timeout_at(deadline, stream.next())
+        .await
+        .expect("the retry in time, with nothing new on the topic")
+        .expect("the stream goes on")
+        .expect("a delivery");
+    assert_eq!(again.event().id(), id);
+    assert_eq!(again.attempt(), 2);
+    assert!(Instant::now() >= due, "not before due");
+    again.ack().await.expect("ack");
     kafka.close().await.expect("close");
 }
