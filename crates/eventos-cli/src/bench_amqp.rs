@@ -20,7 +20,7 @@ use futures::StreamExt as _;
 
 use crate::bench_event::bench_event;
 use crate::bench_transport::{
-    CASE_LIMIT, Measured, e2e, eventos_consume, eventos_publish, report, shares,
+    CASE_LIMIT, Load, Measured, e2e, eventos_consume, eventos_publish, report, shares,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -39,18 +39,8 @@ pub(crate) struct AmqpBenchArgs {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     url: String,
-    /// Events per measurement.
-    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
-    events: u64,
-    /// Concurrent publishers.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
-    publishers: u64,
-    /// Events per publish call (each call waits for its confirms).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    batch: u64,
-    /// Unacknowledged deliveries a consumer may hold (basic.qos).
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_535))]
-    prefetch: u64,
+    #[command(flatten)]
+    load: Load,
     /// Queue type: quorum (the default, as eventos declares) or classic.
     #[arg(long, default_value = "quorum", value_parser = ["quorum", "classic"])]
     queue_type: String,
@@ -94,10 +84,7 @@ fn queue_args(queue_type: &str) -> FieldTable {
 }
 
 pub(crate) async fn run(args: AmqpBenchArgs) -> anyhow::Result<()> {
-    let n = args.events;
-    let publishers = usize::try_from(args.publishers).unwrap_or(16);
-    let batch = usize::try_from(args.batch).unwrap_or(16);
-    let prefetch = u16::try_from(args.prefetch).unwrap_or(256);
+    let (n, publishers, batch, prefetch) = args.load.get();
     let payload = Bytes::from(vec![b'x'; PAYLOAD_BYTES]);
     let run_id = uuid::Uuid::now_v7().simple().to_string();
     println!(
@@ -110,7 +97,7 @@ pub(crate) async fn run(args: AmqpBenchArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| {
             format!(
-                "cannot connect to RabbitMQ at {}; is it running? (rabbitmq-server -detached)",
+                "cannot connect to RabbitMQ at {}; is it running? (scripts/services start rabbitmq)",
                 eventos_core::redact_url(&args.url)
             )
         })?;

@@ -30,7 +30,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::bench_event::bench_event;
 use crate::bench_transport::{
-    CASE_LIMIT, Measured, e2e, eventos_consume, eventos_publish, median, report, shares,
+    CASE_LIMIT, Load, Measured, e2e, eventos_consume, eventos_publish, report, shares,
 };
 
 /// Options of `eventos bench kafka`.
@@ -39,18 +39,8 @@ pub(crate) struct KafkaBenchArgs {
     /// The cluster.
     #[arg(long, default_value = "kafka://127.0.0.1:9092")]
     url: String,
-    /// Events per measurement.
-    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
-    events: u64,
-    /// Concurrent publishers.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
-    publishers: u64,
-    /// Events per publish call (each call waits for its delivery reports).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    batch: u64,
-    /// Unsettled deliveries a consumer may hold.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_535))]
-    prefetch: u64,
+    #[command(flatten)]
+    load: Load,
     /// Consume rounds, each side in turn; the medians are compared.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=50))]
     rounds: u64,
@@ -59,6 +49,13 @@ pub(crate) struct KafkaBenchArgs {
 const PAYLOAD_BYTES: usize = 64;
 const TOPIC: &str = "bench.events";
 const E2E_TOPIC: &str = "bench.e2e";
+
+/// The median of `rounds` by throughput: the middle one, or the upper of
+/// the middle two.
+pub(crate) fn median(mut rounds: Vec<Measured>) -> Measured {
+    rounds.sort_by(|a, b| a.per_s().total_cmp(&b.per_s()));
+    rounds.swap_remove(rounds.len() / 2)
+}
 
 /// The headers eventos-kafka writes in binary mode for the bench event, so
 /// both sides move the same bytes.
@@ -82,10 +79,7 @@ fn raw_headers(event: &Event) -> OwnedHeaders {
 }
 
 pub(crate) async fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
-    let n = args.events;
-    let publishers = usize::try_from(args.publishers).unwrap_or(16);
-    let batch = usize::try_from(args.batch).unwrap_or(16);
-    let prefetch = u16::try_from(args.prefetch).unwrap_or(256);
+    let (n, publishers, batch, prefetch) = args.load.get();
     let rounds = usize::try_from(args.rounds).unwrap_or(5);
     let payload = Bytes::from(vec![b'x'; PAYLOAD_BYTES]);
     let servers =

@@ -16,6 +16,38 @@ use crate::bench_event::bench_event;
 /// A case that has not finished by then has stalled.
 pub(crate) const CASE_LIMIT: Duration = Duration::from_secs(600);
 
+/// The load a broker bench puts on its broker, the same for the raw
+/// baseline and for eventos.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Load {
+    /// Events per measurement.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
+    events: u64,
+    /// Concurrent publishers.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    publishers: u64,
+    /// Events per publish call (each call waits until the broker has taken
+    /// them all: confirms, delivery reports).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch: u64,
+    /// Unsettled deliveries a consumer may hold.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_535))]
+    prefetch: u64,
+}
+
+impl Load {
+    /// Events, publishers, batch and prefetch, in the types the cases take
+    /// (the parsers' ranges make every conversion exact).
+    pub(crate) fn get(&self) -> (u64, usize, usize, u16) {
+        (
+            self.events,
+            usize::try_from(self.publishers).unwrap_or(16),
+            usize::try_from(self.batch).unwrap_or(16),
+            u16::try_from(self.prefetch).unwrap_or(256),
+        )
+    }
+}
+
 pub(crate) struct Measured {
     pub(crate) events: u64,
     pub(crate) elapsed: Duration,
@@ -30,16 +62,12 @@ impl Measured {
     }
 }
 
-/// The median of `rounds` by throughput: the middle one, or the upper of
-/// the middle two.
-pub(crate) fn median(mut rounds: Vec<Measured>) -> Measured {
-    rounds.sort_by(|a, b| a.per_s().total_cmp(&b.per_s()));
-    rounds.swap_remove(rounds.len() / 2)
-}
-
 pub(crate) fn report(label: &str, m: &Measured) {
+    let first = m.first.map_or_else(String::new, |first| {
+        format!(", the first after {:.0} ms", first.as_secs_f64() * 1000.0)
+    });
     println!(
-        "  {label:<52} {:>9.0} events/s  ({} in {:.2} s)",
+        "  {label:<52} {:>9.0} events/s  ({} in {:.2} s{first})",
         m.per_s(),
         m.events,
         m.elapsed.as_secs_f64()
