@@ -207,3 +207,57 @@ pub(crate) async fn delete_namespace(url: &str, namespace: &str) {
         .unwrap();
     let _ = connection.close(200, "clean-up done".into()).await;
 }
+
+/// Runs `eventos bench <args>` to its end and returns what it printed,
+/// after checking that it succeeded, that its last line is the summary
+/// `<name> publish_ratio=… consume_ratio=… e2e_events_per_s=…` with
+/// positive numbers, and that every one of `cases` was reported.
+pub(crate) fn bench_summary(args: &[&str], name: &str, cases: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_eventos"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    let fields: Vec<&str> = last.split(' ').collect();
+    assert_eq!(fields.len(), 4, "{last}");
+    assert_eq!(fields[0], name, "{last}");
+    for (field, key) in
+        fields[1..]
+            .iter()
+            .zip(["publish_ratio", "consume_ratio", "e2e_events_per_s"])
+    {
+        let (name, value) = field.split_once('=').unwrap_or_default();
+        assert_eq!(name, key, "{last}");
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("{last}"));
+        assert!(value > 0.0, "{last}");
+    }
+    for case in cases {
+        assert!(stdout.contains(case), "{case} missing: {stdout}");
+    }
+    stdout
+}
+
+/// Runs `eventos bench <args>`, which must fail, and returns its one
+/// `error` line (and all of stderr, for the assertion's message).
+pub(crate) fn bench_error(args: &[&str]) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_eventos"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error"))
+        .unwrap_or_else(|| panic!("{stderr}"))
+        .to_owned();
+    (error, stderr)
+}
