@@ -436,18 +436,48 @@ impl Consumers {
         linger: Duration,
         what: &str,
     ) -> Result<Collected, String> {
+        self.collect_while(expected, linger, what, std::future::ready(Ok(())))
+            .await
+    }
+
+    /// [`Consumers::collect`] while `publishing` runs: an event counts as
+    /// missing only once nothing has arrived for [`RECEIVE_TIMEOUT`]
+    /// since the later of the last arrival and the end of publishing. A
+    /// publish slow to be acknowledged (each is bounded by
+    /// [`OP_TIMEOUT`]) is not an event lost.
+    pub(crate) async fn collect_while(
+        &mut self,
+        expected: &[String],
+        linger: Duration,
+        what: &str,
+        publishing: impl Future<Output = CaseResult>,
+    ) -> Result<Collected, String> {
+        let mut publishing = std::pin::pin!(publishing);
+        let mut published = false;
         let mut missing: HashSet<&str> = expected.iter().map(String::as_str).collect();
         let mut collected = Collected::default();
         let mut seen = HashSet::new();
         let mut lingering_until = None;
+        let mut quiet_until = tokio::time::Instant::now() + RECEIVE_TIMEOUT;
         loop {
-            let wait = match lingering_until {
-                Some(until) => tokio::time::timeout_at(until, self.rx.recv()).await,
-                None => tokio::time::timeout(RECEIVE_TIMEOUT, self.rx.recv()).await,
+            let until = lingering_until.unwrap_or(quiet_until);
+            let report = tokio::select! {
+                done = &mut publishing, if !published => {
+                    done?;
+                    published = true;
+                    quiet_until = tokio::time::Instant::now() + RECEIVE_TIMEOUT;
+                    continue;
+                }
+                received = tokio::time::timeout_at(until, self.rx.recv()) => received,
             };
-            let report = match wait {
+            let report = match report {
                 Ok(Some(report)) => report,
                 Ok(None) => return Err("every consumer task stopped without a report".into()),
+                Err(_) if !published => {
+                    // Nothing can be missing while it may not be sent yet.
+                    quiet_until = tokio::time::Instant::now() + RECEIVE_TIMEOUT;
+                    continue;
+                }
                 Err(_) if lingering_until.is_some() => return Ok(collected),
                 Err(_) => {
                     return Err(format!(
@@ -459,6 +489,7 @@ impl Consumers {
                     ));
                 }
             };
+            quiet_until = tokio::time::Instant::now() + RECEIVE_TIMEOUT;
             match report {
                 Report::Failed(message) => return Err(message),
                 Report::Acked {

@@ -38,16 +38,20 @@ pub(crate) async fn concurrent_publishers(ctx: Ctx) -> CaseResult {
         });
     }
     // Consumed while published, as in production.
-    let collecting = consumers.collect(&expected, QUIET, "concurrently published events");
     let publishing = async {
         while let Some(joined) = publishers.join_next().await {
             joined.map_err(|e| format!("a publisher task failed: {e}"))??;
         }
-        Ok::<(), String>(())
+        Ok(())
     };
-    let (collected, published) = futures::join!(collecting, publishing);
-    published?;
-    let collected = collected?;
+    let collected = consumers
+        .collect_while(
+            &expected,
+            QUIET,
+            "concurrently published events",
+            publishing,
+        )
+        .await?;
     ensure!(
         collected.unexpected.is_empty(),
         "{} event(s) arrived that no publisher sent: {}",
@@ -96,12 +100,11 @@ pub(crate) async fn burst_10k_no_loss(ctx: Ctx) -> CaseResult {
         for batch in batches {
             ctx.publish(&topic, batch).await?;
         }
-        Ok::<(), String>(())
+        Ok(())
     };
-    let collecting = consumers.collect(&expected, QUIET, "events of the burst");
-    let (published, collected) = futures::join!(publishing, collecting);
-    published?;
-    let collected = collected?;
+    let collected = consumers
+        .collect_while(&expected, QUIET, "events of the burst", publishing)
+        .await?;
     ensure!(
         collected.unexpected.is_empty(),
         "{} event(s) arrived that were never published: {}",
