@@ -63,7 +63,8 @@ pub fn transports() -> Registry {
     let registry = Registry::new()
         .with(eventos_log::LogEngine)
         .with(eventos_memory::MemoryEngine)
-        .with(eventos_amqp::AmqpEngine);
+        .with(eventos_amqp::AmqpEngine)
+        .with(eventos_nats::NatsEngine);
     #[cfg(feature = "kafka")]
     let registry = registry.with(eventos_kafka::KafkaEngine);
     registry

@@ -1,5 +1,6 @@
 //! The school as separate processes over a real broker — the RabbitMQ on
-//! 127.0.0.1:5672, the Kafka on 127.0.0.1:9092 — one API process
+//! 127.0.0.1:5672, the Kafka on 127.0.0.1:9092, the NATS JetStream on
+//! 127.0.0.1:4222 — one API process
 //! (enrollment, contact) and two worker processes running
 //! the same worker services (antifraud, billing, metrics, mailer,
 //! notifier), each with its own data directory. 500 enrollments; one worker
@@ -41,6 +42,7 @@ fn card_of(i: usize) -> (&'static str, &'static str) {
 enum Over {
     RabbitMq,
     Kafka,
+    Nats,
 }
 
 impl Over {
@@ -48,6 +50,7 @@ impl Over {
         match self {
             Over::RabbitMq => common::AMQP,
             Over::Kafka => "kafka://127.0.0.1:9092",
+            Over::Nats => "nats://127.0.0.1:4222",
         }
     }
 
@@ -59,6 +62,8 @@ impl Over {
                 format!("[amqp]\nnamespace = \"{namespace}\"\nqueue_expires_secs = 300\n")
             }
             Over::Kafka => format!("[kafka]\nnamespace = \"{namespace}\"\n"),
+            // Streams of this run only, gone a day after their last event.
+            Over::Nats => format!("[nats]\nnamespace = \"{namespace}\"\nmax_age_secs = 86400\n"),
         }
     }
 }
@@ -124,6 +129,11 @@ async fn api_and_two_workers_over_rabbitmq_survive_a_worker_kill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_and_two_workers_over_kafka_survive_a_worker_kill() {
     api_and_two_workers_survive_a_worker_kill(Over::Kafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_and_two_workers_over_nats_survive_a_worker_kill() {
+    api_and_two_workers_survive_a_worker_kill(Over::Nats).await;
 }
 
 async fn api_and_two_workers_survive_a_worker_kill(over: Over) {
@@ -288,6 +298,11 @@ async fn api_and_two_workers_survive_a_worker_kill(over: Over) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contact_mail_over_kafka_gets_through_smtp_refusals() {
     contact_mail_gets_through_smtp_refusals(Over::Kafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contact_mail_over_nats_gets_through_smtp_refusals() {
+    contact_mail_gets_through_smtp_refusals(Over::Nats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,17 @@ impl Prefetch {
         self.held.load(Ordering::Acquire) >= self.limit
     }
 
+    /// How many more deliveries the subscriber may hold now: what a
+    /// transport that asks its broker for deliveries asks for.
+    pub fn room(&self) -> usize {
+        self.limit.saturating_sub(self.held.load(Ordering::Acquire))
+    }
+
+    /// The most deliveries the subscriber may hold.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Counts one more delivery held. Call it with the delivery in hand,
     /// after [`Prefetch::is_full`] said no: a permit taken and dropped
     /// unused would wake the subscriber for nothing.
