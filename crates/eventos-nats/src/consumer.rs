@@ -82,6 +82,8 @@ pub(crate) async fn subscribe(
         wake,
         topic: subscription.topic.as_str().into(),
         group: subscription.group.as_str().into(),
+        stream: stream_name.as_str().into(),
+        consumer_name: durable.as_str().into(),
         failures: 0,
     };
     Ok(Box::pin(futures::stream::unfold(
@@ -104,6 +106,9 @@ struct Member {
     wake: Arc<Notify>,
     topic: Arc<str>,
     group: Arc<str>,
+    /// The topic's stream and the group's consumer, by name.
+    stream: Arc<str>,
+    consumer_name: Arc<str>,
     /// Failed requests in a row.
     failures: usize,
 }
@@ -183,10 +188,26 @@ impl Member {
     /// A message as a delivery; one that is no CloudEvent is logged and
     /// terminated, since it would fail the same way every time.
     fn prepare(&self, message: Message) -> Option<Delivery> {
-        let attempt = message
-            .info()
-            .map_or(1, |i| u32::try_from(i.delivered).unwrap_or(u32::MAX).max(1));
+        let (attempt, sequence) = message.info().map_or((1, 0), |i| {
+            (
+                u32::try_from(i.delivered).unwrap_or(u32::MAX).max(1),
+                i.stream_sequence,
+            )
+        });
         let (message, acker) = message.split();
+        if attempt > 1 {
+            // Delivered again: its retry, if it was one, waits no more.
+            let (shared, stream, consumer) = (
+                self.shared.clone(),
+                self.stream.clone(),
+                self.consumer_name.clone(),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = shared.unmark_retry(&stream, &consumer, sequence).await {
+                    tracing::debug!(error = %e, "a retry marker not purged; it counts as ready once past due");
+                }
+            });
+        }
         let event = match codec::decode(message.headers.as_ref(), &message.payload) {
             Ok(event) => Arc::new(event),
             Err(reason) => {
@@ -206,6 +227,9 @@ impl Member {
             acker,
             shared: self.shared.clone(),
             wake: self.wake.clone(),
+            stream: self.stream.clone(),
+            consumer: self.consumer_name.clone(),
+            sequence,
         };
         let acker = OnceAcker::with_permit(settle, self.prefetch.acquire());
         Some(Delivery::new(event, info, Box::new(acker)))
@@ -238,6 +262,10 @@ struct NatsSettle {
     shared: Arc<Shared>,
     /// The member's: room was made.
     wake: Arc<Notify>,
+    /// Where the message is, for its retry marker.
+    stream: Arc<str>,
+    consumer: Arc<str>,
+    sequence: u64,
 }
 
 fn settle_error(what: &str, e: &dyn std::fmt::Display) -> TransportError {
@@ -271,11 +299,21 @@ impl Settle for NatsSettle {
                     .ack()
                     .await
                     .map_err(|e| settle_error("acking", &e)),
-                Outcome::Retry { after } => self
-                    .acker
-                    .ack_with(AckKind::Nak(Some(after)))
-                    .await
-                    .map_err(|e| settle_error("asking for a retry", &e)),
+                Outcome::Retry { after } => {
+                    let due = eventos_kit::clock::due_ms(after);
+                    if let Err(e) = self
+                        .shared
+                        .mark_retry(&self.stream, &self.consumer, self.sequence, due)
+                        .await
+                    {
+                        // The retry matters more than its count.
+                        tracing::warn!(error = %e, "a retry not marked for inspection");
+                    }
+                    self.acker
+                        .ack_with(AckKind::Nak(Some(after)))
+                        .await
+                        .map_err(|e| settle_error("asking for a retry", &e))
+                }
                 Outcome::DeadLetter(_) => {
                     let (topic, dead) = dead.expect("a dead letter was made for it");
                     self.shared.publish(&topic, &[dead]).await?;

@@ -39,6 +39,13 @@
 //! at once; one the server never hears about (a process killed) comes back
 //! after [`NatsOptions::ack_wait`].
 //!
+//! **Inspection from the server** (the `inspect` module): a group's
+//! pending and unacked counts from its consumer, its retries from markers
+//! in the namespace's `<namespace>_retries` stream (JetStream does not say
+//! which unacked messages wait for a delayed NAK), dead letters read from
+//! `<topic>.dlq`, which keeps them without a time limit. Any process sees
+//! the same counts.
+//!
 //! **No per-key ordering.** JetStream keeps a stream's order, but members
 //! of one group overlap, and a retried event comes back after its key's
 //! later ones. (`max_ack_pending = 1` would order a group at the cost of
@@ -71,6 +78,7 @@
 mod codec;
 mod consumer;
 mod engine;
+mod inspect;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -78,8 +86,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use eventos_core::{
-    Capabilities, DeliveryStream, Event, Publisher, Subscriber, Subscription, Transport,
-    TransportError, TransportErrorKind, redact_url,
+    Capabilities, DeliveryStream, Event, GroupCounts, Publisher, Subscriber, Subscription,
+    Transport, TransportError, TransportErrorKind, redact_url,
 };
 use eventos_kit::{Lifecycle, lock};
 use futures::future::BoxFuture;
@@ -201,7 +209,12 @@ impl Shared {
             subjects: vec![self.subject(topic)],
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
-            max_age: self.options.max_age,
+            // Dead letters stay until someone deals with them.
+            max_age: if topic.ends_with(".dlq") {
+                Duration::ZERO
+            } else {
+                self.options.max_age
+            },
             num_replicas: self.options.replicas,
             ..Default::default()
         };
@@ -399,8 +412,41 @@ impl Transport for NatsTransport {
             replay: true,
             survives_broker_restart: true,
             max_payload_bytes: self.shared.max_payload,
-            inspection: false,
+            inspection: true,
         }
+    }
+
+    fn group_counts<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Option<GroupCounts>, TransportError>> {
+        Box::pin(async move {
+            self.shared.lifecycle.check_open()?;
+            inspect::group_counts(&self.shared, topic, group).await
+        })
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        topic: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Event>, TransportError>> {
+        Box::pin(async move {
+            self.shared.lifecycle.check_open()?;
+            inspect::dead_letters(&self.shared, topic, limit).await
+        })
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        topic: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Event>, TransportError>> {
+        Box::pin(async move {
+            self.shared.lifecycle.check_open()?;
+            inspect::dead_letter(&self.shared, topic, id).await
+        })
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), TransportError>> {
