@@ -44,6 +44,11 @@ enum BenchTarget {
     /// same run; and publish -> router -> ack end to end.
     #[cfg(feature = "kafka")]
     Kafka(crate::bench_kafka::KafkaBenchArgs),
+    /// Acknowledged JetStream publish and acked pull consume through
+    /// eventos-nats, as ratios of raw async-nats doing the same work on the
+    /// same server in the same run; and publish -> router -> ack end to
+    /// end.
+    Nats(crate::bench_nats::NatsBenchArgs),
     /// POST /contact and POST /enrollments against a running system, at a
     /// fixed number of clients, next to GET /healthz measured the same way
     /// in the same run; with the syncs each accepted message cost.
@@ -91,6 +96,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Amqp(args) => crate::bench_amqp::run(args).await,
         #[cfg(feature = "kafka")]
         BenchTarget::Kafka(args) => crate::bench_kafka::run(args).await,
+        BenchTarget::Nats(args) => crate::bench_nats::run(args).await,
         BenchTarget::Accept(args) => crate::bench_accept::run(args).await,
     }
 }

@@ -30,7 +30,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::bench_event::bench_event;
 use crate::bench_transport::{
-    CASE_LIMIT, Load, Measured, e2e, eventos_consume, eventos_publish, report, shares,
+    CASE_LIMIT, Load, Measured, e2e, eventos_consume, eventos_publish, median, report, shares,
 };
 
 /// Options of `eventos bench kafka`.
@@ -49,13 +49,6 @@ pub(crate) struct KafkaBenchArgs {
 const PAYLOAD_BYTES: usize = 64;
 const TOPIC: &str = "bench.events";
 const E2E_TOPIC: &str = "bench.e2e";
-
-/// The median of `rounds` by throughput: the middle one, or the upper of
-/// the middle two.
-pub(crate) fn median(mut rounds: Vec<Measured>) -> Measured {
-    rounds.sort_by(|a, b| a.per_s().total_cmp(&b.per_s()));
-    rounds.swap_remove(rounds.len() / 2)
-}
 
 /// The headers eventos-kafka writes in binary mode for the bench event, so
 /// both sides move the same bytes.

@@ -74,6 +74,13 @@ pub(crate) fn report(label: &str, m: &Measured) {
     );
 }
 
+/// The median of `rounds` by throughput: the middle one, or the upper of
+/// the middle two.
+pub(crate) fn median(mut rounds: Vec<Measured>) -> Measured {
+    rounds.sort_by(|a, b| a.per_s().total_cmp(&b.per_s()));
+    rounds.swap_remove(rounds.len() / 2)
+}
+
 /// Splits `n` events into per-publisher counts.
 pub(crate) fn shares(n: u64, publishers: usize) -> Vec<u64> {
     let p = publishers as u64;

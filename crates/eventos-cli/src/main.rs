@@ -19,6 +19,7 @@ mod bench_amqp;
 mod bench_event;
 #[cfg(feature = "kafka")]
 mod bench_kafka;
+mod bench_nats;
 mod bench_transport;
 mod demo;
 mod log;
