@@ -6,30 +6,12 @@
 //! `scripts/test-deps` sets up `target/interop-venv` with both; the test
 //! fails (never skips) when it or RabbitMQ is missing.
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use eventos_amqp::{AmqpOptions, AmqpTransport, ContentMode};
 use eventos_core::{
     Event, Publisher as _, StartFrom, Subscriber as _, Subscription, Transport as _,
 };
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-fn python() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = root.join("target/interop-venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/test-deps first (it installs pika and the CloudEvents SDK)",
-        python.display()
-    );
-    python
-}
-
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/interop/read_cloudevents.py")
-}
 
 async fn roundtrip(mode: ContentMode) {
     let options = AmqpOptions {
@@ -68,25 +50,12 @@ async fn roundtrip(mode: ContentMode) {
     let queue = transport.queue_name(topic, "python");
     transport.close().await.unwrap();
     let reader_queue = queue.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(script())
-            .args([AMQP, &reader_queue, "2", "20"])
-            .output()
-            .unwrap()
+    let read = tokio::task::spawn_blocking(move || {
+        let args = [AMQP, &reader_queue, "2", "20"].map(str::to_owned);
+        eventos_test_brokers::run_interop("read_cloudevents.py", &args)
     })
     .await
     .unwrap();
-    assert!(
-        out.status.success(),
-        "the Python reader failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let read: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(read.len(), 2, "{read:?}");
     let (a, b) = (&read[0], &read[1]);
     assert_eq!(a["attributes"]["id"], json.id());

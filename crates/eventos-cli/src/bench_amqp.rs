@@ -20,7 +20,7 @@ use futures::StreamExt as _;
 
 use crate::bench_event::bench_event;
 use crate::bench_transport::{
-    CASE_LIMIT, Load, Measured, e2e, eventos_consume, eventos_publish, report, shares,
+    CASE_LIMIT, Load, Measured, e2e, eventos_consume, eventos_publish, report, timed_publishers,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -192,53 +192,38 @@ async fn raw_publish(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for share in shares(n, publishers) {
-        let (channel, queue, payload) = (channel.clone(), queue.to_owned(), payload.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut left = share;
-            while left > 0 {
-                let k = left.min(batch as u64);
-                let mut confirms = Vec::with_capacity(k as usize);
-                for _ in 0..k {
-                    let event = bench_event(&payload);
-                    let confirm = channel
-                        .basic_publish(
-                            "".into(),
-                            queue.as_str().into(),
-                            BasicPublishOptions {
-                                mandatory: true,
-                                ..BasicPublishOptions::default()
-                            },
-                            event.data().map_or(&[][..], |d| &d[..]),
-                            raw_properties(&event),
-                        )
-                        .await?;
-                    confirms.push(confirm);
-                }
-                for confirm in confirms {
-                    let confirmation = confirm.await?;
-                    anyhow::ensure!(
-                        confirmation.is_ack(),
-                        "the broker did not confirm a publish"
-                    );
-                }
-                left -= k;
+    let (queue, payload) = (queue.to_owned(), payload.clone());
+    timed_publishers(n, publishers, batch, "raw", move |k| {
+        let (channel, queue, payload) = (channel.clone(), queue.clone(), payload.clone());
+        async move {
+            let mut confirms = Vec::with_capacity(usize::try_from(k).unwrap_or(0));
+            for _ in 0..k {
+                let event = bench_event(&payload);
+                let confirm = channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        event.data().map_or(&[][..], |d| &d[..]),
+                        raw_properties(&event),
+                    )
+                    .await?;
+                confirms.push(confirm);
+            }
+            for confirm in confirms {
+                let confirmation = confirm.await?;
+                anyhow::ensure!(
+                    confirmation.is_ack(),
+                    "the broker did not confirm a publish"
+                );
             }
             anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        tokio::time::timeout(CASE_LIMIT, task)
-            .await
-            .context("the raw publish stalled")???;
-    }
-    Ok(Measured {
-        events: n,
-        elapsed: started.elapsed(),
-        first: None,
+        }
     })
+    .await
 }
 
 async fn raw_consume(

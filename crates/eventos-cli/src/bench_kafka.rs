@@ -30,7 +30,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::bench_event::bench_event;
 use crate::bench_transport::{
-    CASE_LIMIT, Load, Measured, e2e, eventos_consume, eventos_publish, median, report, shares,
+    CASE_LIMIT, Load, Measured, e2e, eventos_consume, eventos_publish, median, report,
+    timed_publishers,
 };
 
 /// Options of `eventos bench kafka`.
@@ -249,47 +250,32 @@ async fn raw_publish(
         )
         .await
         .map_err(|(e, _)| anyhow::anyhow!("the first record was not stored: {e}"))?;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for share in shares(n, publishers) {
-        let (producer, topic, payload) = (producer.clone(), topic.to_owned(), payload.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut left = share;
-            while left > 0 {
-                let k = left.min(batch as u64);
-                let mut reports = Vec::with_capacity(usize::try_from(k).unwrap_or(0));
-                for _ in 0..k {
-                    let event = bench_event(&payload);
-                    let value = event.data().map_or(&[][..], |d| &d[..]);
-                    let record = FutureRecord::<(), [u8]>::to(&topic)
-                        .payload(value)
-                        .headers(raw_headers(&event));
-                    let report = producer
-                        .send_result(record)
-                        .map_err(|(e, _)| anyhow::anyhow!("queueing a record: {e}"))?;
-                    reports.push(report);
-                }
-                for report in reports {
-                    report
-                        .await
-                        .context("the producer went away")?
-                        .map_err(|(e, _)| anyhow::anyhow!("a record was not stored: {e}"))?;
-                }
-                left -= k;
+    let (topic, payload) = (topic.to_owned(), payload.clone());
+    timed_publishers(n, publishers, batch, "raw", move |k| {
+        let (producer, topic, payload) = (producer.clone(), topic.clone(), payload.clone());
+        async move {
+            let mut reports = Vec::with_capacity(usize::try_from(k).unwrap_or(0));
+            for _ in 0..k {
+                let event = bench_event(&payload);
+                let value = event.data().map_or(&[][..], |d| &d[..]);
+                let record = FutureRecord::<(), [u8]>::to(&topic)
+                    .payload(value)
+                    .headers(raw_headers(&event));
+                let report = producer
+                    .send_result(record)
+                    .map_err(|(e, _)| anyhow::anyhow!("queueing a record: {e}"))?;
+                reports.push(report);
+            }
+            for report in reports {
+                report
+                    .await
+                    .context("the producer went away")?
+                    .map_err(|(e, _)| anyhow::anyhow!("a record was not stored: {e}"))?;
             }
             anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        tokio::time::timeout(CASE_LIMIT, task)
-            .await
-            .context("the raw publish stalled")???;
-    }
-    Ok(Measured {
-        events: n,
-        elapsed: started.elapsed(),
-        first: None,
+        }
     })
+    .await
 }
 
 /// How much of each record the raw consumer reads.

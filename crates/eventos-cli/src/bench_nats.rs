@@ -23,7 +23,8 @@ use futures::StreamExt as _;
 
 use crate::bench_event::bench_event;
 use crate::bench_transport::{
-    CASE_LIMIT, Load, Measured, e2e, eventos_consume, eventos_publish, median, report, shares,
+    CASE_LIMIT, Load, Measured, e2e, eventos_consume, eventos_publish, median, report,
+    timed_publishers,
 };
 
 /// Options of `eventos bench nats`.
@@ -176,41 +177,26 @@ async fn raw_publish(
     publishers: usize,
     batch: usize,
 ) -> anyhow::Result<Measured> {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for share in shares(n, publishers) {
-        let (js, subject, payload) = (js.clone(), subject.to_owned(), payload.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut left = share;
-            while left > 0 {
-                let k = left.min(batch as u64);
-                let mut acks = Vec::with_capacity(k as usize);
-                for _ in 0..k {
-                    let event = bench_event(&payload);
-                    let body = event.data().cloned().unwrap_or_default();
-                    acks.push(
-                        js.publish_with_headers(subject.clone(), raw_headers(&event), body)
-                            .await?,
-                    );
-                }
-                for ack in acks {
-                    ack.await?;
-                }
-                left -= k;
+    let (js, subject, payload) = (js.clone(), subject.to_owned(), payload.clone());
+    timed_publishers(n, publishers, batch, "raw", move |k| {
+        let (js, subject, payload) = (js.clone(), subject.clone(), payload.clone());
+        async move {
+            let mut acks = Vec::with_capacity(usize::try_from(k).unwrap_or(0));
+            for _ in 0..k {
+                let event = bench_event(&payload);
+                let body = event.data().cloned().unwrap_or_default();
+                acks.push(
+                    js.publish_with_headers(subject.clone(), raw_headers(&event), body)
+                        .await?,
+                );
+            }
+            for ack in acks {
+                ack.await?;
             }
             anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        tokio::time::timeout(CASE_LIMIT, task)
-            .await
-            .context("the raw publish stalled")???;
-    }
-    Ok(Measured {
-        events: n,
-        elapsed: started.elapsed(),
-        first: None,
+        }
     })
+    .await
 }
 
 async fn raw_consume(

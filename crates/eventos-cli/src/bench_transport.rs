@@ -82,9 +82,49 @@ pub(crate) fn median(mut rounds: Vec<Measured>) -> Measured {
 }
 
 /// Splits `n` events into per-publisher counts.
-pub(crate) fn shares(n: u64, publishers: usize) -> Vec<u64> {
+fn shares(n: u64, publishers: usize) -> Vec<u64> {
     let p = publishers as u64;
     (0..p).map(|i| n / p + u64::from(i < n % p)).collect()
+}
+
+/// Times `publishers` tasks publishing `n` events between them, `batch`
+/// per call: `publish(k)` publishes `k` events and returns once the broker
+/// has taken them all. `what` names the side in the stall message.
+pub(crate) async fn timed_publishers<F, Fut>(
+    n: u64,
+    publishers: usize,
+    batch: usize,
+    what: &str,
+    publish: F,
+) -> anyhow::Result<Measured>
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for share in shares(n, publishers) {
+        let publish = publish.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut left = share;
+            while left > 0 {
+                let k = left.min(batch as u64);
+                publish(k).await?;
+                left -= k;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(CASE_LIMIT, task)
+            .await
+            .with_context(|| format!("the {what} publish stalled"))???;
+    }
+    Ok(Measured {
+        events: n,
+        elapsed: started.elapsed(),
+        first: None,
+    })
 }
 
 pub(crate) async fn eventos_publish(
@@ -95,31 +135,16 @@ pub(crate) async fn eventos_publish(
     publishers: usize,
     batch: usize,
 ) -> anyhow::Result<Measured> {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for share in shares(n, publishers) {
-        let (transport, topic, payload) = (transport.clone(), topic.to_owned(), payload.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut left = share;
-            while left > 0 {
-                let k = left.min(batch as u64);
-                let events = (0..k).map(|_| bench_event(&payload)).collect();
-                transport.publish(&topic, events).await?;
-                left -= k;
-            }
+    let (transport, topic, payload) = (transport.clone(), topic.to_owned(), payload.clone());
+    timed_publishers(n, publishers, batch, "eventos", move |k| {
+        let (transport, topic, payload) = (transport.clone(), topic.clone(), payload.clone());
+        async move {
+            let events = (0..k).map(|_| bench_event(&payload)).collect();
+            transport.publish(&topic, events).await?;
             anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        tokio::time::timeout(CASE_LIMIT, task)
-            .await
-            .context("the eventos publish stalled")???;
-    }
-    Ok(Measured {
-        events: n,
-        elapsed: started.elapsed(),
-        first: None,
+        }
     })
+    .await
 }
 
 /// Reads `n` events of `topic` as `group` from the earliest, acking each;

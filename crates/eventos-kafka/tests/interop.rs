@@ -6,8 +6,6 @@
 //! `scripts/test-deps` sets up `target/interop-venv`; the test fails
 //! (never skips) when it or Kafka is missing.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use eventos_core::{Event, Publisher as _, Subscriber as _, Subscription, Transport as _};
@@ -15,38 +13,13 @@ use eventos_kafka::{ContentMode, KafkaOptions, KafkaTransport};
 use eventos_test_brokers::Broker;
 use futures::StreamExt;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// Runs the Python side with `args`; its JSON lines.
 async fn python(args: Vec<String>) -> Vec<serde_json::Value> {
-    let python = root().join("target/interop-venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/test-deps first (it installs confluent-kafka and the CloudEvents SDK)",
-        python.display()
-    );
-    let script = root().join("scripts/interop/kafka_cloudevents.py");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
-            .args(args)
-            .output()
-            .unwrap()
+    tokio::task::spawn_blocking(move || {
+        eventos_test_brokers::run_interop("kafka_cloudevents.py", &args)
     })
     .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "the Python side failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    .unwrap()
 }
 
 fn transport(mode: ContentMode) -> KafkaTransport {

@@ -155,6 +155,40 @@ pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// Runs `scripts/interop/<script>` with `args` on the interop venv's
+/// Python (the CloudEvents SDK and the broker clients `scripts/test-deps`
+/// installs in `target/interop-venv`) and returns the JSON lines it
+/// printed. Blocks: call it from `spawn_blocking` in async tests.
+///
+/// # Panics
+///
+/// When the venv is missing (naming the command that sets it up), when
+/// the script fails (with what it wrote to stderr), or when a line is not
+/// JSON.
+pub fn run_interop(script: &str, args: &[String]) -> Vec<serde_json::Value> {
+    let root = workspace_root();
+    let python = root.join("target/interop-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test-deps first (it installs the broker clients and the CloudEvents SDK)",
+        python.display()
+    );
+    let out = Command::new(&python)
+        .arg(root.join("scripts/interop").join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    assert!(
+        out.status.success(),
+        "the Python side ({script}) failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{script} printed {l:?}: {e}")))
+        .collect()
+}
+
 /// The first `host:port` of a broker URL or bootstrap list: scheme, user
 /// info and path left out.
 fn first_host_port(url: &str) -> &str {
