@@ -30,7 +30,7 @@ use crate::{Shared, codec, safe_name, unavailable};
 /// expires and the member asks again. Also how long a dropped member's
 /// last request lingers (its deliveries NAKed as they come).
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
-/// Waits between attempts to ask again after a request failed.
+/// Waits before asking again after requests failed in a row.
 const REPULL_BACKOFF: [Duration; 5] = [
     Duration::from_millis(100),
     Duration::from_millis(200),
@@ -132,29 +132,44 @@ impl Member {
                 };
                 match received {
                     Some(Ok(message)) => {
+                        self.failures = 0;
                         if let Some(delivery) = self.prepare(message) {
                             return Some(Ok(delivery));
                         }
                     }
                     Some(Err(e)) => {
+                        // The server refused or broke off the request: the
+                        // next one waits a little (see below).
                         self.batch = None;
+                        self.failures += 1;
                         return Some(Err(unavailable(
                             &format!("consuming {:?} as group {:?}", self.topic, self.group),
                             &e,
                         )));
                     }
-                    // Complete, or expired: ask again.
-                    None => self.batch = None,
+                    // Complete, or expired: all went well; ask again.
+                    None => {
+                        self.batch = None;
+                        self.failures = 0;
+                    }
                 }
                 continue;
             }
             let room = self.prefetch.room();
-            if room == 0 || (room < self.prefetch.limit().div_ceil(2)) {
+            if room < self.prefetch.limit().div_ceil(2) {
                 tokio::select! {
                     () = &mut closed => return None,
                     () = notified => {}
                 }
                 continue;
+            }
+            if self.failures > 0 {
+                // After failures in a row, not a request a millisecond.
+                let wait = REPULL_BACKOFF[(self.failures - 1).min(REPULL_BACKOFF.len() - 1)];
+                tokio::select! {
+                    () = &mut closed => return None,
+                    () = tokio::time::sleep(wait) => {}
+                }
             }
             let request = self
                 .consumer
@@ -164,18 +179,10 @@ impl Member {
                 .messages()
                 .await;
             match request {
-                Ok(batch) => {
-                    self.batch = Some(batch);
-                    self.failures = 0;
-                }
+                Ok(batch) => self.batch = Some(batch),
                 Err(e) => {
-                    let wait = REPULL_BACKOFF[self.failures.min(REPULL_BACKOFF.len() - 1)];
                     self.failures += 1;
-                    tracing::warn!(topic = %self.topic, group = %self.group, error = %e, ?wait, "a NATS pull request failed; asking again");
-                    tokio::select! {
-                        () = &mut closed => return None,
-                        () = tokio::time::sleep(wait) => {}
-                    }
+                    tracing::warn!(topic = %self.topic, group = %self.group, error = %e, "a NATS pull request failed; asking again");
                     return Some(Err(unavailable(
                         &format!("pulling {:?} as group {:?}", self.topic, self.group),
                         &e,
