@@ -8,7 +8,10 @@
 //! request expired. So what a member holds, handed out or on its way, never
 //! exceeds its prefetch, and a dropped member's only unfinished business is
 //! the batch it asked for: that is read to its end and NAKed, so the
-//! other members get it at once rather than after the ack wait.
+//! other members get it at once rather than after the ack wait. A NAK is
+//! sent without an answer, so the task that sends it keeps the connection
+//! until it is out, over a reconnection if the server is restarting:
+//! dropped with the last handle on the connection, it would be lost.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +33,8 @@ use crate::{Shared, codec, safe_name, unavailable};
 /// expires and the member asks again. Also how long a dropped member's
 /// last request lingers (its deliveries NAKed as they come).
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long a put-back (NAK) waits for the connection to carry it out.
+const FLUSH_LIMIT: Duration = Duration::from_secs(30);
 /// Waits before asking again after requests failed in a row.
 const REPULL_BACKOFF: [Duration; 5] = [
     Duration::from_millis(100),
@@ -253,12 +258,14 @@ impl Drop for Member {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let shared = self.shared.clone();
         runtime.spawn(async move {
             while let Some(received) = batch.next().await {
                 if let Ok(message) = received {
                     let _ = message.ack_with(AckKind::Nak(None)).await;
                 }
             }
+            shared.flush_out(FLUSH_LIMIT).await;
         });
     }
 }
@@ -340,6 +347,7 @@ impl Settle for NatsSettle {
         };
         runtime.spawn(async move {
             let _ = self.acker.ack_with(AckKind::Nak(None)).await;
+            self.shared.flush_out(FLUSH_LIMIT).await;
         });
     }
 }

@@ -255,6 +255,30 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Waits until what this connection has queued (acks and NAKs sent
+    /// without an answer) is out, reconnecting first if it must, for at
+    /// most `limit`. A NAK queued while the server restarts is otherwise lost
+    /// with the last handle on the connection, and its event waits out the
+    /// ack wait.
+    pub(crate) async fn flush_out(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if self.client.connection_state() == async_nats::connection::State::Connected
+                && tokio::time::timeout(Duration::from_secs(5), self.client.flush())
+                    .await
+                    .is_ok_and(|flushed| flushed.is_ok())
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::warn!(
+            "NATS acks or NAKs may not have reached the server; JetStream hands those events out again after the ack wait"
+        );
+    }
+}
+
 /// A transient failure talking to NATS, naming what was being done.
 pub(crate) fn unavailable(what: &str, e: &dyn std::fmt::Display) -> TransportError {
     TransportError::new(TransportErrorKind::Unavailable, format!("{what}: {e}"))
@@ -452,9 +476,9 @@ impl Transport for NatsTransport {
     fn close(&self) -> BoxFuture<'_, Result<(), TransportError>> {
         Box::pin(async move {
             if self.shared.lifecycle.close() {
-                // Acks and NAKs still queued go out before the close.
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(5), self.shared.client.flush()).await;
+                // Acks and NAKs still queued go out before the close, over
+                // a reconnection if the server is restarting.
+                self.shared.flush_out(Duration::from_secs(10)).await;
             }
             Ok(())
         })
