@@ -1,0 +1,367 @@
+//! The consumer side: one DEALER link per publisher a subscription
+//! consumes from, all feeding one delivery stream.
+//!
+//! A link connects, says `$hello`, and then hands every delivery to the
+//! stream with an acker that sends its settlement back over the same link
+//! and waits for the publisher's `$settled`. It pings every heartbeat; a
+//! publisher silent for the peer timeout (killed, restarted, cut off) is
+//! given up on: the link's settlements in flight fail (the publisher hands
+//! those events out again), and it connects anew with a fresh socket —
+//! the ZeroMQ library reconnects nothing by itself.
+//!
+//! Deliveries and acks carry the link's epoch: an ack of a delivery from
+//! an earlier connection is refused at once rather than sent to a
+//! publisher that never issued its tag.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use eventos_core::{
+    Delivery, DeliveryInfo, Event, Outcome, Subscription, TransportError, TransportErrorKind,
+};
+use eventos_kit::{OnceAcker, Settle};
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend};
+
+use crate::Timing;
+use crate::wire::{ToConsumer, ToPublisher, VERSION};
+
+/// How long a consumer's settlement waits for the publisher's answer.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopping link waits for the deliveries it handed out to be
+/// settled before it says `$bye` (and the rest go back).
+const LINGER: Duration = Duration::from_secs(10);
+
+type Out = mpsc::UnboundedSender<Result<Delivery, TransportError>>;
+
+/// Where a link's join stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Joined {
+    Waiting,
+    Yes,
+    Refused(String),
+}
+
+/// Starts a link to `endpoint` for `subscription`.
+pub(crate) fn link(
+    endpoint: String,
+    subscription: &Subscription,
+    timing: Timing,
+    out: Out,
+    stop: CancellationToken,
+) -> watch::Receiver<Joined> {
+    let (joined, join) = watch::channel(Joined::Waiting);
+    let (commands, queue) = mpsc::unbounded_channel();
+    let link = Link {
+        endpoint,
+        hello: ToPublisher::Hello {
+            version: VERSION.to_owned(),
+            topic: subscription.topic.clone(),
+            group: subscription.group.clone(),
+            start: subscription.start,
+            prefetch: subscription.prefetch,
+        },
+        topic: subscription.topic.as_str().into(),
+        group: subscription.group.as_str().into(),
+        timing,
+        out,
+        joined,
+        commands,
+        epoch: 0,
+    };
+    tokio::spawn(link.run(queue, stop));
+    join
+}
+
+enum Command {
+    Settle {
+        epoch: u64,
+        tag: u64,
+        outcome: Outcome,
+        reply: oneshot::Sender<Result<(), TransportError>>,
+    },
+    Release {
+        epoch: u64,
+        tag: u64,
+    },
+}
+
+struct Link {
+    endpoint: String,
+    hello: ToPublisher,
+    topic: Arc<str>,
+    group: Arc<str>,
+    timing: Timing,
+    out: Out,
+    joined: watch::Sender<Joined>,
+    commands: mpsc::UnboundedSender<Command>,
+    epoch: u64,
+}
+
+/// Why a connection ended.
+enum End {
+    /// Stop asked and done, or nobody left to deliver to.
+    Done,
+    /// Lost the publisher: connect again.
+    Lost(String),
+}
+
+fn unavailable(message: String) -> TransportError {
+    TransportError::new(TransportErrorKind::Unavailable, message)
+}
+
+impl Link {
+    async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Command>, stop: CancellationToken) {
+        let mut backoff = self.timing.heartbeat;
+        let mut reported = false;
+        loop {
+            self.epoch += 1;
+            let mut socket = DealerSocket::new();
+            let connected = tokio::select! {
+                () = stop.cancelled() => return,
+                connected = socket.connect(&self.endpoint) => connected,
+            };
+            if let Err(e) = connected {
+                if !reported {
+                    let message = format!(
+                        "cannot connect to the ZeroMQ publisher at {}: {e}",
+                        self.endpoint
+                    );
+                    let _ = self.out.send(Err(unavailable(message)));
+                    reported = true;
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(self.timing.peer_timeout);
+                continue;
+            }
+            match self.connection(socket, &mut queue, &stop).await {
+                End::Done => return,
+                End::Lost(why) => {
+                    tracing::warn!(endpoint = %self.endpoint, topic = %self.topic, group = %self.group, "{why}; connecting again");
+                    backoff = self.timing.heartbeat;
+                    reported = false;
+                }
+            }
+        }
+    }
+
+    async fn connection(
+        &mut self,
+        socket: DealerSocket,
+        queue: &mut mpsc::UnboundedReceiver<Command>,
+        stop: &CancellationToken,
+    ) -> End {
+        let epoch = self.epoch;
+        let (mut tx, mut rx) = socket.split();
+        if let Err(e) = tx.send(self.hello.encode()).await {
+            return End::Lost(format!("saying hello failed: {e}"));
+        }
+        let mut last_heard = Instant::now();
+        let mut pending: HashMap<u64, oneshot::Sender<Result<(), TransportError>>> = HashMap::new();
+        let mut outstanding: HashSet<u64> = HashSet::new();
+        let mut stopping: Option<Instant> = None;
+        let mut ping = tokio::time::interval(self.timing.heartbeat);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let lost = |pending: &mut HashMap<u64, oneshot::Sender<Result<(), TransportError>>>,
+                    why: String| {
+            for (_, reply) in pending.drain() {
+                let _ = reply.send(Err(unavailable(format!(
+                    "{why}; the settlement may not have been recorded, so the event may come again"
+                ))));
+            }
+            End::Lost(why)
+        };
+        loop {
+            if let Some(since) = stopping
+                && ((outstanding.is_empty() && pending.is_empty()) || since.elapsed() > LINGER)
+            {
+                let _ = tx.send(ToPublisher::Bye.encode()).await;
+                return End::Done;
+            }
+            tokio::select! {
+                () = stop.cancelled(), if stopping.is_none() => {
+                    stopping = Some(Instant::now());
+                    let _ = tx.send(ToPublisher::Stop.encode()).await;
+                }
+                message = rx.recv() => {
+                    let message = match message {
+                        Ok(message) => message,
+                        Err(e) => return lost(&mut pending, format!("receiving failed: {e}")),
+                    };
+                    last_heard = Instant::now();
+                    match ToConsumer::decode(&message.into_vec()) {
+                        Err(why) => tracing::warn!(endpoint = %self.endpoint, %why, "unreadable message from a publisher"),
+                        Ok(ToConsumer::Welcome) => {
+                            self.joined.send_replace(Joined::Yes);
+                        }
+                        Ok(ToConsumer::Refused(why)) => {
+                            let why = format!("the ZeroMQ publisher at {} refused: {why}", self.endpoint);
+                            self.joined.send_replace(Joined::Refused(why.clone()));
+                            let _ = self.out.send(Err(TransportError::new(TransportErrorKind::Rejected, why)));
+                            return End::Done;
+                        }
+                        Ok(ToConsumer::Pong) => {}
+                        Ok(ToConsumer::Gone) => return lost(&mut pending, "the publisher no longer knows this consumer".into()),
+                        Ok(ToConsumer::Settled { tag, error }) => {
+                            if let Some(reply) = pending.remove(&tag) {
+                                let _ = reply.send(match error {
+                                    None => Ok(()),
+                                    Some(e) => Err(TransportError::new(TransportErrorKind::Other, e)),
+                                });
+                            }
+                        }
+                        Ok(ToConsumer::Delivery { event, tag, attempt, .. }) => {
+                            self.deliver(epoch, tag, attempt, &event, &mut outstanding, &mut tx).await;
+                        }
+                    }
+                }
+                command = queue.recv() => {
+                    // The link holds a sender itself, so the queue never ends.
+                    let Some(command) = command else { return End::Done };
+                    match command {
+                        Command::Settle { epoch: of, reply, .. } if of != epoch => {
+                            let _ = reply.send(Err(unavailable(
+                                "the connection this delivery came over is gone; the publisher delivers the event again".into(),
+                            )));
+                        }
+                        Command::Settle { tag, outcome, reply, .. } => {
+                            outstanding.remove(&tag);
+                            match tx.send(ToPublisher::Settle { tag, outcome }.encode()).await {
+                                Ok(()) => {
+                                    pending.insert(tag, reply);
+                                }
+                                Err(e) => {
+                                    pending.insert(tag, reply);
+                                    return lost(&mut pending, format!("sending a settlement failed: {e}"));
+                                }
+                            }
+                        }
+                        Command::Release { epoch: of, tag } => {
+                            if of == epoch && outstanding.remove(&tag) {
+                                let _ = tx.send(ToPublisher::Release { tag }.encode()).await;
+                            }
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    let silent = last_heard.elapsed();
+                    if silent > self.timing.peer_timeout {
+                        return lost(&mut pending, format!("the publisher at {} was silent for {silent:?}", self.endpoint));
+                    }
+                    if let Err(e) = tx.send(ToPublisher::Ping.encode()).await {
+                        return lost(&mut pending, format!("pinging failed: {e}"));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn deliver(
+        &self,
+        epoch: u64,
+        tag: u64,
+        attempt: u32,
+        json: &[u8],
+        outstanding: &mut HashSet<u64>,
+        tx: &mut zeromq::DealerSendHalf,
+    ) {
+        let event = match Event::from_json(json) {
+            Ok(event) => event,
+            Err(e) => {
+                // Nothing can handle it; keep it where people can see it.
+                let outcome = Outcome::DeadLetter(eventos_core::DeadLetter {
+                    reason: "undecodable CloudEvent".into(),
+                    error: Some(e.to_string()),
+                });
+                let _ = tx.send(ToPublisher::Settle { tag, outcome }.encode()).await;
+                return;
+            }
+        };
+        let info = DeliveryInfo {
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            attempt,
+        };
+        let acker = OnceAcker::new(Ack {
+            commands: self.commands.clone(),
+            epoch,
+            tag,
+        });
+        outstanding.insert(tag);
+        // A stream already dropped drops the delivery, whose acker releases it.
+        let _ = self
+            .out
+            .send(Ok(Delivery::new(Arc::new(event), info, Box::new(acker))));
+    }
+}
+
+struct Ack {
+    commands: mpsc::UnboundedSender<Command>,
+    epoch: u64,
+    tag: u64,
+}
+
+impl Settle for Ack {
+    fn settle(
+        self,
+        _event: &Event,
+        _info: &DeliveryInfo,
+        outcome: Outcome,
+    ) -> BoxFuture<'static, Result<(), TransportError>> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.commands.send(Command::Settle {
+            epoch: self.epoch,
+            tag: self.tag,
+            outcome,
+            reply,
+        });
+        Box::pin(async move {
+            if sent.is_err() {
+                return Err(TransportError::new(
+                    TransportErrorKind::Closed,
+                    "the subscription this delivery came from is closed; the publisher delivers the event again",
+                ));
+            }
+            match tokio::time::timeout(SETTLE_TIMEOUT, answer).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(unavailable(
+                    "the link to the publisher ended before it answered; the event may come again"
+                        .into(),
+                )),
+                Err(_) => Err(unavailable(format!(
+                    "the publisher did not answer the settlement within {SETTLE_TIMEOUT:?}; the event may come again"
+                ))),
+            }
+        })
+    }
+
+    fn unsettled(self) {
+        let _ = self.commands.send(Command::Release {
+            epoch: self.epoch,
+            tag: self.tag,
+        });
+    }
+}
+
+/// The deliveries of every link of one subscription; dropping it stops
+/// the links.
+pub(crate) struct Deliveries {
+    pub(crate) receiver: mpsc::UnboundedReceiver<Result<Delivery, TransportError>>,
+    pub(crate) _stop: DropGuard,
+}
+
+impl futures::Stream for Deliveries {
+    type Item = Result<Delivery, TransportError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.receiver.poll_recv(cx)
+    }
+}

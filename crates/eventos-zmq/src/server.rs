@@ -1,0 +1,348 @@
+//! The publisher side: a ROUTER socket that hands the spool's events to
+//! the consumers connected to it and carries out their settlements.
+//!
+//! Each `$hello` opens a session: a subscription to the spool as a member
+//! of the consumer's group, with the consumer's prefetch, so the spool
+//! decides what goes to whom (fan-out across groups, competition inside
+//! one, retries, dead letters, per-key order) exactly as it does for a
+//! local subscriber. The session keeps the settlement half of every
+//! delivery it sent until the consumer settles it; when the consumer goes
+//! (`$bye`, silence past the peer timeout, an ack timeout) what it held is
+//! dropped, and the spool hands it to another member of the group.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use eventos_core::{Settlement, Subscription, Transport, TransportError, TransportErrorKind};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::Timing;
+use crate::wire::{ToConsumer, ToPublisher, VERSION};
+
+/// How long one send to one consumer may take before the consumer counts
+/// as stuck: a consumer that reads nothing for that long is not alive.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Out = mpsc::UnboundedSender<(Bytes, ZmqMessage)>;
+
+/// A bound ROUTER socket and its tasks; dropping it stops them.
+pub(crate) struct Server {
+    endpoint: String,
+    stop: CancellationToken,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Server {
+    /// Binds `endpoint` (a port of 0 picks one) and serves `spool`.
+    pub(crate) async fn bind(
+        spool: Arc<dyn Transport>,
+        endpoint: &str,
+        timing: Timing,
+    ) -> Result<Self, TransportError> {
+        let mut socket = RouterSocket::new();
+        let bound = socket.bind(endpoint).await.map_err(|e| {
+            TransportError::new(
+                TransportErrorKind::Io,
+                format!("cannot bind ZeroMQ endpoint {endpoint}: {e}"),
+            )
+        })?;
+        let endpoint = bound.to_string();
+        let (send, recv) = socket.split();
+        let stop = CancellationToken::new();
+        let (out, outgoing) = mpsc::unbounded_channel();
+        tokio::spawn(write(send, outgoing, stop.clone()));
+        tokio::spawn(
+            Reader {
+                spool,
+                out,
+                timing,
+                sessions: HashMap::new(),
+                endpoint: endpoint.clone(),
+            }
+            .run(recv, stop.clone()),
+        );
+        Ok(Self { endpoint, stop })
+    }
+
+    /// The endpoint as bound, its port resolved: `tcp://127.0.0.1:40123`.
+    pub(crate) fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+}
+
+async fn write(
+    mut send: zeromq::RouterSendHalf,
+    mut outgoing: mpsc::UnboundedReceiver<(Bytes, ZmqMessage)>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (identity, mut message) = tokio::select! {
+            () = stop.cancelled() => return,
+            next = outgoing.recv() => match next {
+                Some(next) => next,
+                None => return,
+            },
+        };
+        message.push_front(identity);
+        // A consumer gone or stuck loses this message; its session ends on
+        // the peer timeout and what it held goes back to the spool.
+        match tokio::time::timeout(SEND_TIMEOUT, send.send(message)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "a consumer left before a message reached it");
+            }
+            Err(_) => {
+                tracing::warn!("a consumer read nothing for {SEND_TIMEOUT:?}; message dropped");
+            }
+        }
+    }
+}
+
+struct SessionHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    last_heard: Instant,
+    topic: String,
+    group: String,
+}
+
+enum Command {
+    Settle {
+        tag: u64,
+        outcome: eventos_core::Outcome,
+    },
+    Release {
+        tag: u64,
+    },
+    Stop,
+}
+
+struct Reader {
+    spool: Arc<dyn Transport>,
+    out: Out,
+    timing: Timing,
+    sessions: HashMap<Bytes, SessionHandle>,
+    endpoint: String,
+}
+
+impl Reader {
+    async fn run(mut self, mut recv: zeromq::RouterRecvHalf, stop: CancellationToken) {
+        let mut sweep = tokio::time::interval(self.timing.heartbeat);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                message = recv.recv() => match message {
+                    Ok(message) => self.handle(message),
+                    Err(e) => {
+                        tracing::warn!(endpoint = %self.endpoint, error = %e, "ZeroMQ receive failed");
+                        tokio::time::sleep(self.timing.heartbeat).await;
+                    }
+                },
+                _ = sweep.tick() => self.sweep(),
+            }
+        }
+        // Dropping the handles ends every session; what they held goes back.
+        self.sessions.clear();
+    }
+
+    fn reply(&self, identity: &Bytes, message: &ToConsumer) {
+        let _ = self.out.send((identity.clone(), message.encode()));
+    }
+
+    fn handle(&mut self, message: ZmqMessage) {
+        let mut frames = message.into_vec();
+        if frames.len() < 2 {
+            return;
+        }
+        let identity = frames.remove(0);
+        let message = match ToPublisher::decode(&frames) {
+            Ok(message) => message,
+            Err(why) => {
+                tracing::debug!(%why, "unreadable message from a consumer");
+                self.reply(
+                    &identity,
+                    &ToConsumer::Refused(format!("unreadable message: {why}")),
+                );
+                return;
+            }
+        };
+        match message {
+            ToPublisher::Hello {
+                version,
+                topic,
+                group,
+                start,
+                prefetch,
+            } => {
+                if version != VERSION {
+                    let why = format!(
+                        "protocol version {version:?} is not spoken here; this publisher speaks {VERSION:?}"
+                    );
+                    self.reply(&identity, &ToConsumer::Refused(why));
+                    return;
+                }
+                let subscription = Subscription::new(topic.clone(), group.clone())
+                    .start(start)
+                    .prefetch(prefetch);
+                let (commands, queue) = mpsc::unbounded_channel();
+                tokio::spawn(session(
+                    self.spool.clone(),
+                    subscription,
+                    identity.clone(),
+                    self.out.clone(),
+                    queue,
+                    self.timing.ack_timeout,
+                ));
+                // A second hello from the same socket replaces its session.
+                self.sessions.insert(
+                    identity,
+                    SessionHandle {
+                        commands,
+                        last_heard: Instant::now(),
+                        topic,
+                        group,
+                    },
+                );
+            }
+            ToPublisher::Bye => {
+                self.sessions.remove(&identity);
+            }
+            other => {
+                let Some(session) = self.sessions.get_mut(&identity) else {
+                    let reply = match other {
+                        ToPublisher::Settle { tag, .. } => ToConsumer::Settled {
+                            tag,
+                            error: Some("this publisher holds no session for the consumer (it restarted, or the consumer was silent too long); the event will be delivered again".into()),
+                        },
+                        _ => ToConsumer::Gone,
+                    };
+                    self.reply(&identity, &reply);
+                    return;
+                };
+                session.last_heard = Instant::now();
+                let command = match other {
+                    ToPublisher::Ping => {
+                        self.reply(&identity, &ToConsumer::Pong);
+                        return;
+                    }
+                    ToPublisher::Settle { tag, outcome } => Command::Settle { tag, outcome },
+                    ToPublisher::Release { tag } => Command::Release { tag },
+                    ToPublisher::Stop => Command::Stop,
+                    ToPublisher::Hello { .. } | ToPublisher::Bye => return,
+                };
+                if session.commands.send(command).is_err() {
+                    // The session ended by itself (its spool subscription failed).
+                    self.sessions.remove(&identity);
+                }
+            }
+        }
+    }
+
+    fn sweep(&mut self) {
+        let timeout = self.timing.peer_timeout;
+        self.sessions.retain(|_, session| {
+            let alive = session.last_heard.elapsed() < timeout && !session.commands.is_closed();
+            if !alive && !session.commands.is_closed() {
+                tracing::info!(
+                    topic = %session.topic,
+                    group = %session.group,
+                    "a consumer was silent for {timeout:?}; what it held goes back to its group"
+                );
+            }
+            alive
+        });
+    }
+}
+
+/// One consumer's membership of one group: spool deliveries out, its
+/// settlements in.
+async fn session(
+    spool: Arc<dyn Transport>,
+    subscription: Subscription,
+    identity: Bytes,
+    out: Out,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    ack_timeout: Duration,
+) {
+    let send = |message: ToConsumer| {
+        let _ = out.send((identity.clone(), message.encode()));
+    };
+    let topic = Bytes::from(subscription.topic.clone());
+    let mut stream = match spool.subscribe(subscription).await {
+        Ok(stream) => Some(stream),
+        Err(e) => {
+            send(ToConsumer::Refused(e.to_string()));
+            return;
+        }
+    };
+    send(ToConsumer::Welcome);
+    let mut held: HashMap<u64, (Settlement, Instant)> = HashMap::new();
+    let mut next_tag: u64 = 1;
+    let mut expiry = tokio::time::interval(ack_timeout.min(Duration::from_secs(1)));
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                None => break,
+                Some(Command::Stop) => stream = None,
+                Some(Command::Release { tag }) => drop(held.remove(&tag)),
+                Some(Command::Settle { tag, outcome }) => match held.remove(&tag) {
+                    Some((settlement, _)) => {
+                        let out = out.clone();
+                        let identity = identity.clone();
+                        tokio::spawn(async move {
+                            let error = settlement.settle(outcome).await.err().map(|e| e.to_string());
+                            let _ = out.send((identity, ToConsumer::Settled { tag, error }.encode()));
+                        });
+                    }
+                    None => send(ToConsumer::Settled {
+                        tag,
+                        error: Some(format!("delivery {tag} is not held here (its ack timeout of {ack_timeout:?} passed); the event will be delivered again")),
+                    }),
+                },
+            },
+            delivery = async {
+                match stream.as_mut() {
+                    Some(stream) => stream.next().await,
+                    None => std::future::pending().await,
+                }
+            }, if stream.is_some() => match delivery {
+                Some(Ok(delivery)) => {
+                    let (event, info, settlement) = delivery.into_parts();
+                    let tag = next_tag;
+                    next_tag += 1;
+                    held.insert(tag, (settlement, Instant::now()));
+                    send(ToConsumer::Delivery {
+                        topic: topic.clone(),
+                        event: Bytes::from(event.to_json()),
+                        tag,
+                        attempt: info.attempt,
+                    });
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "the spool's subscription reported an error"),
+                // The spool closed: the node is shutting down.
+                None => break,
+            },
+            _ = expiry.tick() => {
+                let before = held.len();
+                held.retain(|_, (_, since)| since.elapsed() < ack_timeout);
+                if held.len() < before {
+                    tracing::warn!(
+                        expired = before - held.len(),
+                        "deliveries unsettled past the ack timeout of {ack_timeout:?} go back to their group"
+                    );
+                }
+            }
+        }
+    }
+}
