@@ -64,7 +64,8 @@ pub fn transports() -> Registry {
         .with(eventos_log::LogEngine)
         .with(eventos_memory::MemoryEngine)
         .with(eventos_amqp::AmqpEngine)
-        .with(eventos_nats::NatsEngine);
+        .with(eventos_nats::NatsEngine)
+        .with(eventos_zmq::ZmqEngine);
     #[cfg(feature = "kafka")]
     let registry = registry.with(eventos_kafka::KafkaEngine);
     registry

@@ -40,9 +40,11 @@ pub(crate) struct UpArgs {
     /// The transport: `log` (default: the embedded durable log, one
     /// process; `log:<dir>` or a directory path to keep it elsewhere),
     /// `memory` (the fastest queue; it loses queued work if the process
-    /// dies), or a RabbitMQ URL such as
-    /// amqp://guest:guest@127.0.0.1:5672/%2f (services may then run in
-    /// several processes: see `eventos serve`).
+    /// dies), a broker URL — amqp://guest:guest@127.0.0.1:5672/%2f,
+    /// kafka://127.0.0.1:9092, nats://127.0.0.1:4222 — or
+    /// zmq://127.0.0.1:5560, brokerless, the address this process
+    /// publishes from (its peers in [zmq]). Services may then run in
+    /// several processes: see `eventos serve`.
     #[arg(long, env = "EVENTOS_TRANSPORT", value_parser = parse_transport)]
     transport: Option<String>,
     /// How enrollments are answered [default: await-payment].
@@ -64,7 +66,9 @@ Settings file (--config eventos.toml), every key optional, defaults shown:
   data_dir = \"eventos-data\"
   listen = \"127.0.0.1:8080\"
   transport = \"log\"                 # or \"memory\", \"amqp://user:pass@host:5672/%2f\",
-                                    # \"kafka://127.0.0.1:9092\"
+                                    # \"kafka://127.0.0.1:9092\",
+                                    # \"nats://127.0.0.1:4222\",
+                                    # \"zmq://127.0.0.1:5560\"
   # smtp = \"smtp://127.0.0.1:2525\"  # unset: .eml files in <data_dir>/mail
   shutdown_timeout_secs = 10        # HTTP connections and in-flight events
   shutdown_grace_ms = 0             # /readyz answers 503 this long before
@@ -101,6 +105,20 @@ Settings file (--config eventos.toml), every key optional, defaults shown:
   # client = { \"linger.ms\" = \"5\" }  # librdkafka settings, passed through
   # namespace = \"staging\"           # prefix of every topic and group;
                                     # unset: the topics' own names
+
+  [zmq]                             # when transport is zmq://HOST:PORT: the
+                                    # address this process publishes from
+  peers = []                        # the publishers it consumes from, e.g.
+                                    # [\"tcp://10.0.0.2:5560\"]; empty: itself
+  spool = \"memory\"                  # or \"log\": unacked events on disk,
+                                    # kept across a restart
+  # spool_dir = \"/var/lib/eventos/zmq\"  # unset: <data_dir>/zmq-spool
+  heartbeat_ms = 500                # a consumer's pings to its publishers
+  peer_timeout_ms = 5000            # silence after which a peer is gone:
+                                    # what a consumer held goes back
+  ack_timeout_secs = 300            # unsettled longer: back to the group
+  join_timeout_ms = 5000            # a subscription waits this long for a
+                                    # publisher's welcome, then goes on
 
   [mail]
   school_inbox = \"admissions@school.example\"
@@ -342,6 +360,24 @@ mod tests {
         let engine = school_system::transports();
         let engine = engine.by_section("kafka").expect("a kafka engine");
         assert_eq!(engine.check_options(&kafka), Ok(()), "{block}");
+        let zmq = shown
+            .transports
+            .remove("zmq")
+            .expect("the help shows [zmq]");
+        let registry = school_system::transports();
+        let zmq_engine = registry.by_section("zmq").expect("a zmq engine");
+        assert_eq!(zmq_engine.check_options(&zmq), Ok(()), "{block}");
+        for key in serde_json::to_value(eventos_zmq::ZmqSection::default())
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+        {
+            assert!(
+                CONFIG_HELP.contains(&format!("{key} =")),
+                "[zmq] {key} is not in the help"
+            );
+        }
         for key in [
             "partitions",
             "replication_factor",

@@ -1,6 +1,7 @@
 //! The school as separate processes over a real broker — the RabbitMQ on
 //! 127.0.0.1:5672, the Kafka on 127.0.0.1:9092, the NATS JetStream on
-//! 127.0.0.1:4222 — one API process
+//! 127.0.0.1:4222 — or over no broker at all, ZeroMQ sockets between the
+//! processes: one API process
 //! (enrollment, contact) and two worker processes running
 //! the same worker services (antifraud, billing, metrics, mailer,
 //! notifier), each with its own data directory. 500 enrollments; one worker
@@ -43,14 +44,36 @@ enum Over {
     RabbitMq,
     Kafka,
     Nats,
+    /// No broker: each process publishes from an address of its own (the
+    /// API's, the first worker's, the second's) and consumes from all
+    /// three, spooling in its own embedded log so a killed worker's
+    /// published events wait for its restart on the same address.
+    Zmq([u16; 3]),
 }
 
 impl Over {
-    fn url(self) -> &'static str {
+    fn zmq() -> Over {
+        Over::Zmq([
+            common::free_port(),
+            common::free_port(),
+            common::free_port(),
+        ])
+    }
+
+    /// The transport URL of the process `node` (`api`, `w1`, `worker`, `w2`).
+    fn url(self, node: &str) -> String {
         match self {
-            Over::RabbitMq => common::AMQP,
-            Over::Kafka => "kafka://127.0.0.1:9092",
-            Over::Nats => "nats://127.0.0.1:4222",
+            Over::RabbitMq => common::AMQP.to_owned(),
+            Over::Kafka => "kafka://127.0.0.1:9092".to_owned(),
+            Over::Nats => "nats://127.0.0.1:4222".to_owned(),
+            Over::Zmq(ports) => {
+                let index = match node {
+                    "api" => 0,
+                    "w1" | "worker" => 1,
+                    _ => 2,
+                };
+                format!("zmq://127.0.0.1:{}", ports[index])
+            }
         }
     }
 
@@ -64,6 +87,16 @@ impl Over {
             Over::Kafka => format!("[kafka]\nnamespace = \"{namespace}\"\n"),
             // Streams of this run only, gone a day after their last event.
             Over::Nats => format!("[nats]\nnamespace = \"{namespace}\"\nmax_age_secs = 86400\n"),
+            Over::Zmq(ports) => {
+                let peers: Vec<String> = ports
+                    .iter()
+                    .map(|port| format!("\"tcp://127.0.0.1:{port}\""))
+                    .collect();
+                format!(
+                    "[zmq]\npeers = [{}]\nspool = \"log\"\nheartbeat_ms = 200\npeer_timeout_ms = 2000\n",
+                    peers.join(", ")
+                )
+            }
         }
     }
 }
@@ -136,6 +169,11 @@ async fn api_and_two_workers_over_nats_survive_a_worker_kill() {
     api_and_two_workers_survive_a_worker_kill(Over::Nats).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_and_two_workers_over_zmq_survive_a_worker_kill() {
+    api_and_two_workers_survive_a_worker_kill(Over::zmq()).await;
+}
+
 async fn api_and_two_workers_survive_a_worker_kill(over: Over) {
     let dir = tempfile::tempdir().unwrap();
     // Queues or topics of this run only: a namespace no other run uses.
@@ -143,7 +181,13 @@ async fn api_and_two_workers_survive_a_worker_kill(over: Over) {
     let config = settings(dir.path(), over, &namespace);
     let port = common::free_port();
     let serve = |name: &str, services: &str, port: u16| {
-        common::serve(&dir.path().join(name), &config, services, port, over.url())
+        common::serve(
+            &dir.path().join(name),
+            &config,
+            services,
+            port,
+            &over.url(name),
+        )
     };
     let api = serve("api", "enrollment,contact", port);
     let workers = "antifraud,billing,metrics,mailer,notifier";
@@ -306,6 +350,11 @@ async fn contact_mail_over_nats_gets_through_smtp_refusals() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contact_mail_over_zmq_gets_through_smtp_refusals() {
+    contact_mail_gets_through_smtp_refusals(Over::zmq()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contact_mail_over_rabbitmq_gets_through_smtp_refusals() {
     contact_mail_gets_through_smtp_refusals(Over::RabbitMq).await;
 }
@@ -335,14 +384,14 @@ async fn contact_mail_gets_through_smtp_refusals(over: Over) {
         &config,
         "enrollment,contact",
         port,
-        over.url(),
+        &over.url("api"),
     );
     let worker = common::serve(
         &dir.path().join("worker"),
         &worker_config,
         "mailer,notifier",
         common::free_port(),
-        over.url(),
+        &over.url("worker"),
     );
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::builder()

@@ -66,7 +66,7 @@ fn bad_flags_get_one_line_saying_how_to_fix_them() {
         // An unknown scheme is answered with every known one.
         (
             &["up", "--transport", "foo://x"][..],
-            "unknown transport \"foo://x\": use log or a directory path, memory, amqp, amqps (e.g. amqp://guest:guest@127.0.0.1:5672/%2f), nats (e.g. nats://127.0.0.1:4222), or kafka (e.g. kafka://127.0.0.1:9092)",
+            "unknown transport \"foo://x\": use log or a directory path, memory, amqp, amqps (e.g. amqp://guest:guest@127.0.0.1:5672/%2f), nats (e.g. nats://127.0.0.1:4222), zmq (e.g. zmq://127.0.0.1:5560), or kafka (e.g. kafka://127.0.0.1:9092)",
         ),
         (
             &["up", "--smtp", "mail.example.com"][..],

@@ -310,30 +310,33 @@ impl Subscriber for ZmqTransport {
                 receiver,
                 _stop: stop.drop_guard(),
             };
-            for (peer, mut join) in joins {
+            // Every publisher is waited for at once, so one that is down
+            // costs one join timeout, not one per publisher.
+            let waits = joins.into_iter().map(|(peer, mut join)| {
                 let known_down = lock(&self.shared.unreachable).contains(&peer);
                 let wait = if known_down {
                     Duration::ZERO
                 } else {
                     self.shared.join_timeout
                 };
-                let outcome = tokio::time::timeout(
-                    wait,
-                    join.wait_for(|state| *state != client::Joined::Waiting),
-                )
-                .await;
-                match outcome {
-                    Ok(Ok(state)) => match &*state {
-                        client::Joined::Refused(why) => {
-                            return Err(TransportError::new(
-                                TransportErrorKind::Rejected,
-                                why.clone(),
-                            ));
-                        }
-                        _ => {
-                            lock(&self.shared.unreachable).remove(&peer);
-                        }
-                    },
+                async move {
+                    let joined = tokio::time::timeout(
+                        wait,
+                        join.wait_for(|state| *state != client::Joined::Waiting),
+                    )
+                    .await
+                    .map(|state| state.map(|state| state.clone()));
+                    (peer, known_down, joined)
+                }
+            });
+            for (peer, known_down, joined) in futures::future::join_all(waits).await {
+                match joined {
+                    Ok(Ok(client::Joined::Refused(why))) => {
+                        return Err(TransportError::new(TransportErrorKind::Rejected, why));
+                    }
+                    Ok(Ok(_)) => {
+                        lock(&self.shared.unreachable).remove(&peer);
+                    }
                     // The link ended (closing): the stream ends too.
                     Ok(Err(_)) => {}
                     Err(_) => {
