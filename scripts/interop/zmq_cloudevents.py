@@ -6,8 +6,7 @@ as topic, event JSON, tag, attempt; control messages with a `$` verb.
 
     zmq_cloudevents.py consume ENDPOINT TOPIC GROUP COUNT [TIMEOUT_SECONDS]
         A DEALER joins GROUP on TOPIC at the eventos publisher ENDPOINT,
-        reads COUNT deliveries, acks each (waiting for the publisher's
-        `$settled`) and prints each as one JSON line: the attributes the
+        reads COUNT deliveries, acks each and prints each as one JSON line: the attributes the
         SDK parsed, the data, the topic frame and the attempt.
 
     zmq_cloudevents.py publish ENDPOINT
@@ -51,8 +50,8 @@ def consume(endpoint, topic, group, count, timeout):
     socket.connect(endpoint)
     socket.send_multipart(frames("$hello", "1", topic, group, "earliest", 16))
     deadline = time.monotonic() + timeout
-    seen, unconfirmed, last_ping = 0, set(), 0.0
-    while seen < count or unconfirmed:
+    seen, last_ping = 0, 0.0
+    while seen < count:
         now = time.monotonic()
         if now > deadline:
             sys.exit(f"only {seen} of {count} events arrived on {topic}")
@@ -66,17 +65,14 @@ def consume(endpoint, topic, group, count, timeout):
         if verb == "$refused":
             sys.exit(f"refused: {message[1].decode()}")
         if verb == "$settled":
-            if len(message) > 2:
-                sys.exit(f"settlement failed: {message[2].decode()}")
-            unconfirmed.discard(message[1].decode())
-            continue
+            sys.exit(f"settlement failed: {message[2:]}")
         if verb.startswith("$"):
             continue
         event = JSONFormat().read(None, message[1])
         tag, attempt = message[2].decode(), int(message[3])
         print(shown(event, topic=verb, attempt=attempt), flush=True)
+        # An ack is answered only if it fails.
         socket.send_multipart(frames("$settle", tag, "ack"))
-        unconfirmed.add(tag)
         seen += 1
     socket.send_multipart(frames("$bye"))
     socket.close(linger=1000)
@@ -112,9 +108,13 @@ def publish(endpoint):
             socket.send_multipart(
                 [identity, topic, JSONFormat().write(event)] + frames(1, 1)
             )
-        elif verb == "$settle" and identity == consumer:
-            socket.send_multipart([identity] + frames("$settled", rest[0]))
-            print(shown(event, outcome=rest[1].decode()), flush=True)
+        elif verb in ("$settle", "$acks") and identity == consumer:
+            # Acks come one per `$settle` or several per `$acks`, and are
+            # answered only when they fail; the rest always.
+            outcome = rest[1].decode() if verb == "$settle" else "ack"
+            if outcome != "ack":
+                socket.send_multipart([identity] + frames("$settled", rest[0]))
+            print(shown(event, outcome=outcome), flush=True)
             socket.close(linger=1000)
             return
     sys.exit("no consumer settled the event within 30 s")

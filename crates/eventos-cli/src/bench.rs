@@ -49,6 +49,11 @@ enum BenchTarget {
     /// same server in the same run; and publish -> router -> ack end to
     /// end.
     Nats(crate::bench_nats::NatsBenchArgs),
+    /// Spooled publish and credit-and-ack consume through eventos-zmq, as
+    /// ratios of raw zeromq PUSH/PULL moving the same frames in the same
+    /// run (what the ack protocol costs); and publish -> router -> ack end
+    /// to end.
+    Zmq(crate::bench_zmq::ZmqBenchArgs),
     /// POST /contact and POST /enrollments against a running system, at a
     /// fixed number of clients, next to GET /healthz measured the same way
     /// in the same run; with the syncs each accepted message cost.
@@ -97,6 +102,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         #[cfg(feature = "kafka")]
         BenchTarget::Kafka(args) => crate::bench_kafka::run(args).await,
         BenchTarget::Nats(args) => crate::bench_nats::run(args).await,
+        BenchTarget::Zmq(args) => crate::bench_zmq::run(args).await,
         BenchTarget::Accept(args) => crate::bench_accept::run(args).await,
     }
 }

@@ -21,6 +21,7 @@ mod bench_event;
 mod bench_kafka;
 mod bench_nats;
 mod bench_transport;
+mod bench_zmq;
 mod demo;
 mod log;
 mod progress;

@@ -15,20 +15,24 @@
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use eventos_core::{
     Delivery, DeliveryInfo, Event, Outcome, Subscription, TransportError, TransportErrorKind,
 };
+use eventos_kit::lock;
 use eventos_kit::{OnceAcker, Settle};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
-use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend};
+use zeromq::util::PeerIdentity;
+use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend};
 
 use crate::Timing;
+use crate::server::LocalSessions;
 use crate::wire::{ToConsumer, ToPublisher, VERSION};
 
 /// How long a consumer's settlement waits for the publisher's answer.
@@ -36,6 +40,10 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stopping link waits for the deliveries it handed out to be
 /// settled before it says `$bye` (and the rest go back).
 const LINGER: Duration = Duration::from_secs(10);
+/// How long a closing transport's link waits for `$synced`.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(3);
+/// The most acks one `$acks` message carries.
+const MAX_ACKS_PER_MESSAGE: usize = 512;
 
 type Out = mpsc::UnboundedSender<Result<Delivery, TransportError>>;
 
@@ -54,7 +62,12 @@ pub(crate) fn link(
     timing: Timing,
     out: Out,
     stop: CancellationToken,
-) -> watch::Receiver<Joined> {
+    closing: CancellationToken,
+) -> (
+    watch::Receiver<Joined>,
+    Identity,
+    tokio::task::JoinHandle<()>,
+) {
     let (joined, join) = watch::channel(Joined::Waiting);
     let (commands, queue) = mpsc::unbounded_channel();
     let link = Link {
@@ -73,12 +86,24 @@ pub(crate) fn link(
         joined,
         commands,
         epoch: 0,
+        identity: Identity::default(),
     };
-    tokio::spawn(link.run(queue, stop));
-    join
+    let identity = link.identity.clone();
+    let task = tokio::spawn(link.run(queue, stop, closing));
+    (join, identity, task)
 }
 
+/// The socket identity of a link's current connection, which the
+/// publisher's ROUTER knows it by.
+pub(crate) type Identity = Arc<Mutex<Option<Bytes>>>;
+
 enum Command {
+    /// Acks go out without an answer to wait for, several per message
+    /// when they queue up.
+    Ack {
+        epoch: u64,
+        tag: u64,
+    },
     Settle {
         epoch: u64,
         tag: u64,
@@ -101,6 +126,7 @@ struct Link {
     joined: watch::Sender<Joined>,
     commands: mpsc::UnboundedSender<Command>,
     epoch: u64,
+    identity: Identity,
 }
 
 /// Why a connection ended.
@@ -116,12 +142,23 @@ fn unavailable(message: String) -> TransportError {
 }
 
 impl Link {
-    async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Command>, stop: CancellationToken) {
+    async fn run(
+        mut self,
+        mut queue: mpsc::UnboundedReceiver<Command>,
+        stop: CancellationToken,
+        closing: CancellationToken,
+    ) {
         let mut backoff = self.timing.heartbeat;
         let mut reported = false;
         loop {
             self.epoch += 1;
-            let mut socket = DealerSocket::new();
+            // An identity of its own per connection, so the publisher never
+            // mistakes a new connection for an old one.
+            let identity = PeerIdentity::new();
+            *lock(&self.identity) = Some(Bytes::from(Vec::from(identity.clone())));
+            let mut options = SocketOptions::default();
+            options.peer_identity(identity);
+            let mut socket = DealerSocket::with_options(options);
             let connected = tokio::select! {
                 () = stop.cancelled() => return,
                 connected = socket.connect(&self.endpoint) => connected,
@@ -142,7 +179,7 @@ impl Link {
                 backoff = (backoff * 2).min(self.timing.peer_timeout);
                 continue;
             }
-            match self.connection(socket, &mut queue, &stop).await {
+            match self.connection(socket, &mut queue, &stop, &closing).await {
                 End::Done => return,
                 End::Lost(why) => {
                     tracing::warn!(endpoint = %self.endpoint, topic = %self.topic, group = %self.group, "{why}; connecting again");
@@ -158,6 +195,7 @@ impl Link {
         socket: DealerSocket,
         queue: &mut mpsc::UnboundedReceiver<Command>,
         stop: &CancellationToken,
+        closing: &CancellationToken,
     ) -> End {
         let epoch = self.epoch;
         let (mut tx, mut rx) = socket.split();
@@ -168,6 +206,7 @@ impl Link {
         let mut pending: HashMap<u64, oneshot::Sender<Result<(), TransportError>>> = HashMap::new();
         let mut outstanding: HashSet<u64> = HashSet::new();
         let mut stopping: Option<Instant> = None;
+        let mut syncing: Option<Instant> = None;
         let mut ping = tokio::time::interval(self.timing.heartbeat);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let lost = |pending: &mut HashMap<u64, oneshot::Sender<Result<(), TransportError>>>,
@@ -180,16 +219,66 @@ impl Link {
             End::Lost(why)
         };
         loop {
+            if stopping.is_some() && syncing.is_none() && closing.is_cancelled() {
+                syncing = Some(Instant::now());
+                let _ = tx.send(ToPublisher::Sync.encode()).await;
+            }
             if let Some(since) = stopping
+                && syncing.is_none()
                 && ((outstanding.is_empty() && pending.is_empty()) || since.elapsed() > LINGER)
             {
                 let _ = tx.send(ToPublisher::Bye.encode()).await;
                 return End::Done;
             }
+            if let Some(since) = syncing
+                && since.elapsed() > SYNC_TIMEOUT
+            {
+                let _ = tx.send(ToPublisher::Bye.encode()).await;
+                return End::Done;
+            }
+            // Biased: settlements queued before a stop go out before it.
             tokio::select! {
-                () = stop.cancelled(), if stopping.is_none() => {
-                    stopping = Some(Instant::now());
-                    let _ = tx.send(ToPublisher::Stop.encode()).await;
+                biased;
+                command = queue.recv() => {
+                    // The link holds a sender itself, so the queue never ends.
+                    let Some(command) = command else { return End::Done };
+                    let mut acks = Vec::new();
+                    let mut next = Some(command);
+                    // What queued up meanwhile goes too: acks in one message.
+                    while let Some(command) = next.take() {
+                        match command {
+                            Command::Ack { epoch: of, tag } => {
+                                if of == epoch && outstanding.remove(&tag) {
+                                    acks.push(tag);
+                                }
+                            }
+                            Command::Settle { epoch: of, reply, .. } if of != epoch => {
+                                let _ = reply.send(Err(unavailable(
+                                    "the connection this delivery came over is gone; the publisher delivers the event again".into(),
+                                )));
+                            }
+                            Command::Settle { tag, outcome, reply, .. } => {
+                                outstanding.remove(&tag);
+                                pending.insert(tag, reply);
+                                if let Err(e) = tx.send(ToPublisher::Settle { tag, outcome }.encode()).await {
+                                    return lost(&mut pending, format!("sending a settlement failed: {e}"));
+                                }
+                            }
+                            Command::Release { epoch: of, tag } => {
+                                if of == epoch && outstanding.remove(&tag) {
+                                    let _ = tx.send(ToPublisher::Release { tag }.encode()).await;
+                                }
+                            }
+                        }
+                        if acks.len() < MAX_ACKS_PER_MESSAGE {
+                            next = queue.try_recv().ok();
+                        }
+                    }
+                    if !acks.is_empty()
+                        && let Err(e) = tx.send(ToPublisher::Acks { tags: acks }.encode()).await
+                    {
+                        return lost(&mut pending, format!("sending acks failed: {e}"));
+                    }
                 }
                 message = rx.recv() => {
                     let message = match message {
@@ -209,47 +298,38 @@ impl Link {
                             return End::Done;
                         }
                         Ok(ToConsumer::Pong) => {}
+                        Ok(ToConsumer::Synced) => {
+                            let _ = tx.send(ToPublisher::Bye.encode()).await;
+                            return End::Done;
+                        }
                         Ok(ToConsumer::Gone) => return lost(&mut pending, "the publisher no longer knows this consumer".into()),
-                        Ok(ToConsumer::Settled { tag, error }) => {
-                            if let Some(reply) = pending.remove(&tag) {
+                        Ok(ToConsumer::Settled { tag, error }) => match pending.remove(&tag) {
+                            Some(reply) => {
                                 let _ = reply.send(match error {
                                     None => Ok(()),
                                     Some(e) => Err(TransportError::new(TransportErrorKind::Other, e)),
                                 });
                             }
-                        }
+                            // An ack nobody waits for, refused.
+                            None => if let Some(error) = error {
+                                tracing::warn!(endpoint = %self.endpoint, topic = %self.topic, group = %self.group, %error, "an ack was not carried out; the event will come again");
+                            },
+                        },
                         Ok(ToConsumer::Delivery { event, tag, attempt, .. }) => {
                             self.deliver(epoch, tag, attempt, &event, &mut outstanding, &mut tx).await;
                         }
                     }
                 }
-                command = queue.recv() => {
-                    // The link holds a sender itself, so the queue never ends.
-                    let Some(command) = command else { return End::Done };
-                    match command {
-                        Command::Settle { epoch: of, reply, .. } if of != epoch => {
-                            let _ = reply.send(Err(unavailable(
-                                "the connection this delivery came over is gone; the publisher delivers the event again".into(),
-                            )));
-                        }
-                        Command::Settle { tag, outcome, reply, .. } => {
-                            outstanding.remove(&tag);
-                            match tx.send(ToPublisher::Settle { tag, outcome }.encode()).await {
-                                Ok(()) => {
-                                    pending.insert(tag, reply);
-                                }
-                                Err(e) => {
-                                    pending.insert(tag, reply);
-                                    return lost(&mut pending, format!("sending a settlement failed: {e}"));
-                                }
-                            }
-                        }
-                        Command::Release { epoch: of, tag } => {
-                            if of == epoch && outstanding.remove(&tag) {
-                                let _ = tx.send(ToPublisher::Release { tag }.encode()).await;
-                            }
-                        }
-                    }
+                () = stop.cancelled(), if stopping.is_none() && syncing.is_none() && closing.is_cancelled() => {
+                    // The transport closes: what was settled is carried
+                    // out before the publisher's spool closes, the rest
+                    // goes back.
+                    syncing = Some(Instant::now());
+                    let _ = tx.send(ToPublisher::Sync.encode()).await;
+                }
+                () = stop.cancelled(), if stopping.is_none() && syncing.is_none() => {
+                    stopping = Some(Instant::now());
+                    let _ = tx.send(ToPublisher::Stop.encode()).await;
                 }
                 _ = ping.tick() => {
                     let silent = last_heard.elapsed();
@@ -303,6 +383,13 @@ impl Link {
     }
 }
 
+fn closed() -> TransportError {
+    TransportError::new(
+        TransportErrorKind::Closed,
+        "the subscription this delivery came from is closed; the publisher delivers the event again",
+    )
+}
+
 struct Ack {
     commands: mpsc::UnboundedSender<Command>,
     epoch: u64,
@@ -316,6 +403,16 @@ impl Settle for Ack {
         _info: &DeliveryInfo,
         outcome: Outcome,
     ) -> BoxFuture<'static, Result<(), TransportError>> {
+        if matches!(outcome, Outcome::Ack) {
+            // Queued for the link, as a broker client's ack is queued for
+            // its socket: one that cannot be carried out (the publisher
+            // gone) means the event comes again, as at-least-once allows.
+            let queued = self.commands.send(Command::Ack {
+                epoch: self.epoch,
+                tag: self.tag,
+            });
+            return Box::pin(std::future::ready(queued.map_err(|_| closed())));
+        }
         let (reply, answer) = oneshot::channel();
         let sent = self.commands.send(Command::Settle {
             epoch: self.epoch,
@@ -325,10 +422,7 @@ impl Settle for Ack {
         });
         Box::pin(async move {
             if sent.is_err() {
-                return Err(TransportError::new(
-                    TransportErrorKind::Closed,
-                    "the subscription this delivery came from is closed; the publisher delivers the event again",
-                ));
+                return Err(closed());
             }
             match tokio::time::timeout(SETTLE_TIMEOUT, answer).await {
                 Ok(Ok(result)) => result,
@@ -355,7 +449,23 @@ impl Settle for Ack {
 /// the links.
 pub(crate) struct Deliveries {
     pub(crate) receiver: mpsc::UnboundedReceiver<Result<Delivery, TransportError>>,
+    /// This node's own sessions and the identities of the links to it:
+    /// dropped, they leave at once.
+    pub(crate) local: Option<(Arc<LocalSessions>, Vec<Identity>)>,
     pub(crate) _stop: DropGuard,
+}
+
+impl Drop for Deliveries {
+    fn drop(&mut self) {
+        if let Some((sessions, identities)) = &self.local {
+            for identity in identities {
+                let current = lock(identity).clone();
+                if let Some(identity) = current {
+                    sessions.leave(&identity);
+                }
+            }
+        }
+    }
 }
 
 impl futures::Stream for Deliveries {

@@ -73,6 +73,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use engine::{ZmqEngine, ZmqSection};
 
+/// How long `close` waits for its links to hand over what they settled.
+const CLOSE_LINKS: Duration = Duration::from_secs(4);
+
 /// Where a publisher keeps what its consumers have not acked.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Spool {
@@ -150,6 +153,7 @@ struct Shared {
     unreachable: Mutex<HashSet<String>>,
     lifecycle: Lifecycle,
     links: CancellationToken,
+    link_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for ZmqTransport {
@@ -247,6 +251,7 @@ impl ZmqTransport {
                 unreachable: Mutex::new(HashSet::new()),
                 lifecycle: Lifecycle::new(),
                 links: CancellationToken::new(),
+                link_tasks: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -290,24 +295,36 @@ impl Subscriber for ZmqTransport {
             self.shared.lifecycle.check_subscribe(&subscription)?;
             let stop = self.shared.links.child_token();
             let (out, receiver) = tokio::sync::mpsc::unbounded_channel();
+            let mut own = Vec::new();
             let joins: Vec<_> = self
                 .shared
                 .peers
                 .iter()
                 .map(|peer| {
-                    let join = client::link(
+                    let (join, identity, task) = client::link(
                         peer.clone(),
                         &subscription,
                         self.shared.timing,
                         out.clone(),
                         stop.clone(),
+                        self.shared.links.clone(),
                     );
+                    let mut tasks = lock(&self.shared.link_tasks);
+                    tasks.retain(|task| !task.is_finished());
+                    tasks.push(task);
+                    if self.shared.endpoint.as_ref() == Some(peer) {
+                        own.push(identity);
+                    }
                     (peer.clone(), join)
                 })
                 .collect();
             drop(out);
+            let local = lock(&self.shared.server)
+                .as_ref()
+                .map(server::Server::local);
             let stream = client::Deliveries {
                 receiver,
+                local: local.map(|sessions| (sessions, own)),
                 _stop: stop.drop_guard(),
             };
             // Every publisher is waited for at once, so one that is down
@@ -375,7 +392,11 @@ impl Transport for ZmqTransport {
             if !self.shared.lifecycle.close() {
                 return Ok(());
             }
+            // Links first: each has its publisher carry out what it settled
+            // (a bounded wait), so an ack before close is never lost here.
             self.shared.links.cancel();
+            let tasks = std::mem::take(&mut *lock(&self.shared.link_tasks));
+            let _ = tokio::time::timeout(CLOSE_LINKS, futures::future::join_all(tasks)).await;
             drop(lock(&self.shared.server).take());
             self.shared.spool.close().await
         })

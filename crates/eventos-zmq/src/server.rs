@@ -11,11 +11,15 @@
 //! dropped, and the spool hands it to another member of the group.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use eventos_core::{Settlement, Subscription, Transport, TransportError, TransportErrorKind};
+use eventos_core::{
+    DeliveryStream, Settlement, Subscription, Transport, TransportError, TransportErrorKind,
+};
+use eventos_kit::lock;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -30,10 +34,32 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Out = mpsc::UnboundedSender<(Bytes, ZmqMessage)>;
 
+/// A session's spool subscription, shared with [`LocalSessions`].
+type SharedStream = Arc<Mutex<Option<DeliveryStream>>>;
+
+/// The spool subscriptions of this node's sessions, by consumer socket
+/// identity, so a consumer in this same process leaves its group the
+/// moment it drops its stream — before the next publish, as the contract
+/// asks — rather than one message later. A consumer elsewhere leaves with
+/// its `$stop`.
+#[derive(Default)]
+pub(crate) struct LocalSessions(Mutex<HashMap<Bytes, SharedStream>>);
+
+impl LocalSessions {
+    /// Ends the spool subscription of the session `identity` opened.
+    pub(crate) fn leave(&self, identity: &Bytes) {
+        let stream = lock(&self.0).remove(identity);
+        if let Some(stream) = stream {
+            drop(lock(&stream).take());
+        }
+    }
+}
+
 /// A bound ROUTER socket and its tasks; dropping it stops them.
 pub(crate) struct Server {
     endpoint: String,
     stop: CancellationToken,
+    local: Arc<LocalSessions>,
 }
 
 impl Drop for Server {
@@ -60,6 +86,7 @@ impl Server {
         let (send, recv) = socket.split();
         let stop = CancellationToken::new();
         let (out, outgoing) = mpsc::unbounded_channel();
+        let local = Arc::new(LocalSessions::default());
         tokio::spawn(write(send, outgoing, stop.clone()));
         tokio::spawn(
             Reader {
@@ -68,10 +95,20 @@ impl Server {
                 timing,
                 sessions: HashMap::new(),
                 endpoint: endpoint.clone(),
+                local: local.clone(),
             }
             .run(recv, stop.clone()),
         );
-        Ok(Self { endpoint, stop })
+        Ok(Self {
+            endpoint,
+            stop,
+            local,
+        })
+    }
+
+    /// The sessions of consumers, for the ones in this process to leave.
+    pub(crate) fn local(&self) -> Arc<LocalSessions> {
+        self.local.clone()
     }
 
     /// The endpoint as bound, its port resolved: `tcp://127.0.0.1:40123`.
@@ -124,6 +161,7 @@ enum Command {
         tag: u64,
     },
     Stop,
+    Sync,
 }
 
 struct Reader {
@@ -132,6 +170,7 @@ struct Reader {
     timing: Timing,
     sessions: HashMap<Bytes, SessionHandle>,
     endpoint: String,
+    local: Arc<LocalSessions>,
 }
 
 impl Reader {
@@ -202,6 +241,7 @@ impl Reader {
                     self.out.clone(),
                     queue,
                     self.timing.ack_timeout,
+                    self.local.clone(),
                 ));
                 // A second hello from the same socket replaces its session.
                 self.sessions.insert(
@@ -217,13 +257,30 @@ impl Reader {
             ToPublisher::Bye => {
                 self.sessions.remove(&identity);
             }
+            ToPublisher::Acks { tags } => {
+                let Some(session) = self.sessions.get_mut(&identity) else {
+                    for tag in tags {
+                        self.reply(&identity, &no_session(tag));
+                    }
+                    return;
+                };
+                session.last_heard = Instant::now();
+                for tag in tags {
+                    let outcome = eventos_core::Outcome::Ack;
+                    if session
+                        .commands
+                        .send(Command::Settle { tag, outcome })
+                        .is_err()
+                    {
+                        self.sessions.remove(&identity);
+                        return;
+                    }
+                }
+            }
             other => {
                 let Some(session) = self.sessions.get_mut(&identity) else {
                     let reply = match other {
-                        ToPublisher::Settle { tag, .. } => ToConsumer::Settled {
-                            tag,
-                            error: Some("this publisher holds no session for the consumer (it restarted, or the consumer was silent too long); the event will be delivered again".into()),
-                        },
+                        ToPublisher::Settle { tag, .. } => no_session(tag),
                         _ => ToConsumer::Gone,
                     };
                     self.reply(&identity, &reply);
@@ -238,7 +295,10 @@ impl Reader {
                     ToPublisher::Settle { tag, outcome } => Command::Settle { tag, outcome },
                     ToPublisher::Release { tag } => Command::Release { tag },
                     ToPublisher::Stop => Command::Stop,
-                    ToPublisher::Hello { .. } | ToPublisher::Bye => return,
+                    ToPublisher::Sync => Command::Sync,
+                    ToPublisher::Hello { .. } | ToPublisher::Bye | ToPublisher::Acks { .. } => {
+                        return;
+                    }
                 };
                 if session.commands.send(command).is_err() {
                     // The session ended by itself (its spool subscription failed).
@@ -264,6 +324,13 @@ impl Reader {
     }
 }
 
+fn no_session(tag: u64) -> ToConsumer {
+    ToConsumer::Settled {
+        tag,
+        error: Some("this publisher holds no session for the consumer (it restarted, or the consumer was silent too long); the event will be delivered again".into()),
+    }
+}
+
 /// One consumer's membership of one group: spool deliveries out, its
 /// settlements in.
 async fn session(
@@ -273,19 +340,23 @@ async fn session(
     out: Out,
     mut commands: mpsc::UnboundedReceiver<Command>,
     ack_timeout: Duration,
+    local: Arc<LocalSessions>,
 ) {
     let send = |message: ToConsumer| {
         let _ = out.send((identity.clone(), message.encode()));
     };
     let topic = Bytes::from(subscription.topic.clone());
-    let mut stream = match spool.subscribe(subscription).await {
-        Ok(stream) => Some(stream),
+    let stream: SharedStream = match spool.subscribe(subscription).await {
+        Ok(stream) => Arc::new(Mutex::new(Some(stream))),
         Err(e) => {
             send(ToConsumer::Refused(e.to_string()));
             return;
         }
     };
+    lock(&local.0).insert(identity.clone(), stream.clone());
     send(ToConsumer::Welcome);
+    let mut taking = true;
+    let mut settling = tokio::task::JoinSet::new();
     let mut held: HashMap<u64, (Settlement, Instant)> = HashMap::new();
     let mut next_tag: u64 = 1;
     let mut expiry = tokio::time::interval(ack_timeout.min(Duration::from_secs(1)));
@@ -294,16 +365,37 @@ async fn session(
         tokio::select! {
             command = commands.recv() => match command {
                 None => break,
-                Some(Command::Stop) => stream = None,
+                Some(Command::Stop) => {
+                    taking = false;
+                    drop(lock(&stream).take());
+                }
+                // What the consumer sent before is carried out once the
+                // settlements under way are.
+                Some(Command::Sync) => {
+                    while settling.join_next().await.is_some() {}
+                    send(ToConsumer::Synced);
+                }
                 Some(Command::Release { tag }) => drop(held.remove(&tag)),
                 Some(Command::Settle { tag, outcome }) => match held.remove(&tag) {
                     Some((settlement, _)) => {
                         let out = out.clone();
                         let identity = identity.clone();
-                        tokio::spawn(async move {
+                        // An ack is answered only when it failed: the
+                        // consumer does not wait for it (as with AMQP's
+                        // basic.ack), so a stream of acks costs no round trips.
+                        let answer = !matches!(outcome, eventos_core::Outcome::Ack);
+                        let settled = async move {
                             let error = settlement.settle(outcome).await.err().map(|e| e.to_string());
-                            let _ = out.send((identity, ToConsumer::Settled { tag, error }.encode()));
-                        });
+                            if answer || error.is_some() {
+                                let _ = out.send((identity, ToConsumer::Settled { tag, error }.encode()));
+                            }
+                        };
+                        // A spool that settles at once (memory) is not
+                        // worth a task; one that writes (the log) is.
+                        let mut settled = Box::pin(settled);
+                        if futures::FutureExt::now_or_never(&mut settled).is_none() {
+                            settling.spawn(settled);
+                        }
                     }
                     None => send(ToConsumer::Settled {
                         tag,
@@ -311,12 +403,12 @@ async fn session(
                     }),
                 },
             },
-            delivery = async {
-                match stream.as_mut() {
-                    Some(stream) => stream.next().await,
-                    None => std::future::pending().await,
-                }
-            }, if stream.is_some() => match delivery {
+            // Polled under its lock, which `LocalSessions::leave` takes to
+            // drop it; gone, it is never ready again.
+            delivery = std::future::poll_fn(|cx| match lock(&stream).as_mut() {
+                Some(stream) => stream.poll_next_unpin(cx),
+                None => Poll::Pending,
+            }), if taking => match delivery {
                 Some(Ok(delivery)) => {
                     let (event, info, settlement) = delivery.into_parts();
                     let tag = next_tag;
@@ -333,6 +425,7 @@ async fn session(
                 // The spool closed: the node is shutting down.
                 None => break,
             },
+            Some(_) = settling.join_next(), if !settling.is_empty() => {}
             _ = expiry.tick() => {
                 let before = held.len();
                 held.retain(|_, (_, since)| since.elapsed() < ack_timeout);
@@ -344,5 +437,13 @@ async fn session(
                 }
             }
         }
+    }
+    while settling.join_next().await.is_some() {}
+    let mut sessions = lock(&local.0);
+    if sessions
+        .get(&identity)
+        .is_some_and(|s| Arc::ptr_eq(s, &stream))
+    {
+        sessions.remove(&identity);
     }
 }

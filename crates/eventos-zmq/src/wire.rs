@@ -15,15 +15,19 @@
 //! | `$hello` `1` topic group `earliest`\|`latest` prefetch | join `group` on `topic`, at most `prefetch` unsettled |
 //! | `$ping` | I am alive (also keeps the session) |
 //! | `$settle` tag `ack` | done |
+//! | `$acks` tag… | done, for each of them |
 //! | `$settle` tag `retry` delay-ms | deliver again, no sooner |
 //! | `$settle` tag `dead` reason [error] | dead-letter it |
 //! | `$release` tag | put it back now (its handler was dropped) |
 //! | `$stop` | send no more; I settle what I hold |
+//! | `$sync` | answer `$synced` once what I sent before is carried out |
 //! | `$bye` | the session is over; what I hold goes back |
 //!
-//! Publisher → consumer: `$welcome`, `$refused` message, `$pong`, `$gone`
-//! (no session: say hello again), `$settled` tag [error], and deliveries
-//! `topic` `event-json` tag attempt.
+//! Publisher → consumer: `$welcome`, `$refused` message, `$pong`, `$synced`, `$gone`
+//! (no session: say hello again), `$settled` tag [error] (the answer to
+//! every retry and dead letter, and to an ack only when it failed: a
+//! consumer need not wait for its acks), and deliveries `topic`
+//! `event-json` tag attempt.
 
 use std::time::Duration;
 
@@ -49,10 +53,14 @@ pub(crate) enum ToPublisher {
         tag: u64,
         outcome: Outcome,
     },
+    Acks {
+        tags: Vec<u64>,
+    },
     Release {
         tag: u64,
     },
     Stop,
+    Sync,
     Bye,
 }
 
@@ -62,6 +70,7 @@ pub(crate) enum ToConsumer {
     Welcome,
     Refused(String),
     Pong,
+    Synced,
     Gone,
     Settled {
         tag: u64,
@@ -124,8 +133,12 @@ impl ToPublisher {
                 }
                 frames
             }
+            ToPublisher::Acks { tags } => std::iter::once(text("$acks"))
+                .chain(tags.iter().map(|tag| text(tag.to_string())))
+                .collect(),
             ToPublisher::Release { tag } => vec![text("$release"), text(tag.to_string())],
             ToPublisher::Stop => vec![text("$stop")],
+            ToPublisher::Sync => vec![text("$sync")],
             ToPublisher::Bye => vec![text("$bye")],
         };
         message(frames)
@@ -175,10 +188,16 @@ impl ToPublisher {
                 };
                 ToPublisher::Settle { tag, outcome }
             }
+            "$acks" => ToPublisher::Acks {
+                tags: (1..frames.len())
+                    .map(|i| number(arg(i, "tag")?, "tag"))
+                    .collect::<Result<_, _>>()?,
+            },
             "$release" => ToPublisher::Release {
                 tag: number(arg(1, "tag")?, "tag")?,
             },
             "$stop" => ToPublisher::Stop,
+            "$sync" => ToPublisher::Sync,
             "$bye" => ToPublisher::Bye,
             other => return Err(format!("unknown verb {other:?}")),
         })
@@ -191,6 +210,7 @@ impl ToConsumer {
             ToConsumer::Welcome => vec![text("$welcome")],
             ToConsumer::Refused(why) => vec![text("$refused"), text(why.clone())],
             ToConsumer::Pong => vec![text("$pong")],
+            ToConsumer::Synced => vec![text("$synced")],
             ToConsumer::Gone => vec![text("$gone")],
             ToConsumer::Settled { tag, error } => {
                 let mut frames = vec![text("$settled"), text(tag.to_string())];
@@ -219,6 +239,7 @@ impl ToConsumer {
             "$welcome" => ToConsumer::Welcome,
             "$refused" => ToConsumer::Refused(arg(1, "reason")?.to_owned()),
             "$pong" => ToConsumer::Pong,
+            "$synced" => ToConsumer::Synced,
             "$gone" => ToConsumer::Gone,
             "$settled" => ToConsumer::Settled {
                 tag: number(arg(1, "tag")?, "tag")?,
@@ -295,12 +316,17 @@ mod tests {
                 }),
             });
         }
+        round_trip_publisher(&ToPublisher::Acks {
+            tags: vec![4, 5, 6],
+        });
         round_trip_publisher(&ToPublisher::Release { tag: 3 });
         round_trip_publisher(&ToPublisher::Stop);
+        round_trip_publisher(&ToPublisher::Sync);
         round_trip_publisher(&ToPublisher::Bye);
         round_trip_consumer(&ToConsumer::Welcome);
         round_trip_consumer(&ToConsumer::Refused("bad group".into()));
         round_trip_consumer(&ToConsumer::Pong);
+        round_trip_consumer(&ToConsumer::Synced);
         round_trip_consumer(&ToConsumer::Gone);
         round_trip_consumer(&ToConsumer::Settled {
             tag: 1,
