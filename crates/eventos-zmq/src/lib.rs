@@ -26,6 +26,13 @@
 //! deliveries than that, so each settlement is one credit back. A slow
 //! consumer slows only itself.
 //!
+//! **Acks are not answered.** A consumer's ack is queued for its link and
+//! returns; acks that queue up leave together in one message, and the
+//! publisher answers one only if it failed (the event then comes again).
+//! Retries and dead letters wait for the publisher's answer. Closing a
+//! node first has each link's publisher confirm that what was settled
+//! before is carried out.
+//!
 //! **Liveness by heartbeat, not by TCP.** ZeroMQ hides connections, so a
 //! consumer pings every [`ZmqOptions::heartbeat`]; a publisher that hears
 //! nothing from it for [`ZmqOptions::peer_timeout`] drops its session, and
@@ -47,7 +54,14 @@
 //! [`ZmqOptions::peers`] (its own address by default), one link per
 //! publisher, so several publishers of a topic fan in and several
 //! consumers of a group compete. Per-key order and inspection hold per
-//! publisher: each spool orders and counts its own events.
+//! publisher: each spool orders and counts its own events. The reverse
+//! (publishers connecting to consumers that bind) is not built.
+//!
+//! **The pure-Rust `zeromq` library, with what it lacks done here.** It
+//! speaks ZMTP 3 to libzmq peers (the interop tests use pyzmq) and needs
+//! nothing installed, but its ROUTER and DEALER report no disconnections
+//! and a DEALER does not reconnect; the heartbeats above, and a fresh
+//! socket per reconnection, make up for both.
 //!
 //! [`ZmqEngine`] is its registry entry (`zmq://`, the `[zmq]` settings).
 //!
