@@ -181,6 +181,8 @@ impl Link {
             }
             match self.connection(socket, &mut queue, &stop, &closing).await {
                 End::Done => return,
+                // A stopped link does not join its group again.
+                End::Lost(_) if stop.is_cancelled() => return,
                 End::Lost(why) => {
                     tracing::warn!(endpoint = %self.endpoint, topic = %self.topic, group = %self.group, "{why}; connecting again");
                     backoff = self.timing.heartbeat;

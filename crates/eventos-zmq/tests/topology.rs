@@ -1,0 +1,107 @@
+//! Several publishers and several consumers of one topic, each a node of
+//! its own on 127.0.0.1: every group gets every event of every publisher,
+//! and the members of a group share them.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use eventos_core::{Event, Publisher as _, Subscriber as _, Subscription, Transport as _};
+use eventos_zmq::{ZmqOptions, ZmqTransport};
+use futures::StreamExt;
+
+const TOPIC: &str = "topology.orders";
+const PER_PUBLISHER: usize = 100;
+
+fn event(publisher: usize, n: usize) -> Event {
+    Event::builder(format!("/publisher/{publisher}"), "test.topology.order.v1")
+        .subject(format!("order-{publisher}-{n}"))
+        .json(&serde_json::json!({ "n": n }))
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+/// Acks and collects ids from `stream` until `want` ids are seen among
+/// `streams` together or the deadline passes.
+async fn drain(streams: &mut [eventos_core::DeliveryStream], want: usize) -> Vec<Vec<String>> {
+    let mut got = vec![Vec::new(); streams.len()];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.iter().map(Vec::len).sum::<usize>() < want && Instant::now() < deadline {
+        for (i, stream) in streams.iter_mut().enumerate() {
+            if let Ok(Some(Ok(delivery))) =
+                tokio::time::timeout(Duration::from_millis(20), stream.next()).await
+            {
+                got[i].push(delivery.event().id().to_owned());
+                delivery.ack().await.unwrap();
+            }
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_group_gets_every_publishers_events_and_members_share_them() {
+    let publishers = [
+        ZmqTransport::open(ZmqOptions::default()).await.unwrap(),
+        ZmqTransport::open(ZmqOptions::default()).await.unwrap(),
+    ];
+    let peers: Vec<String> = publishers
+        .iter()
+        .map(|p| p.endpoint().unwrap().to_owned())
+        .collect();
+    let consumer = |peers: Vec<String>| async move {
+        ZmqTransport::open(ZmqOptions {
+            bind: None,
+            peers,
+            ..ZmqOptions::default()
+        })
+        .await
+        .unwrap()
+    };
+    let (a, b, c) = (
+        consumer(peers.clone()).await,
+        consumer(peers.clone()).await,
+        consumer(peers).await,
+    );
+    // Group "billing" has two members in two nodes; "metrics" one.
+    let sub = |group: &str| Subscription::new(TOPIC, group).prefetch(8);
+    let mut billing = vec![
+        a.subscribe(sub("billing")).await.unwrap(),
+        b.subscribe(sub("billing")).await.unwrap(),
+    ];
+    let mut metrics = vec![c.subscribe(sub("metrics")).await.unwrap()];
+
+    let mut all = HashSet::new();
+    for (i, publisher) in publishers.iter().enumerate() {
+        let events: Vec<Event> = (0..PER_PUBLISHER).map(|n| event(i, n)).collect();
+        all.extend(events.iter().map(|e| e.id().to_owned()));
+        publisher.publish(TOPIC, events).await.unwrap();
+    }
+
+    let shared = drain(&mut billing, all.len()).await;
+    let alone = drain(&mut metrics, all.len()).await;
+    for (group, got) in [("billing", shared.concat()), ("metrics", alone.concat())] {
+        let seen: HashSet<String> = got.iter().cloned().collect();
+        assert_eq!(
+            seen, all,
+            "{group} did not get every event of both publishers"
+        );
+        assert_eq!(got.len(), all.len(), "{group} got duplicates");
+    }
+    assert!(
+        shared.iter().all(|member| !member.is_empty()),
+        "both members of billing took some: {} and {}",
+        shared[0].len(),
+        shared[1].len()
+    );
+    println!(
+        "2 publishers x {PER_PUBLISHER}: billing members took {} and {}, metrics {}",
+        shared[0].len(),
+        shared[1].len(),
+        alone[0].len()
+    );
+    drop((billing, metrics));
+    for node in [a, b, c].iter().chain(&publishers) {
+        node.close().await.unwrap();
+    }
+}
