@@ -107,8 +107,11 @@ Settings file (--config eventos.toml), every key optional, defaults shown:
                                     # unset: the topics' own names
 
   [zmq]                             # when transport is zmq://HOST:PORT: the
-                                    # address this process publishes from
-  peers = []                        # the publishers it consumes from, e.g.
+                                    # address this process binds
+  topology = \"publishers_bind\"     # it publishes from that address; or
+                                    # \"consumers_bind\": its consumers' hub
+  peers = []                        # the publishers it consumes from (or the
+                                    # hubs it publishes to), e.g.
                                     # [\"tcp://10.0.0.2:5560\"]; empty: itself
   spool = \"memory\"                  # or \"log\": unacked events on disk,
                                     # kept across a restart

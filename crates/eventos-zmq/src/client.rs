@@ -93,6 +93,96 @@ pub(crate) fn link(
     (join, identity, task)
 }
 
+/// Starts a link to the publisher that connected to this node's hub as
+/// `publisher` (consumers bind): one connection, over the hub's ROUTER;
+/// when the hub loses the publisher, the link ends, and the hub starts a
+/// new one when the publisher announces itself again.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn hub_link(
+    publisher: String,
+    subscription: &Subscription,
+    timing: Timing,
+    out: Out,
+    stop: CancellationToken,
+    closing: CancellationToken,
+    tx: Tx,
+    rx: Rx,
+) -> (watch::Receiver<Joined>, tokio::task::JoinHandle<()>) {
+    let (joined, join) = watch::channel(Joined::Waiting);
+    let (commands, mut queue) = mpsc::unbounded_channel();
+    let mut link = Link {
+        endpoint: publisher,
+        hello: ToPublisher::Hello {
+            version: VERSION.to_owned(),
+            topic: subscription.topic.clone(),
+            group: subscription.group.clone(),
+            start: subscription.start,
+            prefetch: subscription.prefetch,
+        },
+        topic: subscription.topic.as_str().into(),
+        group: subscription.group.as_str().into(),
+        timing,
+        out,
+        joined,
+        commands,
+        epoch: 1,
+        identity: Identity::default(),
+    };
+    let task = tokio::spawn(async move {
+        if let End::Lost(why) = link.connection(tx, rx, &mut queue, &stop, &closing).await {
+            tracing::info!(publisher = %link.endpoint, topic = %link.topic, group = %link.group, "{why}");
+        }
+    });
+    (join, task)
+}
+
+/// The sending half a link talks over.
+pub(crate) enum Tx {
+    /// Its own DEALER, connected to the publisher.
+    Dealer(zeromq::DealerSendHalf),
+    /// The hub's ROUTER: every message goes out with these frames first
+    /// (the publisher's identity, the subscription's id).
+    Hub {
+        to: mpsc::UnboundedSender<zeromq::ZmqMessage>,
+        prefix: Vec<Bytes>,
+    },
+}
+
+impl Tx {
+    async fn send(&mut self, message: zeromq::ZmqMessage) -> Result<(), String> {
+        match self {
+            Tx::Dealer(tx) => tx.send(message).await.map_err(|e| e.to_string()),
+            Tx::Hub { to, prefix } => {
+                let mut message = message;
+                for frame in prefix.iter().rev() {
+                    message.push_front(frame.clone());
+                }
+                to.send(message).map_err(|_| "the hub is closed".to_owned())
+            }
+        }
+    }
+}
+
+/// The receiving half a link talks over.
+pub(crate) enum Rx {
+    Dealer(zeromq::DealerRecvHalf),
+    /// What the hub routed to this link; ends when the hub loses the
+    /// publisher.
+    Hub(mpsc::UnboundedReceiver<zeromq::ZmqMessage>),
+}
+
+impl Rx {
+    async fn recv(&mut self) -> Result<zeromq::ZmqMessage, String> {
+        match self {
+            Rx::Dealer(rx) => rx.recv().await.map_err(|e| e.to_string()),
+            Rx::Hub(rx) => rx
+                .recv()
+                .await
+                .ok_or_else(|| "the hub lost the publisher".to_owned()),
+        }
+    }
+}
+
 /// The socket identity of a link's current connection, which the
 /// publisher's ROUTER knows it by.
 pub(crate) type Identity = Arc<Mutex<Option<Bytes>>>;
@@ -179,7 +269,9 @@ impl Link {
                 backoff = (backoff * 2).min(self.timing.peer_timeout);
                 continue;
             }
-            match self.connection(socket, &mut queue, &stop, &closing).await {
+            let (tx, rx) = socket.split();
+            let (tx, rx) = (Tx::Dealer(tx), Rx::Dealer(rx));
+            match self.connection(tx, rx, &mut queue, &stop, &closing).await {
                 End::Done => return,
                 // A stopped link does not join its group again.
                 End::Lost(_) if stop.is_cancelled() => return,
@@ -194,13 +286,13 @@ impl Link {
 
     async fn connection(
         &mut self,
-        socket: DealerSocket,
+        mut tx: Tx,
+        mut rx: Rx,
         queue: &mut mpsc::UnboundedReceiver<Command>,
         stop: &CancellationToken,
         closing: &CancellationToken,
     ) -> End {
         let epoch = self.epoch;
-        let (mut tx, mut rx) = socket.split();
         if let Err(e) = tx.send(self.hello.encode()).await {
             return End::Lost(format!("saying hello failed: {e}"));
         }
@@ -353,7 +445,7 @@ impl Link {
         attempt: u32,
         json: &[u8],
         outstanding: &mut HashSet<u64>,
-        tx: &mut zeromq::DealerSendHalf,
+        tx: &mut Tx,
     ) {
         let event = match Event::from_json(json) {
             Ok(event) => event,
@@ -454,11 +546,16 @@ pub(crate) struct Deliveries {
     /// This node's own sessions and the identities of the links to it:
     /// dropped, they leave at once.
     pub(crate) local: Option<(Arc<LocalSessions>, Vec<Identity>)>,
+    /// Run when dropped (the hub forgets the subscription).
+    pub(crate) on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
     pub(crate) _stop: DropGuard,
 }
 
 impl Drop for Deliveries {
     fn drop(&mut self) {
+        if let Some(on_drop) = self.on_drop.take() {
+            on_drop();
+        }
         if let Some((sessions, identities)) = &self.local {
             for identity in identities {
                 let current = lock(identity).clone();

@@ -10,7 +10,7 @@ use eventos_kit::{Engine, OpenError, Opened, Target};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use crate::{Spool, ZmqOptions, ZmqTransport};
+use crate::{Spool, Topology, ZmqOptions, ZmqTransport};
 
 /// Which spool `[zmq] spool` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -28,8 +28,14 @@ pub enum SpoolKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ZmqSection {
-    /// The publishers this node's subscriptions connect to
-    /// (`tcp://HOST:PORT`); empty: its own address only.
+    /// `publishers_bind` (the URL's address is where this node publishes
+    /// from; `peers` are the publishers it consumes from) or
+    /// `consumers_bind` (the URL's address is this node's hub, where its
+    /// subscriptions consume; `peers` are the hubs it publishes to).
+    pub topology: Topology,
+    /// The publishers this node's subscriptions connect to, or the hubs
+    /// its publisher connects to (`tcp://HOST:PORT`); empty: its own
+    /// address only.
     pub peers: Vec<String>,
     /// Where unacked events wait: `memory` or `log`.
     pub spool: SpoolKind,
@@ -51,6 +57,7 @@ impl Default for ZmqSection {
         let options = ZmqOptions::default();
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         Self {
+            topology: Topology::PublishersBind,
             peers: Vec::new(),
             spool: SpoolKind::Memory,
             spool_dir: None,
@@ -84,6 +91,7 @@ impl ZmqSection {
     /// spool under `data_dir` unless `spool_dir` says where.
     pub fn options(self, bind: Option<String>, data_dir: &std::path::Path) -> ZmqOptions {
         ZmqOptions {
+            topology: self.topology,
             bind,
             peers: self.peers,
             spool: match self.spool {
@@ -154,7 +162,12 @@ impl Engine for ZmqEngine {
 
     fn describe(&self, target: &Target<'_>) -> String {
         match bind_of(target.url) {
-            Ok(Some(bind)) => format!("ZeroMQ node publishing from {bind}"),
+            Ok(Some(bind)) => match ZmqSection::from_value(target.options).map(|s| s.topology) {
+                Ok(Topology::ConsumersBind) => {
+                    format!("ZeroMQ node consuming through its hub at {bind}")
+                }
+                _ => format!("ZeroMQ node publishing from {bind}"),
+            },
             _ => "ZeroMQ node (consuming only)".to_owned(),
         }
     }

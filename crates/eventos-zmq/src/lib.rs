@@ -49,13 +49,18 @@
 //! decimal. Control messages begin with a `$` verb (the `wire` module's
 //! table). A pyzmq DEALER speaks the protocol in a dozen lines.
 //!
-//! **Topology.** Publishers bind, consumers connect: a node binds
-//! [`ZmqOptions::bind`] and subscriptions connect to every endpoint of
-//! [`ZmqOptions::peers`] (its own address by default), one link per
-//! publisher, so several publishers of a topic fan in and several
-//! consumers of a group compete. Per-key order and inspection hold per
-//! publisher: each spool orders and counts its own events. The reverse
-//! (publishers connecting to consumers that bind) is not built.
+//! **Topology, either way round.** By default publishers bind, consumers
+//! connect: a node binds [`ZmqOptions::bind`] and subscriptions connect to
+//! every endpoint of [`ZmqOptions::peers`] (its own address by default),
+//! one link per publisher, so several publishers of a topic fan in and
+//! several consumers of a group compete. With
+//! [`Topology::ConsumersBind`] a node binds a hub for its consumers and
+//! its publisher connects to the hubs in `peers` and announces itself;
+//! each hub then runs its subscriptions' links over that connection, the
+//! same protocol with the subscription's id in front (the `hub` module),
+//! so short-lived or firewalled publishers need only know where the
+//! consumers are. Per-key order and inspection hold per publisher: each
+//! spool orders and counts its own events.
 //!
 //! **The pure-Rust `zeromq` library, with what it lacks done here.** It
 //! speaks ZMTP 3 to libzmq peers (the interop tests use pyzmq) and needs
@@ -69,6 +74,7 @@
 
 mod client;
 mod engine;
+mod hub;
 mod server;
 mod wire;
 
@@ -101,16 +107,33 @@ pub enum Spool {
     Log(PathBuf),
 }
 
+/// Which side binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Topology {
+    /// Publishers bind; subscriptions connect to the `peers`, the
+    /// publishers.
+    #[default]
+    PublishersBind,
+    /// Consumers bind (a hub per node); the node's publisher connects to
+    /// the `peers`, the consumers' hubs, and announces itself.
+    ConsumersBind,
+}
+
 /// The node's addresses and timings. `..ZmqOptions::default()` fills in
 /// the rest.
 #[derive(Debug, Clone)]
 pub struct ZmqOptions {
-    /// The ZeroMQ endpoint this node's ROUTER binds and publishes from
-    /// (`tcp://127.0.0.1:5560`; port 0 picks a free one). `None`: a node
-    /// that only consumes.
+    /// Which side binds.
+    pub topology: Topology,
+    /// The ZeroMQ endpoint this node binds (`tcp://127.0.0.1:5560`; port 0
+    /// picks a free one): the ROUTER it publishes from, or with
+    /// [`Topology::ConsumersBind`] the hub its subscriptions consume
+    /// through. `None`: a node that only consumes (only publishes).
     pub bind: Option<String>,
-    /// The publishers subscriptions connect to. Empty: this node's own
-    /// bound endpoint.
+    /// The publishers subscriptions connect to, or with
+    /// [`Topology::ConsumersBind`] the hubs its publisher connects to.
+    /// Empty: this node's own bound endpoint.
     pub peers: Vec<String>,
     /// Where published events wait for their consumers.
     pub spool: Spool,
@@ -129,6 +152,7 @@ pub struct ZmqOptions {
 impl Default for ZmqOptions {
     fn default() -> Self {
         Self {
+            topology: Topology::PublishersBind,
             bind: Some("tcp://127.0.0.1:0".to_owned()),
             peers: Vec::new(),
             spool: Spool::Memory,
@@ -158,6 +182,7 @@ pub struct ZmqTransport {
 struct Shared {
     spool: Arc<dyn Transport>,
     server: Mutex<Option<server::Server>>,
+    hub: Option<Arc<hub::Hub>>,
     endpoint: Option<String>,
     peers: Vec<String>,
     timing: Timing,
@@ -168,6 +193,13 @@ struct Shared {
     lifecycle: Lifecycle,
     links: CancellationToken,
     link_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    topology: Topology,
+}
+
+impl Shared {
+    fn topology_reverse(&self) -> bool {
+        self.topology == Topology::ConsumersBind
+    }
 }
 
 impl std::fmt::Debug for ZmqTransport {
@@ -236,36 +268,73 @@ impl ZmqTransport {
             peer_timeout: options.peer_timeout.max(options.heartbeat * 2),
             ack_timeout: options.ack_timeout.max(Duration::from_millis(100)),
         };
-        let server = match &options.bind {
-            Some(bind) => {
-                check_endpoint("bind address", bind)?;
-                Some(server::Server::bind(spool.clone(), bind, timing).await?)
-            }
-            None => None,
-        };
-        let endpoint = server.as_ref().map(|s| s.endpoint().to_owned());
-        let peers = if options.peers.is_empty() {
-            endpoint.iter().cloned().collect()
-        } else {
-            options.peers.clone()
-        };
-        if peers.is_empty() {
-            return Err(invalid(
-                "a ZeroMQ node that binds nothing must name the publishers it consumes from (peers)",
-            ));
+        for endpoint in options.bind.iter() {
+            check_endpoint("bind address", endpoint)?;
         }
+        let links = CancellationToken::new();
+        let (server, hub, endpoint, peers) = match options.topology {
+            Topology::PublishersBind => {
+                let server = match &options.bind {
+                    Some(bind) => Some(server::Server::bind(spool.clone(), bind, timing).await?),
+                    None => None,
+                };
+                let endpoint = server.as_ref().map(|s| s.endpoint().to_owned());
+                let peers = if options.peers.is_empty() {
+                    endpoint.iter().cloned().collect()
+                } else {
+                    options.peers.clone()
+                };
+                if peers.is_empty() {
+                    return Err(invalid(
+                        "a ZeroMQ node that binds nothing must name the publishers it consumes from (peers)",
+                    ));
+                }
+                (server, None, endpoint, peers)
+            }
+            Topology::ConsumersBind => {
+                let hub = match &options.bind {
+                    Some(bind) => {
+                        Some(Arc::new(hub::Hub::bind(bind, timing, links.clone()).await?))
+                    }
+                    None => None,
+                };
+                let endpoint = hub.as_ref().map(|h| h.endpoint().to_owned());
+                let peers = if options.peers.is_empty() {
+                    endpoint.iter().cloned().collect()
+                } else {
+                    options.peers.clone()
+                };
+                if peers.is_empty() {
+                    return Err(invalid(
+                        "a ZeroMQ node that binds no hub must name the consumers' hubs it publishes to (peers)",
+                    ));
+                }
+                let server = server::Server::connect(spool.clone(), &peers, timing);
+                // Its own publisher announced at its own hub before the first
+                // subscription, so that one reaches it.
+                if let (Some(hub), Some(own)) = (&hub, &endpoint)
+                    && peers.contains(own)
+                {
+                    let _ = tokio::time::timeout(options.join_timeout, hub.publishers_at_least(1))
+                        .await;
+                }
+                (Some(server), hub, endpoint, peers)
+            }
+        };
         Ok(Self {
             shared: Arc::new(Shared {
                 spool,
                 server: Mutex::new(server),
+                hub,
                 endpoint,
                 peers,
                 timing,
                 join_timeout: options.join_timeout,
                 unreachable: Mutex::new(HashSet::new()),
                 lifecycle: Lifecycle::new(),
-                links: CancellationToken::new(),
+                links,
                 link_tasks: Mutex::new(Vec::new()),
+                topology: options.topology,
             }),
         })
     }
@@ -289,7 +358,7 @@ impl Publisher for ZmqTransport {
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
             self.shared.lifecycle.check_open()?;
-            if self.shared.endpoint.is_none() {
+            if lock(&self.shared.server).is_none() {
                 return Err(TransportError::new(
                     TransportErrorKind::Unsupported,
                     "this ZeroMQ node binds no endpoint, so no consumer could fetch what it publishes: set [zmq] bind",
@@ -309,6 +378,46 @@ impl Subscriber for ZmqTransport {
             self.shared.lifecycle.check_subscribe(&subscription)?;
             let stop = self.shared.links.child_token();
             let (out, receiver) = tokio::sync::mpsc::unbounded_channel();
+            let local = lock(&self.shared.server)
+                .as_ref()
+                .map(server::Server::local);
+            if let Some(hub) = &self.shared.hub {
+                let (id, joins) = hub.subscribe(subscription.clone(), out, stop.clone());
+                // This node's own publisher knows the subscription by the
+                // index of this hub among its peers and the id.
+                let own: Vec<client::Identity> = self
+                    .shared
+                    .peers
+                    .iter()
+                    .position(|peer| self.shared.endpoint.as_ref() == Some(peer))
+                    .and_then(|index| u8::try_from(index).ok())
+                    .map(|index| {
+                        let mut identity = vec![index];
+                        identity.extend_from_slice(id.to_string().as_bytes());
+                        Arc::new(Mutex::new(Some(bytes::Bytes::from(identity))))
+                    })
+                    .into_iter()
+                    .collect();
+                let hub = Arc::downgrade(hub);
+                let stream = client::Deliveries {
+                    receiver,
+                    local: local.map(|sessions| (sessions, own)),
+                    on_drop: Some(Box::new(move || {
+                        if let Some(hub) = hub.upgrade() {
+                            hub.unsubscribe(id);
+                        }
+                    })),
+                    _stop: stop.drop_guard(),
+                };
+                self.wait_joins(joins, &subscription).await?;
+                return Ok(Box::pin(stream) as DeliveryStream);
+            }
+            if self.shared.topology_reverse() {
+                return Err(TransportError::new(
+                    TransportErrorKind::Unsupported,
+                    "with consumers binding, a ZeroMQ node consumes through the hub it binds: set [zmq] bind",
+                ));
+            }
             let mut own = Vec::new();
             let joins: Vec<_> = self
                 .shared
@@ -333,14 +442,26 @@ impl Subscriber for ZmqTransport {
                 })
                 .collect();
             drop(out);
-            let local = lock(&self.shared.server)
-                .as_ref()
-                .map(server::Server::local);
             let stream = client::Deliveries {
                 receiver,
                 local: local.map(|sessions| (sessions, own)),
+                on_drop: None,
                 _stop: stop.drop_guard(),
             };
+            self.wait_joins(joins, &subscription).await?;
+            Ok(Box::pin(stream) as DeliveryStream)
+        })
+    }
+}
+
+impl ZmqTransport {
+    /// Waits for the welcome of every link, at once.
+    async fn wait_joins(
+        &self,
+        joins: Vec<(String, tokio::sync::watch::Receiver<client::Joined>)>,
+        subscription: &Subscription,
+    ) -> Result<(), TransportError> {
+        {
             // Every publisher is waited for at once, so one that is down
             // costs one join timeout, not one per publisher.
             let waits = joins.into_iter().map(|(peer, mut join)| {
@@ -384,8 +505,8 @@ impl Subscriber for ZmqTransport {
                     }
                 }
             }
-            Ok(Box::pin(stream) as DeliveryStream)
-        })
+            Ok(())
+        }
     }
 }
 
@@ -409,9 +530,15 @@ impl Transport for ZmqTransport {
             // Links first: each has its publisher carry out what it settled
             // (a bounded wait), so an ack before close is never lost here.
             self.shared.links.cancel();
-            let tasks = std::mem::take(&mut *lock(&self.shared.link_tasks));
+            let mut tasks = std::mem::take(&mut *lock(&self.shared.link_tasks));
+            if let Some(hub) = &self.shared.hub {
+                tasks.extend(hub.take_tasks());
+            }
             let _ = tokio::time::timeout(CLOSE_LINKS, futures::future::join_all(tasks)).await;
             drop(lock(&self.shared.server).take());
+            if let Some(hub) = &self.shared.hub {
+                hub.shutdown();
+            }
             self.shared.spool.close().await
         })
     }

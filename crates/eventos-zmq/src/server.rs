@@ -83,27 +83,102 @@ impl Server {
             )
         })?;
         let endpoint = bound.to_string();
-        let (send, recv) = socket.split();
+        let (send, mut recv) = socket.split();
         let stop = CancellationToken::new();
         let (out, outgoing) = mpsc::unbounded_channel();
-        let local = Arc::new(LocalSessions::default());
+        let (incoming, messages) = mpsc::unbounded_channel();
         tokio::spawn(write(send, outgoing, stop.clone()));
+        let pump = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = pump.cancelled() => return,
+                    message = recv.recv() => match message {
+                        Ok(message) => {
+                            if incoming.send(message).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "ZeroMQ receive failed");
+                            tokio::time::sleep(timing.heartbeat).await;
+                        }
+                    },
+                }
+            }
+        });
+        Ok(Self::serve(spool, endpoint, timing, out, messages, stop))
+    }
+
+    /// Connects to the hubs of consumers that bind, one DEALER each, and
+    /// serves `spool` to the consumers behind them, exactly as a bound
+    /// ROUTER serves its own: a message from hub `i` for subscription `s`
+    /// is a session's message from identity `[i] ++ s`.
+    pub(crate) fn connect(spool: Arc<dyn Transport>, hubs: &[String], timing: Timing) -> Self {
+        let stop = CancellationToken::new();
+        let (out, mut outgoing) = mpsc::unbounded_channel::<(Bytes, ZmqMessage)>();
+        let (incoming, messages) = mpsc::unbounded_channel();
+        let mut to_hubs = Vec::new();
+        for (index, hub) in hubs.iter().enumerate() {
+            let (to_hub, from_server) = mpsc::unbounded_channel();
+            to_hubs.push(to_hub);
+            let index = u8::try_from(index).unwrap_or(u8::MAX);
+            tokio::spawn(crate::hub::announce(
+                index,
+                hub.clone(),
+                incoming.clone(),
+                from_server,
+                timing,
+                stop.clone(),
+            ));
+        }
+        drop(incoming);
+        let writer = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (identity, mut message) = tokio::select! {
+                    () = writer.cancelled() => return,
+                    next = outgoing.recv() => match next {
+                        Some(next) => next,
+                        None => return,
+                    },
+                };
+                let Some((&index, subscription)) = identity.split_first() else {
+                    continue;
+                };
+                message.push_front(Bytes::copy_from_slice(subscription));
+                if let Some(to_hub) = to_hubs.get(usize::from(index)) {
+                    let _ = to_hub.send(message);
+                }
+            }
+        });
+        Self::serve(spool, hubs.join(", "), timing, out, messages, stop)
+    }
+
+    fn serve(
+        spool: Arc<dyn Transport>,
+        endpoint: String,
+        timing: Timing,
+        out: Out,
+        messages: mpsc::UnboundedReceiver<ZmqMessage>,
+        stop: CancellationToken,
+    ) -> Self {
+        let local = Arc::new(LocalSessions::default());
         tokio::spawn(
             Reader {
                 spool,
                 out,
                 timing,
                 sessions: HashMap::new(),
-                endpoint: endpoint.clone(),
                 local: local.clone(),
             }
-            .run(recv, stop.clone()),
+            .run(messages, stop.clone()),
         );
-        Ok(Self {
+        Self {
             endpoint,
             stop,
             local,
-        })
+        }
     }
 
     /// The sessions of consumers, for the ones in this process to leave.
@@ -111,7 +186,8 @@ impl Server {
         self.local.clone()
     }
 
-    /// The endpoint as bound, its port resolved: `tcp://127.0.0.1:40123`.
+    /// The endpoint as bound, its port resolved: `tcp://127.0.0.1:40123`
+    /// (or the hubs it connects to).
     pub(crate) fn endpoint(&self) -> &str {
         &self.endpoint
     }
@@ -169,23 +245,24 @@ struct Reader {
     out: Out,
     timing: Timing,
     sessions: HashMap<Bytes, SessionHandle>,
-    endpoint: String,
     local: Arc<LocalSessions>,
 }
 
 impl Reader {
-    async fn run(mut self, mut recv: zeromq::RouterRecvHalf, stop: CancellationToken) {
+    /// Reads `[identity, verb, …]` messages, as a ROUTER receives them.
+    async fn run(
+        mut self,
+        mut messages: mpsc::UnboundedReceiver<ZmqMessage>,
+        stop: CancellationToken,
+    ) {
         let mut sweep = tokio::time::interval(self.timing.heartbeat);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
-                message = recv.recv() => match message {
-                    Ok(message) => self.handle(message),
-                    Err(e) => {
-                        tracing::warn!(endpoint = %self.endpoint, error = %e, "ZeroMQ receive failed");
-                        tokio::time::sleep(self.timing.heartbeat).await;
-                    }
+                message = messages.recv() => match message {
+                    Some(message) => self.handle(message),
+                    None => break,
                 },
                 _ = sweep.tick() => self.sweep(),
             }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eventos_core::{Event, Publisher, Subscriber, Subscription, Transport};
-use eventos_zmq::{Spool, ZmqOptions, ZmqTransport};
+use eventos_zmq::{Spool, Topology, ZmqOptions, ZmqTransport};
 use futures::StreamExt;
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -139,11 +139,21 @@ impl Drop for Kid {
 /// Child: joins the group at the publisher `EVENTOS_ZMQ_PEER` and holds
 /// every delivery without settling it.
 fn hold() {
-    let peer = std::env::var("EVENTOS_ZMQ_PEER").expect("EVENTOS_ZMQ_PEER");
     runtime().block_on(async move {
-        let node = ZmqTransport::open(options(None, vec![peer], Spool::Memory))
-            .await
-            .expect("a consuming node");
+        // Either it connects to the publisher, or (consumers binding) it
+        // binds a hub the publisher connects to.
+        let node = match std::env::var("EVENTOS_ZMQ_PEER") {
+            Ok(peer) => ZmqTransport::open(options(None, vec![peer], Spool::Memory)).await,
+            Err(_) => {
+                let hub = std::env::var("EVENTOS_ZMQ_BIND").expect("EVENTOS_ZMQ_BIND");
+                ZmqTransport::open(ZmqOptions {
+                    topology: Topology::ConsumersBind,
+                    ..options(Some(hub), Vec::new(), Spool::Memory)
+                })
+                .await
+            }
+        }
+        .expect("a consuming node");
         let mut stream = node
             .subscribe(Subscription::new(TOPIC, GROUP).prefetch(50))
             .await
@@ -233,23 +243,64 @@ fn duplicates(got: &[String]) -> usize {
 }
 
 fn killed_consumer_work_goes_to_another() -> Result<(), Failed> {
+    killed_consumer(false)
+}
+
+fn killed_consumer_work_goes_to_another_with_consumers_binding() -> Result<(), Failed> {
+    killed_consumer(true)
+}
+
+/// Waits until `group` exists at `publisher` (a hello reached it).
+async fn until_group(publisher: &ZmqTransport, group: &str) -> Result<(), Failed> {
+    let deadline = Instant::now() + DEADLINE;
+    while publisher.group_counts(TOPIC, group).await?.is_none() {
+        if Instant::now() > deadline {
+            return Err(format!("{group} never joined at the publisher").into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+fn killed_consumer(consumers_bind: bool) -> Result<(), Failed> {
     runtime().block_on(async {
-        let publisher = ZmqTransport::open(options(
-            Some("tcp://127.0.0.1:0".into()),
-            Vec::new(),
-            Spool::Memory,
-        ))
-        .await?;
-        let endpoint = publisher.endpoint().expect("bound").to_owned();
-        let mut holder = Kid::spawn("hold", &[("EVENTOS_ZMQ_PEER", endpoint.clone())]);
+        let (publisher, mut holder, survivor) = if consumers_bind {
+            // The holder and the survivor bind hubs; the publisher connects
+            // to both.
+            let holder_hub = format!("tcp://127.0.0.1:{}", free_port());
+            let holder = Kid::spawn("hold", &[("EVENTOS_ZMQ_BIND", holder_hub.clone())]);
+            let survivor = ZmqTransport::open(ZmqOptions {
+                topology: Topology::ConsumersBind,
+                ..options(Some("tcp://127.0.0.1:0".into()), Vec::new(), Spool::Memory)
+            })
+            .await?;
+            let survivor_hub = survivor.endpoint().expect("bound").to_owned();
+            let publisher = ZmqTransport::open(ZmqOptions {
+                topology: Topology::ConsumersBind,
+                ..options(None, vec![holder_hub, survivor_hub], Spool::Memory)
+            })
+            .await?;
+            (publisher, holder, survivor)
+        } else {
+            let publisher = ZmqTransport::open(options(
+                Some("tcp://127.0.0.1:0".into()),
+                Vec::new(),
+                Spool::Memory,
+            ))
+            .await?;
+            let endpoint = publisher.endpoint().expect("bound").to_owned();
+            let holder = Kid::spawn("hold", &[("EVENTOS_ZMQ_PEER", endpoint.clone())]);
+            let survivor = ZmqTransport::open(options(None, vec![endpoint], Spool::Memory)).await?;
+            (publisher, holder, survivor)
+        };
         holder.wait_for("the holder joining", "joined", 1).await?;
+        until_group(&publisher, GROUP).await?;
 
         let first: Vec<Event> = (0..50).map(event).collect();
         let mut all: HashSet<String> = first.iter().map(|e| e.id().to_owned()).collect();
         publisher.publish(TOPIC, first).await?;
         holder.wait_for("the holder taking its prefetch", "held ", 50).await?;
 
-        let survivor = ZmqTransport::open(options(None, vec![endpoint], Spool::Memory)).await?;
         let stream = survivor
             .subscribe(Subscription::new(TOPIC, GROUP).prefetch(50))
             .await?;
@@ -265,7 +316,8 @@ fn killed_consumer_work_goes_to_another() -> Result<(), Failed> {
         let seen: HashSet<&String> = got.iter().collect();
         let redelivered = held.iter().filter(|id| seen.contains(id)).count();
         println!(
-            "zmq consumer kill -9: published {}, held by the killed consumer {}, redelivered to the survivor {redelivered}, lost 0, duplicates {}",
+            "zmq consumer kill -9 ({}): published {}, held by the killed consumer {}, redelivered to the survivor {redelivered}, lost 0, duplicates {}",
+            if consumers_bind { "consumers bind" } else { "publishers bind" },
             all.len(),
             held.len(),
             duplicates(&got)
@@ -350,6 +402,10 @@ fn main() -> std::process::ExitCode {
         Trial::test(
             "killed_consumer_work_goes_to_another",
             killed_consumer_work_goes_to_another,
+        ),
+        Trial::test(
+            "killed_consumer_work_goes_to_another_with_consumers_binding",
+            killed_consumer_work_goes_to_another_with_consumers_binding,
         ),
         Trial::test(
             "killed_log_publisher_loses_nothing_it_acked",

@@ -105,3 +105,91 @@ async fn every_group_gets_every_publishers_events_and_members_share_them() {
         node.close().await.unwrap();
     }
 }
+
+/// Waits until `group` exists in the spool of `publisher` (its consumers'
+/// hellos arrived), so what it publishes next reaches the group.
+async fn until_group(publisher: &ZmqTransport, group: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while publisher
+        .group_counts(TOPIC, group)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{group} never joined at a publisher"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_consumers_binding_publishers_that_connect_reach_every_group() {
+    use eventos_zmq::Topology;
+    let hub = || async {
+        ZmqTransport::open(ZmqOptions {
+            topology: Topology::ConsumersBind,
+            ..ZmqOptions::default()
+        })
+        .await
+        .unwrap()
+    };
+    let (a, b, c) = (hub().await, hub().await, hub().await);
+    let hubs: Vec<String> = [&a, &b, &c]
+        .iter()
+        .map(|node| node.endpoint().unwrap().to_owned())
+        .collect();
+    let sub = |group: &str| Subscription::new(TOPIC, group).prefetch(8);
+    let mut billing = vec![
+        a.subscribe(sub("billing")).await.unwrap(),
+        b.subscribe(sub("billing")).await.unwrap(),
+    ];
+    let mut metrics = vec![c.subscribe(sub("metrics")).await.unwrap()];
+    // Publishers that bind nothing: they connect to the hubs.
+    let publisher = || async {
+        ZmqTransport::open(ZmqOptions {
+            topology: Topology::ConsumersBind,
+            bind: None,
+            peers: hubs.clone(),
+            ..ZmqOptions::default()
+        })
+        .await
+        .unwrap()
+    };
+    let publishers = [publisher().await, publisher().await];
+    let mut all = HashSet::new();
+    for (i, node) in publishers.iter().enumerate() {
+        until_group(node, "billing").await;
+        until_group(node, "metrics").await;
+        let events: Vec<Event> = (0..PER_PUBLISHER).map(|n| event(i, n)).collect();
+        all.extend(events.iter().map(|e| e.id().to_owned()));
+        node.publish(TOPIC, events).await.unwrap();
+    }
+    let shared = drain(&mut billing, all.len()).await;
+    let alone = drain(&mut metrics, all.len()).await;
+    for (group, got) in [("billing", shared.concat()), ("metrics", alone.concat())] {
+        let seen: HashSet<String> = got.iter().cloned().collect();
+        assert_eq!(
+            seen, all,
+            "{group} did not get every event of both publishers"
+        );
+        assert_eq!(got.len(), all.len(), "{group} got duplicates");
+    }
+    assert!(
+        shared.iter().all(|member| !member.is_empty()),
+        "both members of billing took some: {} and {}",
+        shared[0].len(),
+        shared[1].len()
+    );
+    println!(
+        "consumers binding, 2 connecting publishers x {PER_PUBLISHER}: billing members took {} and {}, metrics {}",
+        shared[0].len(),
+        shared[1].len(),
+        alone[0].len()
+    );
+    drop((billing, metrics));
+    for node in [a, b, c].iter().chain(&publishers) {
+        node.close().await.unwrap();
+    }
+}

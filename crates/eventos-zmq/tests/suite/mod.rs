@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use eventos_conformance::{Harness, run};
 use eventos_core::Transport;
-use eventos_zmq::{Spool, ZmqOptions, ZmqTransport};
+use eventos_zmq::{Spool, Topology, ZmqOptions, ZmqTransport};
 use futures::future::BoxFuture;
 
 /// Which spool the run's nodes keep (each test target names one).
@@ -19,6 +19,9 @@ use futures::future::BoxFuture;
 pub(crate) enum SpoolKind {
     Memory,
     Log,
+    /// The memory spool, consumers binding: the node's publisher connects
+    /// to its own hub.
+    MemoryConsumersBind,
 }
 
 struct Zmq {
@@ -29,9 +32,10 @@ struct Zmq {
     dirs: Arc<Mutex<HashMap<usize, PathBuf>>>,
 }
 
-fn options(spool: Spool) -> ZmqOptions {
+fn options(spool: Spool, topology: Topology) -> ZmqOptions {
     ZmqOptions {
         spool,
+        topology,
         // Short, so the cases that drop a member see its work come back
         // within their deadlines.
         heartbeat: Duration::from_millis(100),
@@ -40,8 +44,8 @@ fn options(spool: Spool) -> ZmqOptions {
     }
 }
 
-async fn open_at(spool: Spool) -> Arc<dyn Transport> {
-    let transport = ZmqTransport::open(options(spool))
+async fn open_at(spool: Spool, topology: Topology) -> Arc<dyn Transport> {
+    let transport = ZmqTransport::open(options(spool, topology))
         .await
         .unwrap_or_else(|e| panic!("cannot open a ZeroMQ node on 127.0.0.1: {e}"));
     Arc::new(transport)
@@ -56,6 +60,7 @@ impl Harness for Zmq {
         match self.spool {
             SpoolKind::Memory => "zmq",
             SpoolKind::Log => "zmq-log",
+            SpoolKind::MemoryConsumersBind => "zmq-consumers-bind",
         }
     }
 
@@ -68,9 +73,13 @@ impl Harness for Zmq {
         let dirs = self.dirs.clone();
         Box::pin(async move {
             match spool {
-                SpoolKind::Memory => open_at(Spool::Memory).await,
+                SpoolKind::Memory => open_at(Spool::Memory, Topology::PublishersBind).await,
+                SpoolKind::MemoryConsumersBind => {
+                    open_at(Spool::Memory, Topology::ConsumersBind).await
+                }
                 SpoolKind::Log => {
-                    let transport = open_at(Spool::Log(dir.clone())).await;
+                    let transport =
+                        open_at(Spool::Log(dir.clone()), Topology::PublishersBind).await;
                     dirs.lock().unwrap().insert(key(&transport), dir);
                     transport
                 }
@@ -84,7 +93,7 @@ impl Harness for Zmq {
         match dir {
             None => self.open(),
             Some(dir) => Box::pin(async move {
-                let transport = open_at(Spool::Log(dir.clone())).await;
+                let transport = open_at(Spool::Log(dir.clone()), Topology::PublishersBind).await;
                 dirs.lock().unwrap().insert(key(&transport), dir);
                 transport
             }),
