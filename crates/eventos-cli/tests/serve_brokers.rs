@@ -49,11 +49,22 @@ enum Over {
     /// three, spooling in its own embedded log so a killed worker's
     /// published events wait for its restart on the same address.
     Zmq([u16; 3]),
+    /// The same, the other way round: each process binds a hub for its
+    /// consumers, and every publisher connects to the three hubs.
+    ZmqConsumersBind([u16; 3]),
 }
 
 impl Over {
     fn zmq() -> Over {
         Over::Zmq([
+            common::free_port(),
+            common::free_port(),
+            common::free_port(),
+        ])
+    }
+
+    fn zmq_consumers_bind() -> Over {
+        Over::ZmqConsumersBind([
             common::free_port(),
             common::free_port(),
             common::free_port(),
@@ -66,7 +77,7 @@ impl Over {
             Over::RabbitMq => common::AMQP.to_owned(),
             Over::Kafka => "kafka://127.0.0.1:9092".to_owned(),
             Over::Nats => "nats://127.0.0.1:4222".to_owned(),
-            Over::Zmq(ports) => {
+            Over::Zmq(ports) | Over::ZmqConsumersBind(ports) => {
                 let index = match node {
                     "api" => 0,
                     "w1" | "worker" => 1,
@@ -87,13 +98,17 @@ impl Over {
             Over::Kafka => format!("[kafka]\nnamespace = \"{namespace}\"\n"),
             // Streams of this run only, gone a day after their last event.
             Over::Nats => format!("[nats]\nnamespace = \"{namespace}\"\nmax_age_secs = 86400\n"),
-            Over::Zmq(ports) => {
+            Over::Zmq(ports) | Over::ZmqConsumersBind(ports) => {
                 let peers: Vec<String> = ports
                     .iter()
                     .map(|port| format!("\"tcp://127.0.0.1:{port}\""))
                     .collect();
+                let topology = match self {
+                    Over::ZmqConsumersBind(_) => "consumers_bind",
+                    _ => "publishers_bind",
+                };
                 format!(
-                    "[zmq]\npeers = [{}]\nspool = \"log\"\nheartbeat_ms = 200\npeer_timeout_ms = 2000\n",
+                    "[zmq]\ntopology = \"{topology}\"\npeers = [{}]\nspool = \"log\"\nheartbeat_ms = 200\npeer_timeout_ms = 2000\n",
                     peers.join(", ")
                 )
             }
@@ -172,6 +187,11 @@ async fn api_and_two_workers_over_nats_survive_a_worker_kill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_and_two_workers_over_zmq_survive_a_worker_kill() {
     api_and_two_workers_survive_a_worker_kill(Over::zmq()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_and_two_workers_over_zmq_with_consumers_binding_survive_a_worker_kill() {
+    api_and_two_workers_survive_a_worker_kill(Over::zmq_consumers_bind()).await;
 }
 
 async fn api_and_two_workers_survive_a_worker_kill(over: Over) {
