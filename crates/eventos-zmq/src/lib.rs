@@ -41,7 +41,8 @@
 //! way round, a consumer that hears nothing from a publisher for the peer
 //! timeout connects again with a fresh socket and says hello again, so a
 //! restarted publisher is found again. A delivery held past
-//! [`ZmqOptions::ack_timeout`] by a live but stuck consumer goes back too.
+//! [`ZmqOptions::ack_timeout`] by a live but stuck consumer goes back too,
+//! to another member: the stuck one's credit still counts it.
 //!
 //! **CloudEvents on the wire, readable by any ZeroMQ client.** A delivery
 //! is a multipart message: the topic frame, the event in the CloudEvents

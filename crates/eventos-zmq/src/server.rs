@@ -423,6 +423,7 @@ async fn session(
         let _ = out.send((identity.clone(), message.encode()));
     };
     let topic = Bytes::from(subscription.topic.clone());
+    let credit = subscription.prefetch;
     let stream: SharedStream = match spool.subscribe(subscription).await {
         Ok(stream) => Arc::new(Mutex::new(Some(stream))),
         Err(e) => {
@@ -435,6 +436,9 @@ async fn session(
     let mut taking = true;
     let mut settling = tokio::task::JoinSet::new();
     let mut held: HashMap<u64, (Settlement, Instant)> = HashMap::new();
+    // Taken back from the consumer at its ack timeout; it may still settle
+    // them (and is told they were not its to settle any more).
+    let mut expired: std::collections::HashSet<u64> = std::collections::HashSet::new();
     let mut next_tag: u64 = 1;
     let mut expiry = tokio::time::interval(ack_timeout.min(Duration::from_secs(1)));
     expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -452,7 +456,10 @@ async fn session(
                     while settling.join_next().await.is_some() {}
                     send(ToConsumer::Synced);
                 }
-                Some(Command::Release { tag }) => drop(held.remove(&tag)),
+                Some(Command::Release { tag }) => {
+                    drop(held.remove(&tag));
+                    expired.remove(&tag);
+                }
                 Some(Command::Settle { tag, outcome }) => match held.remove(&tag) {
                     Some((settlement, _)) => {
                         let out = out.clone();
@@ -474,10 +481,13 @@ async fn session(
                             settling.spawn(settled);
                         }
                     }
-                    None => send(ToConsumer::Settled {
-                        tag,
-                        error: Some(format!("delivery {tag} is not held here (its ack timeout of {ack_timeout:?} passed); the event will be delivered again")),
-                    }),
+                    None => {
+                        expired.remove(&tag);
+                        send(ToConsumer::Settled {
+                            tag,
+                            error: Some(format!("delivery {tag} is not held here (its ack timeout of {ack_timeout:?} passed); the event will be delivered again")),
+                        });
+                    }
                 },
             },
             // Polled under its lock, which `LocalSessions::leave` takes to
@@ -485,7 +495,10 @@ async fn session(
             delivery = std::future::poll_fn(|cx| match lock(&stream).as_mut() {
                 Some(stream) => stream.poll_next_unpin(cx),
                 None => Poll::Pending,
-            }), if taking => match delivery {
+            // The consumer's credit counts what it still holds after its
+            // ack timeout: the spool hands those events to other members,
+            // not back to a consumer that is stuck.
+            }), if taking && held.len() + expired.len() < credit => match delivery {
                 Some(Ok(delivery)) => {
                     let (event, info, settlement) = delivery.into_parts();
                     let tag = next_tag;
@@ -504,11 +517,17 @@ async fn session(
             },
             Some(_) = settling.join_next(), if !settling.is_empty() => {}
             _ = expiry.tick() => {
-                let before = held.len();
-                held.retain(|_, (_, since)| since.elapsed() < ack_timeout);
-                if held.len() < before {
+                let before = expired.len();
+                held.retain(|tag, (_, since)| {
+                    let late = since.elapsed() >= ack_timeout;
+                    if late {
+                        expired.insert(*tag);
+                    }
+                    !late
+                });
+                if expired.len() > before {
                     tracing::warn!(
-                        expired = before - held.len(),
+                        expired = expired.len() - before,
                         "deliveries unsettled past the ack timeout of {ack_timeout:?} go back to their group"
                     );
                 }

@@ -193,3 +193,44 @@ async fn with_consumers_binding_publishers_that_connect_reach_every_group() {
         node.close().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_held_past_the_ack_timeout_goes_to_another_member() {
+    let node = ZmqTransport::open(ZmqOptions {
+        ack_timeout: Duration::from_millis(300),
+        ..ZmqOptions::default()
+    })
+    .await
+    .unwrap();
+    let sub = Subscription::new(TOPIC, "mailer").prefetch(1);
+    let mut stuck = node.subscribe(sub.clone()).await.unwrap();
+    let sent = event(0, 1);
+    node.publish(TOPIC, vec![sent.clone()]).await.unwrap();
+    let held = tokio::time::timeout(Duration::from_secs(10), stuck.next())
+        .await
+        .expect("the first member gets it")
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.event().id(), sent.id());
+    // A live member that never settles: its heartbeats go on, the ack
+    // timeout takes the event back.
+    let mut other = node.subscribe(sub).await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(10), other.next())
+        .await
+        .expect("the other member gets it once the ack timeout passed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.event().id(), sent.id());
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.unwrap();
+    // The late settlement of the first is refused: the event was not its
+    // to settle any more.
+    let late = held.retry_after(Duration::ZERO).await;
+    assert!(
+        late.as_ref()
+            .is_err_and(|e| e.to_string().contains("ack timeout")),
+        "{late:?}"
+    );
+    drop((stuck, other));
+    node.close().await.unwrap();
+}
