@@ -183,6 +183,23 @@ impl Rx {
     }
 }
 
+/// Connects `socket` to `endpoint`, or says `false` when it is not up
+/// within one try. The library retries a refused connection by itself,
+/// but with pauses that grow to five seconds; trying again with a fresh
+/// socket every try instead finds a peer that starts (or restarts) within
+/// a try of it.
+pub(crate) async fn connect(
+    socket: &mut impl Socket,
+    endpoint: &str,
+    timing: Timing,
+) -> Result<bool, zeromq::ZmqError> {
+    let attempt = (timing.heartbeat * 2).clamp(Duration::from_millis(250), Duration::from_secs(2));
+    match tokio::time::timeout(attempt, socket.connect(endpoint)).await {
+        Ok(connected) => connected.map(|()| true),
+        Err(_) => Ok(false),
+    }
+}
+
 /// The socket identity of a link's current connection, which the
 /// publisher's ROUTER knows it by.
 pub(crate) type Identity = Arc<Mutex<Option<Bytes>>>;
@@ -251,7 +268,13 @@ impl Link {
             let mut socket = DealerSocket::with_options(options);
             let connected = tokio::select! {
                 () = stop.cancelled() => return,
-                connected = socket.connect(&self.endpoint) => connected,
+                connected = connect(&mut socket, &self.endpoint, self.timing) => connected,
+            };
+            let connected = match connected {
+                Ok(true) => Ok(()),
+                // Not up yet: a fresh try at once.
+                Ok(false) => continue,
+                Err(e) => Err(e),
             };
             if let Err(e) = connected {
                 if !reported {
@@ -383,6 +406,7 @@ impl Link {
                     match ToConsumer::decode(&message.into_vec()) {
                         Err(why) => tracing::warn!(endpoint = %self.endpoint, %why, "unreadable message from a publisher"),
                         Ok(ToConsumer::Welcome) => {
+                            tracing::debug!(publisher = %self.endpoint, topic = %self.topic, group = %self.group, "joined");
                             self.joined.send_replace(Joined::Yes);
                         }
                         Ok(ToConsumer::Refused(why)) => {

@@ -47,11 +47,15 @@ pub(crate) async fn announce(
         let mut socket = DealerSocket::new();
         tokio::select! {
             () = stop.cancelled() => return,
-            connected = socket.connect(&endpoint) => if let Err(e) = connected {
-                tracing::warn!(hub = %endpoint, error = %e, "cannot connect to a consumers' hub");
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(timing.peer_timeout) => continue,
+            connected = client::connect(&mut socket, &endpoint, timing) => match connected {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(hub = %endpoint, error = %e, "cannot connect to a consumers' hub");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(timing.peer_timeout) => continue,
+                    }
                 }
             },
         }
@@ -298,6 +302,7 @@ impl Reader {
                 known.last_heard = Instant::now();
                 return;
             }
+            tracing::debug!(publisher = %describe(&publisher), subscriptions = state.subs.len(), "a publisher announced itself");
             state.publishers.insert(
                 publisher.clone(),
                 Publisher {

@@ -424,6 +424,7 @@ async fn session(
     };
     let topic = Bytes::from(subscription.topic.clone());
     let credit = subscription.prefetch;
+    let group = subscription.group.clone();
     let stream: SharedStream = match spool.subscribe(subscription).await {
         Ok(stream) => Arc::new(Mutex::new(Some(stream))),
         Err(e) => {
@@ -432,6 +433,7 @@ async fn session(
         }
     };
     lock(&local.0).insert(identity.clone(), stream.clone());
+    tracing::debug!(topic = %String::from_utf8_lossy(&topic), %group, credit, "a consumer joined");
     send(ToConsumer::Welcome);
     let mut taking = true;
     let mut settling = tokio::task::JoinSet::new();
