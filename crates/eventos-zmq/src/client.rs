@@ -68,26 +68,7 @@ pub(crate) fn link(
     Identity,
     tokio::task::JoinHandle<()>,
 ) {
-    let (joined, join) = watch::channel(Joined::Waiting);
-    let (commands, queue) = mpsc::unbounded_channel();
-    let link = Link {
-        endpoint,
-        hello: ToPublisher::Hello {
-            version: VERSION.to_owned(),
-            topic: subscription.topic.clone(),
-            group: subscription.group.clone(),
-            start: subscription.start,
-            prefetch: subscription.prefetch,
-        },
-        topic: subscription.topic.as_str().into(),
-        group: subscription.group.as_str().into(),
-        timing,
-        out,
-        joined,
-        commands,
-        epoch: 0,
-        identity: Identity::default(),
-    };
+    let (link, join, queue) = Link::new(endpoint, subscription, timing, out);
     let identity = link.identity.clone();
     let task = tokio::spawn(link.run(queue, stop, closing));
     (join, identity, task)
@@ -108,26 +89,8 @@ pub(crate) fn hub_link(
     tx: Tx,
     rx: Rx,
 ) -> (watch::Receiver<Joined>, tokio::task::JoinHandle<()>) {
-    let (joined, join) = watch::channel(Joined::Waiting);
-    let (commands, mut queue) = mpsc::unbounded_channel();
-    let mut link = Link {
-        endpoint: publisher,
-        hello: ToPublisher::Hello {
-            version: VERSION.to_owned(),
-            topic: subscription.topic.clone(),
-            group: subscription.group.clone(),
-            start: subscription.start,
-            prefetch: subscription.prefetch,
-        },
-        topic: subscription.topic.as_str().into(),
-        group: subscription.group.as_str().into(),
-        timing,
-        out,
-        joined,
-        commands,
-        epoch: 1,
-        identity: Identity::default(),
-    };
+    let (mut link, join, mut queue) = Link::new(publisher, subscription, timing, out);
+    link.epoch = 1;
     let task = tokio::spawn(async move {
         if let End::Lost(why) = link.connection(tx, rx, &mut queue, &stop, &closing).await {
             tracing::info!(publisher = %link.endpoint, topic = %link.topic, group = %link.group, "{why}");
@@ -249,6 +212,41 @@ fn unavailable(message: String) -> TransportError {
 }
 
 impl Link {
+    /// A link for `subscription` to the publisher `endpoint` names, the
+    /// watch of its join and the queue of its acks' commands.
+    fn new(
+        endpoint: String,
+        subscription: &Subscription,
+        timing: Timing,
+        out: Out,
+    ) -> (
+        Self,
+        watch::Receiver<Joined>,
+        mpsc::UnboundedReceiver<Command>,
+    ) {
+        let (joined, join) = watch::channel(Joined::Waiting);
+        let (commands, queue) = mpsc::unbounded_channel();
+        let link = Link {
+            endpoint,
+            hello: ToPublisher::Hello {
+                version: VERSION.to_owned(),
+                topic: subscription.topic.clone(),
+                group: subscription.group.clone(),
+                start: subscription.start,
+                prefetch: subscription.prefetch,
+            },
+            topic: subscription.topic.as_str().into(),
+            group: subscription.group.as_str().into(),
+            timing,
+            out,
+            joined,
+            commands,
+            epoch: 0,
+            identity: Identity::default(),
+        };
+        (link, join, queue)
+    }
+
     async fn run(
         mut self,
         mut queue: mpsc::UnboundedReceiver<Command>,

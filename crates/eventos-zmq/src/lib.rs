@@ -227,6 +227,25 @@ fn check_endpoint(what: &str, endpoint: &str) -> Result<(), TransportError> {
     }
 }
 
+/// The peers named, or else this node's own endpoint.
+fn peers_or_own(
+    named: &[String],
+    own: Option<&String>,
+    what: &str,
+) -> Result<Vec<String>, TransportError> {
+    let peers: Vec<String> = if named.is_empty() {
+        own.into_iter().cloned().collect()
+    } else {
+        named.to_vec()
+    };
+    if peers.is_empty() {
+        return Err(invalid(format!(
+            "a ZeroMQ node that binds nothing must name the {what} (peers)"
+        )));
+    }
+    Ok(peers)
+}
+
 impl ZmqTransport {
     /// Opens the spool, binds, and is ready to publish and subscribe.
     ///
@@ -280,16 +299,11 @@ impl ZmqTransport {
                     None => None,
                 };
                 let endpoint = server.as_ref().map(|s| s.endpoint().to_owned());
-                let peers = if options.peers.is_empty() {
-                    endpoint.iter().cloned().collect()
-                } else {
-                    options.peers.clone()
-                };
-                if peers.is_empty() {
-                    return Err(invalid(
-                        "a ZeroMQ node that binds nothing must name the publishers it consumes from (peers)",
-                    ));
-                }
+                let peers = peers_or_own(
+                    &options.peers,
+                    endpoint.as_ref(),
+                    "publishers it consumes from",
+                )?;
                 (server, None, endpoint, peers)
             }
             Topology::ConsumersBind => {
@@ -300,16 +314,11 @@ impl ZmqTransport {
                     None => None,
                 };
                 let endpoint = hub.as_ref().map(|h| h.endpoint().to_owned());
-                let peers = if options.peers.is_empty() {
-                    endpoint.iter().cloned().collect()
-                } else {
-                    options.peers.clone()
-                };
-                if peers.is_empty() {
-                    return Err(invalid(
-                        "a ZeroMQ node that binds no hub must name the consumers' hubs it publishes to (peers)",
-                    ));
-                }
+                let peers = peers_or_own(
+                    &options.peers,
+                    endpoint.as_ref(),
+                    "consumers' hubs it publishes to",
+                )?;
                 let server = server::Server::connect(spool.clone(), &peers, timing);
                 // Its own publisher announced at its own hub before the first
                 // subscription, so that one reaches it.

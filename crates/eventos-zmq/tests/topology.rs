@@ -39,6 +39,38 @@ async fn drain(streams: &mut [eventos_core::DeliveryStream], want: usize) -> Vec
     got
 }
 
+/// Drains both groups and checks that each got every event once and that
+/// both members of `billing` took some.
+async fn check(
+    billing: &mut [eventos_core::DeliveryStream],
+    metrics: &mut [eventos_core::DeliveryStream],
+    all: &HashSet<String>,
+    run: &str,
+) {
+    let shared = drain(billing, all.len()).await;
+    let alone = drain(metrics, all.len()).await;
+    for (group, got) in [("billing", shared.concat()), ("metrics", alone.concat())] {
+        let seen: HashSet<String> = got.iter().cloned().collect();
+        assert_eq!(
+            &seen, all,
+            "{group} did not get every event of both publishers"
+        );
+        assert_eq!(got.len(), all.len(), "{group} got duplicates");
+    }
+    assert!(
+        shared.iter().all(|member| !member.is_empty()),
+        "both members of billing took some: {} and {}",
+        shared[0].len(),
+        shared[1].len()
+    );
+    println!(
+        "{run} x {PER_PUBLISHER}: billing members took {} and {}, metrics {}",
+        shared[0].len(),
+        shared[1].len(),
+        alone[0].len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_group_gets_every_publishers_events_and_members_share_them() {
     let publishers = [
@@ -78,28 +110,7 @@ async fn every_group_gets_every_publishers_events_and_members_share_them() {
         publisher.publish(TOPIC, events).await.unwrap();
     }
 
-    let shared = drain(&mut billing, all.len()).await;
-    let alone = drain(&mut metrics, all.len()).await;
-    for (group, got) in [("billing", shared.concat()), ("metrics", alone.concat())] {
-        let seen: HashSet<String> = got.iter().cloned().collect();
-        assert_eq!(
-            seen, all,
-            "{group} did not get every event of both publishers"
-        );
-        assert_eq!(got.len(), all.len(), "{group} got duplicates");
-    }
-    assert!(
-        shared.iter().all(|member| !member.is_empty()),
-        "both members of billing took some: {} and {}",
-        shared[0].len(),
-        shared[1].len()
-    );
-    println!(
-        "2 publishers x {PER_PUBLISHER}: billing members took {} and {}, metrics {}",
-        shared[0].len(),
-        shared[1].len(),
-        alone[0].len()
-    );
+    check(&mut billing, &mut metrics, &all, "2 publishers").await;
     drop((billing, metrics));
     for node in [a, b, c].iter().chain(&publishers) {
         node.close().await.unwrap();
@@ -166,28 +177,13 @@ async fn with_consumers_binding_publishers_that_connect_reach_every_group() {
         all.extend(events.iter().map(|e| e.id().to_owned()));
         node.publish(TOPIC, events).await.unwrap();
     }
-    let shared = drain(&mut billing, all.len()).await;
-    let alone = drain(&mut metrics, all.len()).await;
-    for (group, got) in [("billing", shared.concat()), ("metrics", alone.concat())] {
-        let seen: HashSet<String> = got.iter().cloned().collect();
-        assert_eq!(
-            seen, all,
-            "{group} did not get every event of both publishers"
-        );
-        assert_eq!(got.len(), all.len(), "{group} got duplicates");
-    }
-    assert!(
-        shared.iter().all(|member| !member.is_empty()),
-        "both members of billing took some: {} and {}",
-        shared[0].len(),
-        shared[1].len()
-    );
-    println!(
-        "consumers binding, 2 connecting publishers x {PER_PUBLISHER}: billing members took {} and {}, metrics {}",
-        shared[0].len(),
-        shared[1].len(),
-        alone[0].len()
-    );
+    check(
+        &mut billing,
+        &mut metrics,
+        &all,
+        "consumers binding, 2 connecting publishers",
+    )
+    .await;
     drop((billing, metrics));
     for node in [a, b, c].iter().chain(&publishers) {
         node.close().await.unwrap();
