@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use eventos_core::{Event, Publisher as _, Subscriber as _, Subscription, Transport as _};
+use eventos_core::{Publisher as _, Subscriber as _, Subscription, Transport as _};
 use eventos_nats::{ContentMode, NatsOptions, NatsTransport};
 use eventos_test_brokers::Broker;
 use futures::StreamExt;
@@ -41,22 +41,7 @@ fn unique(label: &str) -> String {
 async fn python_reads(mode: ContentMode) {
     let nats = transport(mode).await;
     let topic = unique("to-python");
-    let json = Event::builder(
-        "/school/enrollment",
-        "school.enrollment.payment_submitted.v1",
-    )
-    .subject("enr-1 ü")
-    .json(&serde_json::json!({"enrollment_id": "enr-1", "amount_cents": 49900}))
-    .unwrap()
-    .extension("correlationid", "corr-1")
-    .unwrap()
-    .build()
-    .unwrap();
-    let text = Event::builder("/school/contact", "school.contact.note.v1")
-        .subject("enr-1")
-        .data("text/plain", "olá, mundo")
-        .build()
-        .unwrap();
+    let (json, text) = eventos_test_brokers::interop::sample_events("enr-1 ü");
     nats.publish(&topic, vec![json.clone(), text.clone()])
         .await
         .unwrap();
@@ -71,32 +56,7 @@ async fn python_reads(mode: ContentMode) {
         "30".into(),
     ])
     .await;
-    assert_eq!(read.len(), 2, "{read:?}");
-    let (a, b) = (&read[0], &read[1]);
-    assert_eq!(a["attributes"]["id"], json.id());
-    assert_eq!(a["attributes"]["specversion"], "1.0");
-    assert_eq!(a["attributes"]["source"], "/school/enrollment");
-    assert_eq!(
-        a["attributes"]["type"],
-        "school.enrollment.payment_submitted.v1"
-    );
-    assert_eq!(a["attributes"]["subject"], "enr-1 ü", "percent-decoded");
-    assert_eq!(a["attributes"]["correlationid"], "corr-1");
-    assert_eq!(a["attributes"]["datacontenttype"], "application/json");
-    let sent = json.time().unwrap();
-    let got = eventos_core::chrono::DateTime::parse_from_rfc3339(
-        a["attributes"]["time"].as_str().unwrap(),
-    )
-    .unwrap()
-    .to_utc();
-    assert!(
-        (sent - got).num_microseconds().unwrap().abs() < 1,
-        "{sent} vs {got}"
-    );
-    assert_eq!(a["data"]["amount_cents"], 49900);
-    assert_eq!(b["attributes"]["id"], text.id());
-    assert_eq!(b["attributes"]["datacontenttype"], "text/plain");
-    assert_eq!(b["data"], "olá, mundo");
+    eventos_test_brokers::interop::check_read(&read, &json, &text);
 }
 
 async fn eventos_reads(mode: &str) {
@@ -122,24 +82,7 @@ async fn eventos_reads(mode: &str) {
         .expect("no stream error");
     let event = delivery.event().clone();
     delivery.ack().await.unwrap();
-    let attributes = &written["attributes"];
-    assert_eq!(event.id(), attributes["id"].as_str().unwrap(), "{mode}");
-    assert_eq!(event.source(), "/python");
-    assert_eq!(event.ty(), "school.python.note.v1");
-    assert_eq!(event.subject(), Some("python-1"));
-    assert_eq!(event.extension_str("correlationid"), Some("corr-py"));
-    assert_eq!(event.datacontenttype(), Some("application/json"));
-    let data: serde_json::Value = serde_json::from_slice(event.data().unwrap()).unwrap();
-    assert_eq!(
-        data,
-        serde_json::json!({"from": "python", "n": 7}),
-        "{mode}"
-    );
-    let sent =
-        eventos_core::chrono::DateTime::parse_from_rfc3339(attributes["time"].as_str().unwrap())
-            .unwrap()
-            .to_utc();
-    assert_eq!(event.time(), Some(sent), "{mode}");
+    eventos_test_brokers::interop::check_written(&event, written, mode);
     drop(stream);
     nats.close().await.unwrap();
 }

@@ -1,7 +1,8 @@
 //! The brokers the eventos tests talk to — RabbitMQ, NATS with JetStream
 //! and a single-node Apache Kafka — as `scripts/test-deps` leaves them
-//! running on 127.0.0.1; and [`TinyFs`], a small real filesystem the
-//! disk-full tests fill up.
+//! running on 127.0.0.1; [`TinyFs`], a small real filesystem the
+//! disk-full tests fill up; and [`interop`], the events every interop test
+//! sends a client that is not eventos and the checks of what comes back.
 //!
 //! The decision that shaped it: tests never start a broker themselves and
 //! never skip when one is down. `scripts/services` owns every broker
@@ -24,6 +25,7 @@
 //! ```
 
 mod fs;
+pub mod interop;
 
 pub use fs::TinyFs;
 
